@@ -1,0 +1,179 @@
+"""neurond's configuration: one dataclass, read in one place.
+
+Precedence, lowest first: the dataclass defaults, the TOML file (default /etc/neurond/neurond.toml, or
+`--config`), NEUROND_* environment variables (NEUROND_TP_SIZE=2 sets `tp_size`), then command-line flags.
+Nothing else in neurond reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_PATH = Path("/etc/neurond/neurond.toml")
+ENV_PREFIX = "NEUROND_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value of the wrong type or range."""
+
+
+@dataclass(slots=True)
+class Config:
+    # --- model ---
+    #: Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). Empty: the built-in model.
+    model: str = ""
+    #: The name clients pass as `model`; empty: the checkpoint directory's name.
+    served_model_name: str = ""
+    #: Where the built-in model is written on first use.
+    cache_dir: str = "/var/cache/neurond"
+    #: Weight dtype on the ranks: "auto" (checkpoint's own; float32 on CPU), "bfloat16", "float16", "float32".
+    dtype: str = "auto"
+    # --- ranks ---
+    #: Number of rank worker processes (one per GPU).
+    tp_size: int = 1
+    #: "auto": NCCL when the ranks have GPUs, gloo otherwise; or "nccl" / "gloo" to force one.
+    backend: str = "auto"
+    #: "auto": CUDA if available in the worker, else CPU; or "cpu" / "cuda".
+    device: str = "auto"
+    #: Seconds a rank may take to start and load its shard before it counts as failed.
+    load_timeout_s: float = 600.0
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Largest request body accepted, in bytes (413 beyond).
+    max_body_bytes: int = 1_048_576
+    #: max_tokens used when a request gives none (capped by the context window).
+    default_max_tokens: int = 512
+    #: Requests waiting for the engine at once; beyond this, 503 with Retry-After.
+    max_queued_requests: int = 256
+    # --- step deadlines (a step that does not finish in time counts as a wedged rank) ---
+    #: Never declare a step wedged sooner than this.
+    step_deadline_floor_s: float = 5.0
+    #: Never wait longer than this for one step, whatever the observed step times.
+    step_deadline_ceiling_s: float = 60.0
+    #: Deadline = max(floor, factor x slowest recent step), capped by the ceiling.
+    step_deadline_factor: float = 20.0
+    # --- shutdown ---
+    #: Seconds a rank gets after SIGTERM before SIGKILL.
+    kill_grace_s: float = 5.0
+    # --- logging ---
+    log_level: str = "info"
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else "neurond-builtin"
+
+    def validate(self) -> "Config":
+        if self.tp_size < 1:
+            raise ConfigError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
+            raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
+        return self
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML/env/flag value into the field's type, with an error that names the source."""
+    kind = type(getattr(Config(), name))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int and isinstance(value, float):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the one Config: defaults < TOML file < NEUROND_* env < overrides (the command-line flags).
+
+    `path=None` reads DEFAULT_CONFIG_PATH if it exists; an explicit path must exist.
+    """
+    env = os.environ if env is None else env
+    known = _fields()
+    values: dict[str, Any] = {}
+
+    file_path = Path(path) if path is not None else env.get(ENV_PREFIX + "CONFIG") or None
+    if file_path is not None and not Path(file_path).exists():
+        raise ConfigError(f"config file {file_path} does not exist")
+    file_path = Path(file_path) if file_path else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    if file_path is not None:
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file_path}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{file_path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, str(file_path))
+
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in known:
+            values[name] = _coerce(name, value, key)
+
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+
+    return Config(**values).validate()
+
+
+def describe_settings() -> str:
+    """One line per setting for `--help`: name, default and the comment above it in this file."""
+    import inspect
+
+    lines = []
+    source = inspect.getsource(Config).splitlines()
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif ":" in stripped and not stripped.startswith(("#", "def", "@", "class", "return", "if", "raise")):
+            comments[stripped.split(":", 1)[0]] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    for name, f in _fields().items():
+        lines.append(f"  {name} = {f.default!r}  {comments.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "describe_settings", "DEFAULT_CONFIG_PATH"]

@@ -1,0 +1,207 @@
+"""The rank pool: one generation of worker processes that together hold the model.
+
+The pool starts its ranks, forms their communicator on a fresh store, loads the shards, and runs calls on all
+ranks at once with a deadline. It reports, never repairs: a failure reply, a death or a missed deadline
+becomes a PoolFault raised to the caller (and, for a death outside any call, passed to `on_fault`). The
+supervisor decides what to do about it. Nothing here waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from neurond.pool import protocol as p
+from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
+from neurond.pool.ranks import RankProcess
+
+log = logging.getLogger("neurond.pool")
+
+
+@dataclass(slots=True)
+class _Call:
+    what: str
+    ranks: set[int]
+    future: asyncio.Future
+    replies: dict[int, object] = field(default_factory=dict)
+
+
+class RankPool:
+    def __init__(
+        self,
+        specs: list[p.WorkerSpec],
+        *,
+        on_fault: Callable[[PoolFault], None] | None = None,
+        load_timeout_s: float = 600.0,
+    ) -> None:
+        self.specs = specs
+        self.world_size = len(specs)
+        self.ranks: dict[int, RankProcess] = {}
+        self.on_fault = on_fault
+        self.load_timeout_s = load_timeout_s
+        self._ids = itertools.count(1)
+        self._comm_ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._started: dict[int, asyncio.Future] = {}
+        self.info: dict[int, p.Started] = {}
+        self.load_info: dict[int, dict] = {}
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle of the processes
+    def spawn(self, rank: int) -> RankProcess:
+        loop = asyncio.get_running_loop()
+        proc = RankProcess(self.specs[rank])
+        self._started[rank] = loop.create_future()
+        self.ranks[rank] = proc
+        proc.start(loop, self._on_reply, self._on_exit)
+        log.info("rank %d: spawned pid %s", rank, proc.pid)
+        return proc
+
+    async def start(self) -> None:
+        """Spawn every rank, form the communicator and load the shards. Raises PoolFault on any failure."""
+        for rank in range(self.world_size):
+            self.spawn(rank)
+        await self.wait_started(range(self.world_size))
+        await self.form_comm()
+        await self.load(range(self.world_size))
+
+    async def wait_started(self, ranks) -> None:
+        ranks = list(ranks)
+        futures = [self._started[r] for r in ranks]
+        done, pending = await asyncio.wait(futures, timeout=self.load_timeout_s)
+        if pending:
+            missing = [r for r in ranks if not self._started[r].done()]
+            raise StepTimeout(missing, self.load_timeout_s, "worker start")
+        for fut in done:
+            fut.result()  # raises RankDied
+
+    async def form_comm(self, timeout_s: float | None = None) -> int:
+        """A new communicator among the current processes, on a fresh store opened by rank 0."""
+        timeout_s = timeout_s or min(self.load_timeout_s, 120.0)
+        opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
+        port = opened[0].port
+        comm_id = next(self._comm_ids)
+        await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s, "join communicator")
+        return comm_id
+
+    async def load(self, ranks) -> None:
+        replies = await self.call(list(ranks), lambda cid: p.LoadShard(cid), self.load_timeout_s, "load shard")
+        for rank, reply in replies.items():
+            self.load_info[rank] = reply.info
+
+    # ------------------------------------------------------------------ calls
+    async def call_all(self, make, deadline_s: float, what: str) -> dict[int, object]:
+        return await self.call(list(range(self.world_size)), make, deadline_s, what)
+
+    async def call(self, ranks: list[int], make, deadline_s: float, what: str) -> dict[int, object]:
+        """Send `make(call_id)` to each rank's step channel; wait for all replies or the first failure."""
+        return await self._call(ranks, make, deadline_s, what, control=False)
+
+    async def control(self, ranks: list[int], make, deadline_s: float, what: str) -> dict[int, object]:
+        """Like call(), on the control channel (answered even while a rank's compute thread is stuck)."""
+        return await self._call(ranks, make, deadline_s, what, control=True)
+
+    async def _call(self, ranks, make, deadline_s, what, *, control: bool) -> dict[int, object]:
+        loop = asyncio.get_running_loop()
+        call_id = next(self._ids)
+        call = _Call(what, set(ranks), loop.create_future())
+        self._calls[call_id] = call
+        cmd = make(call_id)
+        try:
+            for rank in ranks:
+                proc = self.ranks.get(rank)
+                if proc is None or not proc.alive:
+                    raise RankDied(rank, proc.exitcode if proc else None)
+                try:
+                    if control:
+                        await proc.send_control(cmd)
+                    else:
+                        await proc.send_step(cmd)
+                except (BrokenPipeError, OSError):
+                    raise RankDied(rank, proc.exitcode) from None
+            try:
+                return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
+            except asyncio.TimeoutError:
+                missing = sorted(call.ranks - call.replies.keys())
+                raise StepTimeout(missing, deadline_s, what) from None
+        finally:
+            self._calls.pop(call_id, None)
+            if not call.future.done():
+                call.future.cancel()
+
+    # ------------------------------------------------------------------ events from the processes
+    def _on_reply(self, rank: int, reply) -> None:
+        if isinstance(reply, p.Started):
+            self.info[rank] = reply
+            fut = self._started.get(rank)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+            return
+        call = self._calls.get(getattr(reply, "call_id", -1))
+        if call is None or call.future.done():
+            return  # late reply to a call that already ended (failed, timed out): drop it
+        if isinstance(reply, p.StepFailed):
+            call.future.set_exception(RankFailed(rank, reply.kind, reply.message, context_ok=reply.context_ok))
+            return
+        call.replies[rank] = reply
+        if call.ranks <= call.replies.keys():
+            call.future.set_result(dict(call.replies))
+
+    def _on_exit(self, rank: int, exitcode: int | None) -> None:
+        log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank, exitcode)
+        fault = RankDied(rank, exitcode)
+        fut = self._started.get(rank)
+        if fut is not None and not fut.done():
+            fut.set_exception(fault)
+            fut.exception()  # retrieved here; wait_started re-raises it from result()
+        involved = False
+        for call in self._calls.values():
+            if rank in call.ranks and rank not in call.replies and not call.future.done():
+                call.future.set_exception(fault)
+                involved = True
+        if not involved and not self._closing and self.on_fault is not None:
+            self.on_fault(fault)
+
+    # ------------------------------------------------------------------ inspection
+    def pids(self) -> dict[int, int | None]:
+        return {rank: proc.pid for rank, proc in self.ranks.items()}
+
+    def alive_ranks(self) -> list[int]:
+        return [rank for rank, proc in self.ranks.items() if proc.alive]
+
+    # ------------------------------------------------------------------ stopping
+    async def kill_ranks(self, ranks, timeout_s: float = 10.0) -> None:
+        """SIGKILL the ranks and wait until each is reaped."""
+        for rank in ranks:
+            proc = self.ranks.get(rank)
+            if proc is not None:
+                proc.kill()
+        for rank in ranks:
+            proc = self.ranks.get(rank)
+            if proc is not None:
+                await proc.wait_exit(timeout_s)
+                proc.close()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every rank: ask politely, then SIGTERM, then SIGKILL. Returns once all are reaped."""
+        self._closing = True
+        alive = [r for r, proc in self.ranks.items() if proc.alive]
+        if alive:
+            try:
+                await self.call(alive, lambda cid: p.Shutdown(cid), grace_s / 2, "shutdown")
+            except PoolFault:
+                pass
+        t0 = time.monotonic()
+        for proc in self.ranks.values():
+            if not await proc.wait_exit(max(0.1, grace_s / 2 - (time.monotonic() - t0))):
+                proc.signal(signal.SIGTERM)
+        for proc in self.ranks.values():
+            if not await proc.wait_exit(grace_s / 2):
+                proc.kill()
+                await proc.wait_exit(10.0)
+            proc.close()

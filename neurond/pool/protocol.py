@@ -1,0 +1,195 @@
+"""The typed messages between the leader and its rank workers.
+
+Two channels per rank, each a multiprocessing Pipe:
+- the *step* channel carries commands the rank's compute thread runs in order (open a store, join a
+  communicator, load the shard, prefill, decode, release a sequence, shut down) and their replies;
+- the *control* channel is served by a separate thread in the worker, so it keeps answering while the compute
+  thread is stuck inside a collective: ping (heartbeat) and abort-your-communicator go down it.
+
+Every command carries a `call_id`; every reply names the call it answers and the rank that sent it. The pool
+generation is part of the call id's namespace on the leader, so a late reply from an older pool is dropped.
+This module must not import torch: the leader imports it and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FaultKind(str, enum.Enum):
+    """Why a rank could not finish a call. Carried in StepFailed and used for the request's error code."""
+
+    EXCEPTION = "exception"  # any Python exception inside the step
+    OUT_OF_MEMORY = "out_of_memory"  # torch.cuda.OutOfMemoryError, or MemoryError on CPU
+    CUDA_ERROR = "cuda_error"  # a CUDA error; sticky ones ruin the process's context
+    COMM_ABORTED = "comm_aborted"  # the communicator was aborted under the step (the step's result is void)
+
+
+# ---------------------------------------------------------------- step channel: commands
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStore:
+    """Rank 0 only: open a fresh rendezvous store on an OS-chosen port and report it."""
+
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinComm:
+    """Form a new process group on the store at host:port (a fresh store for each communicator)."""
+
+    call_id: int
+    comm_id: int
+    host: str
+    port: int
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadShard:
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Run the prompt through the model, creating the sequence's KV cache; rank 0 samples the first token."""
+
+    call_id: int
+    seq_id: int
+    token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """Feed the last sampled token of a sequence; rank 0 samples the next one."""
+
+    call_id: int
+    seq_id: int
+    token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Drop a sequence's KV cache and sampler state (finished, failed or cancelled)."""
+
+    call_id: int
+    seq_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    call_id: int
+
+
+StepCommand = OpenStore | JoinComm | LoadShard | Prefill | Decode | Release | Shutdown
+
+# ---------------------------------------------------------------- control channel: commands
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortComm:
+    """Abort the rank's communicator from the control thread, unblocking a compute thread stuck in it."""
+
+    call_id: int
+
+
+ControlCommand = Ping | AbortComm
+
+# ---------------------------------------------------------------- replies (both channels)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """Sent once, unprompted, when the worker has imported its libraries and is ready for commands."""
+
+    rank: int
+    pid: int
+    device: str
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOpened:
+    call_id: int
+    rank: int
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A call finished. `token_id` is the sampled token for Prefill/Decode on rank 0, else None."""
+
+    call_id: int
+    rank: int
+    token_id: int | None = None
+    duration_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """A call failed inside the rank; the rank itself is still alive and answering.
+
+    `context_ok` is False when the rank's device context is ruined (a sticky CUDA error): only replacing the
+    process repairs it.
+    """
+
+    call_id: int
+    rank: int
+    kind: FaultKind
+    message: str
+    context_ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    call_id: int
+    rank: int
+    busy_s: float  # how long the compute thread has been inside its current call (0 when idle)
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    call_id: int
+    rank: int
+    ok: bool
+    duration_s: float
+    message: str = ""
+
+
+Reply = Started | StoreOpened | Done | StepFailed | Pong | Aborted
+
+
+# ---------------------------------------------------------------- what the leader gives each worker at spawn
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    rank: int
+    world_size: int
+    model_dir: str
+    dtype: str  # "auto" | "bfloat16" | "float16" | "float32"
+    device: str  # "auto" | "cpu" | "cuda"
+    backend: str  # "auto" | "nccl" | "gloo"
+    #: Environment set in the worker before torch is imported (NCCL settings and the like).
+    env: tuple[tuple[str, str], ...] = ()
+    log_level: str = "info"

@@ -1,0 +1,162 @@
+"""One rank worker process as the leader sees it: spawn, pipes, death notice (pidfd), kill.
+
+Everything here is non-blocking on the event loop: replies and the process sentinel are watched with
+`loop.add_reader`, so a rank's death is noticed the moment the process exits, not by polling. Sending a
+small command writes straight into the pipe (the worker reads it promptly and only one call per rank is in
+flight, so the pipe buffer never fills); a large one (a long prompt) is written from a thread, so a rank that
+stopped reading can never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
+from typing import Callable
+
+from neurond.pool import protocol as p
+
+log = logging.getLogger("neurond.pool")
+
+_DIRECT_SEND_LIMIT = 16 * 1024  # bytes; well under the 64 KiB pipe buffer
+
+
+class RankProcess:
+    """A spawned worker. `on_reply(rank, reply)` and `on_exit(rank, exitcode)` run on the event loop."""
+
+    def __init__(self, spec: p.WorkerSpec) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.process: subprocess.Popen | None = None
+        self._pidfd: int | None = None
+        self.step_conn = None
+        self.ctrl_conn = None
+        self.exitcode: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: list[int] = []
+        self._exited: asyncio.Event | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.exitcode is None
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_reply: Callable[[int, object], None],
+        on_exit: Callable[[int, int | None], None],
+    ) -> None:
+        # A fresh interpreter running `python -m neurond.worker`, not multiprocessing's spawn: spawn re-imports
+        # the leader's __main__ in the child, and the worker should carry nothing of the leader.
+        step_parent, step_child = multiprocessing.Pipe(duplex=True)
+        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
+        fds = (step_child.fileno(), ctrl_child.fileno())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, **dict(self.spec.env)),
+        )
+        step_child.close()
+        ctrl_child.close()
+        self.step_conn, self.ctrl_conn = step_parent, ctrl_parent
+        self.step_conn.send(self.spec)
+        # A pidfd becomes readable when the process exits: death is an event, not something to poll for.
+        self._pidfd = os.pidfd_open(self.process.pid)
+        self._loop = loop
+        self._exited = asyncio.Event()
+
+        def drain(conn) -> None:
+            try:
+                while conn.poll():
+                    on_reply(self.rank, conn.recv())
+            except (EOFError, OSError):
+                self._unwatch(conn.fileno())  # the sentinel reports the death itself
+
+        def reaped() -> None:
+            self._unwatch_all()
+            code = self.process.poll()
+            self.exitcode = code if code is not None else -1
+            # Replies sent just before death are still in the pipes: deliver them first.
+            for conn in (self.step_conn, self.ctrl_conn):
+                try:
+                    while conn.poll():
+                        on_reply(self.rank, conn.recv())
+                except (EOFError, OSError):
+                    pass
+            self._exited.set()
+            on_exit(self.rank, self.exitcode)
+
+        for conn in (self.step_conn, self.ctrl_conn):
+            loop.add_reader(conn.fileno(), drain, conn)
+            self._watched.append(conn.fileno())
+        loop.add_reader(self._pidfd, reaped)
+        self._watched.append(self._pidfd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched and self._loop is not None:
+            self._loop.remove_reader(fd)
+            self._watched.remove(fd)
+
+    def _unwatch_all(self) -> None:
+        for fd in list(self._watched):
+            self._unwatch(fd)
+
+    # ------------------------------------------------------------------ sending
+    async def send_step(self, cmd) -> None:
+        await self._send(self.step_conn, cmd)
+
+    async def send_control(self, cmd) -> None:
+        await self._send(self.ctrl_conn, cmd)
+
+    async def _send(self, conn, cmd) -> None:
+        if not self.alive:
+            raise BrokenPipeError(f"rank {self.rank} is not running")
+        data = bytes(ForkingPickler.dumps(cmd))
+        if len(data) <= _DIRECT_SEND_LIMIT:
+            conn.send_bytes(data)
+        else:
+            await asyncio.to_thread(conn.send_bytes, data)
+
+    # ------------------------------------------------------------------ stopping
+    def signal(self, signum: int) -> None:
+        if self.alive and self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait until the sentinel fired (the process is reaped). True when it has exited."""
+        if self._exited is None:
+            return True
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return not self.alive
+
+    def close(self) -> None:
+        """Release the pipes and the reaped process object; call after exit."""
+        self._unwatch_all()
+        for conn in (self.step_conn, self.ctrl_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None

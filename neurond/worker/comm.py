@@ -1,0 +1,92 @@
+"""The rank's communicator: rendezvous store, process group, abort.
+
+One communicator per `comm_id`. Each is formed on a fresh TCPStore that rank 0 opens on a port the OS picks
+(no fixed ports), so a rebuilt communicator never meets the remains of an aborted one.
+
+Abort is called from the control thread while the compute thread may be stuck inside a collective. On NCCL
+this unblocks the stuck call, which then returns *without an exception* (measured on 2xH200, torch 2.11, NCCL
+2.28.9): the compute loop checks `aborted_during()` after every call and treats the step as failed. On gloo
+abort does not unblock a peer; the leader kills the wedged rank instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+
+class Communicator:
+    def __init__(self, rank: int, world_size: int, backend: str, device) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.device = device
+        self._store = None  # rank 0's master store for the next/current communicator
+        self._lock = threading.Lock()
+        self.comm_id: int | None = None
+        self._aborts = 0  # bumped by abort(); the compute loop compares before/after each call
+
+    # ------------------------------------------------------------------ rendezvous
+    def open_store(self, timeout_s: float = 60.0) -> int:
+        """Rank 0: open a master TCPStore on an OS-chosen port; return the port."""
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore(
+            "127.0.0.1", 0, self.world_size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        return self._store.port
+
+    def join(self, comm_id: int, host: str, port: int, timeout_s: float) -> None:
+        """Form process group `comm_id` on the store at host:port."""
+        import torch
+        import torch.distributed as dist
+
+        if self.rank == 0 and self._store is not None:
+            store = self._store
+        else:
+            store = dist.TCPStore(host, port, self.world_size, False, timeout=timedelta(seconds=timeout_s))
+        kwargs = {}
+        if self.backend == "nccl":
+            # Binding the device makes NCCL create its communicator eagerly, so a broken peer shows now
+            # rather than at the first step, and lets abort reach it.
+            kwargs["device_id"] = torch.device(self.device)
+        dist.init_process_group(
+            self.backend,
+            store=dist.PrefixStore(f"comm{comm_id}", store),
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+        with self._lock:
+            self.comm_id = comm_id
+
+    # ------------------------------------------------------------------ abort (control thread)
+    def abort(self) -> tuple[bool, str]:
+        """Abort every process group of this rank. Safe to call from any thread, and when none exists."""
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        with self._lock:
+            self._aborts += 1
+            if not dist.is_initialized():
+                return True, "no communicator"
+            try:
+                # Sub-groups (the device mesh's) first, the default group last.
+                for group in list(c10d._world.pg_map.keys()):
+                    if group is not c10d.GroupMember.WORLD:
+                        try:
+                            c10d._abort_process_group(group)
+                        except Exception:  # noqa: BLE001 - best effort on sub-groups; WORLD decides
+                            pass
+                c10d._abort_process_group()
+                self.comm_id = None
+                return True, ""
+            except Exception as exc:  # noqa: BLE001
+                return False, f"{type(exc).__name__}: {exc}"
+
+    def abort_count(self) -> int:
+        return self._aborts
+
+    def aborted_since(self, mark: int) -> bool:
+        return self._aborts != mark

@@ -1,0 +1,193 @@
+"""Entry point of a rank worker process: a compute loop and a control thread.
+
+The compute loop (main thread) runs step commands in order and answers each with Done or StepFailed: a
+failed call is answered, the worker does not die for it. The control thread answers pings and aborts the
+communicator; it never waits on the compute thread, so it keeps answering while compute is stuck inside a
+collective.
+
+The worker exits when the leader goes away: the pipes reach EOF, and PR_SET_PDEATHSIG makes the kernel send
+SIGKILL if the leader dies without closing them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from neurond.pool import protocol as p
+
+log = logging.getLogger("neurond.worker")
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, spec: p.WorkerSpec, step_conn, ctrl_conn) -> None:
+        self.spec = spec
+        self.step_conn = step_conn
+        self.ctrl_conn = ctrl_conn
+        self.rank = spec.rank
+        self._send_lock = threading.Lock()  # both threads may answer on the control pipe
+        self._busy_since = 0.0
+        self.device = None
+        self.backend = ""
+        self.comm = None
+        self.shard = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        import torch  # noqa: F401 - imported here, after the environment is set
+
+        from neurond.worker.comm import Communicator
+        from neurond.worker.shard import Shard, pick_backend, pick_device
+
+        self.device = pick_device(self.spec.device, self.rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.backend = pick_backend(self.spec.backend, self.device)
+        self.comm = Communicator(self.rank, self.spec.world_size, self.backend, self.device)
+        self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size)
+        threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
+        self.step_conn.send(p.Started(self.rank, os.getpid(), str(self.device), self.backend))
+
+    # ------------------------------------------------------------------ control thread
+    def _control_loop(self) -> None:
+        while True:
+            try:
+                cmd = self.ctrl_conn.recv()
+            except (EOFError, OSError):
+                log.warning("rank %d: control pipe closed, leader gone; exiting", self.rank)
+                os._exit(70)
+            if isinstance(cmd, p.Ping):
+                busy = time.monotonic() - self._busy_since if self._busy_since else 0.0
+                self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy))
+            elif isinstance(cmd, p.AbortComm):
+                t0 = time.monotonic()
+                ok, message = self.comm.abort()
+                self._send_ctrl(p.Aborted(cmd.call_id, self.rank, ok, time.monotonic() - t0, message))
+            else:
+                log.error("rank %d: unknown control command %r", self.rank, cmd)
+
+    def _send_ctrl(self, reply) -> None:
+        with self._send_lock:
+            try:
+                self.ctrl_conn.send(reply)
+            except (BrokenPipeError, OSError):
+                os._exit(70)
+
+    # ------------------------------------------------------------------ compute loop
+    def serve(self) -> int:
+        while True:
+            try:
+                cmd = self.step_conn.recv()
+            except (EOFError, OSError):
+                return 70
+            if isinstance(cmd, p.Shutdown):
+                self.step_conn.send(p.Done(cmd.call_id, self.rank))
+                return 0
+            self.step_conn.send(self._run(cmd))
+
+    def _run(self, cmd) -> p.Done | p.StepFailed | p.StoreOpened:
+        mark = self.comm.abort_count()
+        self._busy_since = time.monotonic()
+        try:
+            result = self._dispatch(cmd)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply, never a dead worker
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return self._failure(cmd, exc)
+        finally:
+            duration = time.monotonic() - self._busy_since
+            self._busy_since = 0.0
+        if self.comm.aborted_since(mark) and isinstance(cmd, (p.Prefill, p.Decode, p.JoinComm)):
+            # The communicator was aborted under this call: on NCCL the collective returns normally, so
+            # whatever it computed is garbage.
+            return p.StepFailed(cmd.call_id, self.rank, p.FaultKind.COMM_ABORTED, "communicator aborted during call")
+        if isinstance(result, p.StoreOpened):
+            return result
+        token, info = result
+        return p.Done(cmd.call_id, self.rank, token, duration, info)
+
+    def _dispatch(self, cmd):
+        if isinstance(cmd, p.Prefill):
+            return self.shard.prefill(cmd.seq_id, cmd.token_ids, cmd.sampling), {}
+        if isinstance(cmd, p.Decode):
+            return self.shard.decode(cmd.seq_id, cmd.token_id), {}
+        if isinstance(cmd, p.Release):
+            self.shard.release(cmd.seq_id)
+            return None, {}
+        if isinstance(cmd, p.OpenStore):
+            return p.StoreOpened(cmd.call_id, self.rank, self.comm.open_store())
+        if isinstance(cmd, p.JoinComm):
+            self.shard.release_all()
+            self.comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
+            return None, {}
+        if isinstance(cmd, p.LoadShard):
+            return None, self.shard.load()
+        raise TypeError(f"unknown step command {type(cmd).__name__}")
+
+    def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
+        kind, context_ok = classify(exc, self.device)
+        log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__, "".join(traceback.format_exception_only(exc)).strip())
+        if hasattr(self.shard, "release_all") and kind is not p.FaultKind.EXCEPTION:
+            self.shard.release_all()  # free what the failed step held before the next one
+        return p.StepFailed(cmd.call_id, self.rank, kind, f"{type(exc).__name__}: {exc}"[:2000], context_ok)
+
+
+def classify(exc: BaseException, device) -> tuple[p.FaultKind, bool]:
+    """Map an exception to a fault kind, and say whether this process's device context still works."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return p.FaultKind.OUT_OF_MEMORY, True
+    text = str(exc)
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    if isinstance(exc, accelerator_error) or "CUDA error" in text or "device-side assert" in text:
+        return p.FaultKind.CUDA_ERROR, cuda_context_ok(device)
+    return p.FaultKind.EXCEPTION, True
+
+
+def cuda_context_ok(device) -> bool:
+    """Sticky CUDA errors make every later CUDA call fail; probe with a tiny one."""
+    import torch
+
+    if device is None or device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_worker(spec: p.WorkerSpec, step_conn, ctrl_conn) -> None:
+    """Target of the spawned process."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
+    for key, value in spec.env:
+        os.environ[key] = value
+    logging.basicConfig(
+        level=getattr(logging, spec.log_level.upper(), logging.INFO),
+        format=f"neurond[rank{spec.rank}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    worker = Worker(spec, step_conn, ctrl_conn)
+    worker.start()
+    code = worker.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
