@@ -43,11 +43,13 @@ class Config:
     #: Seconds a rank may take to start and load its shard before it counts as failed.
     load_timeout_s: float = 600.0
     # --- HTTP ---
+    #: Address the HTTP API listens on.
     host: str = "127.0.0.1"
+    #: Port the HTTP API listens on.
     port: int = 8000
     #: Largest request body accepted, in bytes (413 beyond).
     max_body_bytes: int = 1_048_576
-    #: max_tokens used when a request gives none (capped by the context window).
+    #: max_tokens for a request that gives none (capped by what is left of the context window).
     default_max_tokens: int = 512
     #: Requests waiting for the engine at once; beyond this, 503 with Retry-After.
     max_queued_requests: int = 256
@@ -58,10 +60,16 @@ class Config:
     step_deadline_ceiling_s: float = 60.0
     #: Deadline = max(floor, factor x slowest recent step), capped by the ceiling.
     step_deadline_factor: float = 20.0
+    #: Seconds the control threads get to abort their communicators before the ranks are killed.
+    abort_timeout_s: float = 5.0
+    # --- crash-loop breaker: give up (state `unloaded`) after this many recoveries within the window ---
+    breaker_max_failures: int = 5
+    breaker_window_s: float = 600.0
     # --- shutdown ---
     #: Seconds a rank gets after SIGTERM before SIGKILL.
     kill_grace_s: float = 5.0
     # --- logging ---
+    #: debug, info, warning or error.
     log_level: str = "info"
 
     def model_name(self) -> str:

@@ -162,3 +162,10 @@ def _write_checkpoint(out: Path) -> None:
         "It exists so neurond can be installed, tested and demonstrated with no model hub.\n"
         "Point neurond at a real Hugging Face checkpoint directory with `neurond serve --model DIR`.\n"
     )
+
+
+if __name__ == "__main__":
+    # `python -m neurond.models.builtin CACHE_DIR`: the leader runs this in a child so it never imports torch.
+    import sys
+
+    print(ensure_builtin_model(Path(sys.argv[1])))

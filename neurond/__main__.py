@@ -1,0 +1,5 @@
+import sys
+
+from neurond.cli import main
+
+sys.exit(main())

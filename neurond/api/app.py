@@ -1,0 +1,258 @@
+"""The HTTP API: OpenAI-compatible chat completions plus health and readiness.
+
+Every request is validated here, completely, before anything reaches a rank: body size, JSON, schema, model
+name, chat template, context window. The app never loads the model itself (that would block ASGI startup);
+it reports `/ready` 503 until the supervisor says the pool is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from neurond.api.errors import APIError
+from neurond.api.schemas import ChatCompletionRequest
+from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
+from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
+from neurond.pool.faults import PoolUnavailable
+from neurond.pool.protocol import SamplingParams
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """What the API needs to know of the model; all of it read in the leader without touching CUDA."""
+
+    name: str
+    tokenizer: object
+    context_len: int
+    stop_token_ids: frozenset[int]
+    created: int
+
+
+def _json(data, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class API:
+    def __init__(self, model: ServedModel, engine, supervisor, *, max_body_bytes: int, default_max_tokens: int) -> None:
+        self.model = model
+        self.engine = engine
+        self.supervisor = supervisor
+        self.max_body_bytes = max_body_bytes
+        self.default_max_tokens = default_max_tokens
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+        ]
+
+        async def api_error(request, exc: APIError):
+            return exc.response()
+
+        async def not_found(request, exc):
+            status = getattr(exc, "status_code", 404)
+            return APIError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}").response()
+
+        return Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
+
+    # ------------------------------------------------------------------ simple endpoints
+    async def health(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        state = self.supervisor.state
+        if self.supervisor.serving:
+            return _json({"status": "ready", "state": state, "model": self.model.name})
+        cause = self.supervisor.lifecycle.last_cause
+        return Response(
+            orjson.dumps({"status": "unavailable", "state": state, "reason": cause.reason if cause else None,
+                          "detail": cause.detail if cause else None}),
+            status_code=503,
+            media_type="application/json",
+            headers={"Retry-After": str(round(RETRY_AFTER_S))},
+        )
+
+    async def models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": [
+            {"id": self.model.name, "object": "model", "created": self.model.created, "owned_by": "neurond"}]})
+
+    # ------------------------------------------------------------------ chat completions
+    async def _read_body(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in ("application/json", ""):
+            raise APIError(415, f"Content-Type must be application/json, got {ctype!r}", code="unsupported_media_type")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "client disconnected while sending the body") from None
+        return b"".join(chunks)
+
+    def _parse(self, body: bytes) -> ChatCompletionRequest:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_request")
+        if isinstance(data.get("n"), int) and not isinstance(data.get("n"), bool) and data["n"] > 1:
+            raise APIError(400, "n > 1 is not supported: ask for one choice per request", param="n",
+                           code="unsupported_parameter")
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            param = ".".join(str(part) for part in first["loc"]) or None
+            kind = first.get("type", "")
+            if kind == "extra_forbidden":
+                message = f"unrecognized request argument supplied: {param}"
+                code = "unsupported_parameter"
+            else:
+                message = f"{param}: {first['msg']}" if param else first["msg"]
+                code = "invalid_value" if first["loc"] else "invalid_request"
+            raise APIError(400, message, param=param, code=code) from None
+
+    def _tokenize(self, chat: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in chat.messages]
+        try:
+            ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
+            raise APIError(400, f"messages rejected by the chat template: {exc}", param="messages",
+                           code="invalid_messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    async def chat_completions(self, request: Request) -> Response:
+        chat = self._parse(await self._read_body(request))
+        if chat.model != self.model.name:
+            raise APIError(400, f"model {chat.model!r} does not exist; this server serves {self.model.name!r}",
+                           param="model", code="model_not_found")
+        prompt_ids = self._tokenize(chat)
+        ctx = self.model.context_len
+        requested = chat.requested_max_tokens()
+        if len(prompt_ids) >= ctx:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the context window is {ctx} tokens",
+                           param="messages", code="context_length_exceeded")
+        if requested is not None and len(prompt_ids) + requested > ctx:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({requested}) = {len(prompt_ids) + requested} "
+                f"exceeds the context window of {ctx} tokens",
+                param="max_tokens", code="context_length_exceeded")
+        max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
+
+        req = GenerationRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
+            stop=chat.stop or [],
+            stop_token_ids=self.model.stop_token_ids,
+        )
+        try:
+            self.engine.submit(req)
+        except PoolUnavailable as exc:
+            raise APIError(503, f"the model is not ready: {exc.message}", code="model_unavailable",
+                           retry_after_s=RETRY_AFTER_S) from None
+        except EngineBusy as exc:
+            raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
+                           retry_after_s=RETRY_AFTER_S) from None
+        if chat.stream:
+            return await self._stream(req, chat)
+        return await self._complete(req)
+
+    async def _complete(self, req: GenerationRequest) -> Response:
+        parts: list[str] = []
+        try:
+            while True:
+                event = await req.events.get()
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Failed):
+                    raise _api_error(event)
+                elif isinstance(event, Finished):
+                    return _json(self._completion_body(req, "".join(parts), event))
+        except asyncio.CancelledError:
+            req.cancelled = True
+            raise
+
+    def _completion_body(self, req: GenerationRequest, text: str, fin: Finished) -> dict:
+        return {
+            "id": req.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": fin.reason.value}],
+            "usage": _usage(fin),
+        }
+
+    async def _stream(self, req: GenerationRequest, chat: ChatCompletionRequest) -> Response:
+        # Wait for the first event so that a request failing before its first token gets a real status code.
+        first = await req.events.get()
+        if isinstance(first, Failed):
+            raise _api_error(first)
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        created = int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
+            body = {"id": req.request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model.name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
+            if include_usage:
+                body["usage"] = usage
+            return b"data: " + orjson.dumps(body) + b"\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                event = first
+                while True:
+                    if isinstance(event, TextDelta):
+                        yield chunk({"content": event.text})
+                    elif isinstance(event, Failed):
+                        yield b"data: " + orjson.dumps(_api_error(event).body()) + b"\n\n"
+                        return
+                    elif isinstance(event, Finished):
+                        yield chunk({}, event.reason.value)
+                        if include_usage:
+                            yield chunk({}, usage=_usage(event), choices=False)
+                        yield b"data: [DONE]\n\n"
+                        return
+                    event = await req.events.get()
+            finally:
+                req.cancelled = True  # a client that went away stops the generation at the next step
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(fin: Finished) -> dict:
+    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+
+
+def _api_error(event: Failed) -> APIError:
+    return APIError(event.status, event.message, code=event.code, retry_after_s=event.retry_after_s)

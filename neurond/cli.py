@@ -1,0 +1,85 @@
+"""The `neurond` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from neurond.config import DEFAULT_CONFIG_PATH, ConfigError, describe_settings, load_config
+
+DESCRIPTION = """\
+neurond serves a chat model with tensor parallelism (one worker process per GPU rank) behind an
+OpenAI-compatible HTTP API, and repairs its rank pool by itself when a rank fails.
+
+Configuration is read in one place, lowest precedence first: built-in defaults, the TOML file
+(default {path}, or --config), NEUROND_* environment variables (e.g. NEUROND_TP_SIZE=2), then flags.
+""".format(path=DEFAULT_CONFIG_PATH)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neurond", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon: HTTP API + rank pool",
+        description="Run the daemon. Without --model it serves the built-in model (seeded random weights: "
+        "its output is random text), written to the cache directory on first use.\n\nSettings (TOML key = "
+        "default; env NEUROND_<KEY>):\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG_PATH} if it exists)")
+    serve.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in model)")
+    serve.add_argument("--served-model-name", dest="served_model_name", help="model name clients use")
+    serve.add_argument("--tp-size", dest="tp_size", type=int, help="rank worker processes (one per GPU)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the ranks run")
+    serve.add_argument("--backend", choices=["auto", "nccl", "gloo"], help="collective backend")
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weight dtype")
+    serve.add_argument("--cache-dir", dest="cache_dir", help="where the built-in model is written")
+    serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+
+    model = sub.add_parser("builtin-model", help="write the built-in model and print its directory")
+    model.add_argument("--cache-dir", dest="cache_dir", help="where to write it")
+    model.add_argument("--config", help="TOML file")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    skip = {"command", "config"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"neurond: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="neurond %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "builtin-model":
+        from pathlib import Path
+
+        from neurond.models.builtin import ensure_builtin_model
+
+        print(ensure_builtin_model(Path(config.cache_dir)))
+        return 0
+    from neurond.server import EXIT_CONFIG, serve
+
+    try:
+        return serve(config)
+    except FileNotFoundError as exc:
+        logging.getLogger("neurond").error("%s", exc)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

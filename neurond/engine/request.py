@@ -1,0 +1,59 @@
+"""One generation request as the engine sees it: tokens in, events out."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from neurond.pool.protocol import SamplingParams
+
+_seq_ids = itertools.count(1)
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Failed:
+    """The request ended in an error: `status` and `code` go into the OpenAI error JSON."""
+
+    status: int
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+Event = TextDelta | Finished | Failed
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+
+    def emit(self, event: Event) -> None:
+        self.events.put_nowait(event)

@@ -1,0 +1,167 @@
+"""Shared fixtures: the built-in model, and real daemons (`neurond serve` subprocesses) on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-check on a GPU machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("neurond-cache")
+
+
+@pytest.fixture(scope="session")
+def builtin_model(cache_dir) -> Path:
+    from neurond.models.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(cache_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60):
+    """(status, headers with lowercase names, parsed JSON or raw bytes) — also for error statuses."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, hdrs, raw = r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        status, hdrs, raw = e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw
+
+
+class Daemon:
+    def __init__(self, cache_dir: Path, tp_size: int, extra: list[str] | None = None, env: dict | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = cache_dir / f"daemon-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
+             "--device", "cpu", "--cache-dir", str(cache_dir), *(extra or [])],
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+        )
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def get(self, path: str, timeout: float = 10):
+        return http("GET", self.url(path), timeout=timeout)
+
+    def chat(self, body: dict, headers: dict | None = None, timeout: float = 120):
+        return http("POST", self.url("/v1/chat/completions"), json.dumps(body).encode(),
+                    {"Content-Type": "application/json", **(headers or {})}, timeout)
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _, _ = self.get("/ready", timeout=2)
+                if status == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon not ready after {timeout}s:\n{self.log()}")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        workers = self.worker_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = [pid for pid in workers if _alive(pid)]
+        assert not leftover, f"worker processes left after stop: {leftover}"
+        return self.proc.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def start_daemon(cache_dir, builtin_model):
+    started: list[Daemon] = []
+
+    def start(tp_size: int = 1, extra: list[str] | None = None, env: dict | None = None, ready: bool = True) -> Daemon:
+        d = Daemon(cache_dir, tp_size, extra, env)
+        started.append(d)
+        if ready:
+            d.wait_ready()
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop()
+
+
+@pytest.fixture(scope="session")
+def daemon_tp1(start_daemon) -> Daemon:
+    return start_daemon(1)
+
+
+@pytest.fixture(scope="session")
+def daemon_tp2(start_daemon) -> Daemon:
+    return start_daemon(2)
+
+
+MODEL = "neurond-builtin"
+
+
+def chat_body(content: str = "Hello there", **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **kw}
