@@ -63,8 +63,20 @@ class Config:
     #: Seconds the control threads get to abort their communicators before the ranks are killed.
     abort_timeout_s: float = 5.0
     # --- crash-loop breaker: give up (state `unloaded`) after this many recoveries within the window ---
+    #: Failed or repeated recoveries within the window that make the daemon give up (state `unloaded`).
     breaker_max_failures: int = 5
+    #: The breaker's window, in seconds.
     breaker_window_s: float = 600.0
+    #: In `unloaded` after the breaker gave up: serve 503 with the reason for this many seconds, then exit with
+    #: code 4 so systemd's Restart= starts a fresh daemon (its StartLimit ends a crash loop). 0: never exit.
+    unloaded_exit_s: float = 30.0
+    # --- admin API (reload/unload/fault injection): off unless admin_socket is set ---
+    #: Unix socket path for the admin API; empty: no admin API. Never a TCP address.
+    admin_socket: str = ""
+    #: File holding the admin bearer token (required when admin_socket is set).
+    admin_token_file: str = ""
+    #: Allow fault injection through the admin API (for tests and recovery rehearsals).
+    fault_injection: bool = False
     # --- shutdown ---
     #: Seconds a rank gets after SIGTERM before SIGKILL.
     kill_grace_s: float = 5.0
@@ -88,6 +100,10 @@ class Config:
             raise ConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if self.admin_socket and not self.admin_token_file:
+            raise ConfigError("admin_socket needs admin_token_file (the admin API always requires a token)")
+        if self.fault_injection and not self.admin_socket:
+            raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self

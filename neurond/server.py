@@ -35,6 +35,7 @@ log = logging.getLogger("neurond")
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or model directory
 EXIT_SERVE_FAILED = 3  # the HTTP server could not start (port in use, ...)
+EXIT_GAVE_UP = 4  # recovery gave up (crash-loop breaker); systemd's Restart= may start a fresh daemon
 
 
 def resolve_model_dir(config: Config) -> Path:
@@ -82,6 +83,7 @@ class Server:
         self.shutdown = asyncio.Event()
         self.supervisor: Supervisor | None = None
         self.engine: Engine | None = None
+        self.exit_code = EXIT_OK
 
     async def run(self) -> int:
         c = self.config
@@ -103,22 +105,56 @@ class Server:
         hc.accesslog = None
         hc.graceful_timeout = 5.0
 
+        servers = [hypercorn_serve(api.app(), hc, shutdown_trigger=self.shutdown.wait)]
+        if c.admin_socket:
+            servers.append(self._admin_server())
+        self.supervisor.on_gave_up.append(self._gave_up)
+
         self.engine.start()
         load_task = loop.create_task(self.supervisor.start(), name="neurond-load")
         log.info("serving %s (tp_size=%d) on %s", model.name, c.tp_size, hc.bind[0])
-        code = EXIT_OK
         try:
-            await hypercorn_serve(api.app(), hc, shutdown_trigger=self.shutdown.wait)
+            await asyncio.gather(*servers)
         except OSError as exc:
             log.error("HTTP server failed: %s", exc)
-            code = EXIT_SERVE_FAILED
+            self.exit_code = EXIT_SERVE_FAILED
+            self.shutdown.set()
         finally:
             log.info("shutting down")
             load_task.cancel()
             await self.engine.stop()
             await self.supervisor.stop()
             log.info("stopped; all ranks reaped")
-        return code
+        return self.exit_code
+
+    def _admin_server(self):
+        from neurond.api.admin import AdminAPI
+
+        c = self.config
+        token = Path(c.admin_token_file).read_text().strip()
+        admin = AdminAPI(self.supervisor, token)
+        hc = HypercornConfig()
+        hc.bind = [f"unix:{c.admin_socket}"]
+        hc.errorlog = logging.getLogger("neurond.admin")
+        hc.accesslog = None
+        hc.umask = 0o077  # the socket is for root/the service user only
+        log.info("admin API on unix:%s (fault injection %s)", c.admin_socket, "ON" if c.fault_injection else "off")
+        return hypercorn_serve(admin.app(), hc, shutdown_trigger=self.shutdown.wait)
+
+    def _gave_up(self, cause) -> None:
+        delay = self.config.unloaded_exit_s
+        if delay <= 0:
+            log.error("recovery gave up (%s); serving 503 until an operator reloads", cause.reason if cause else "?")
+            return
+        log.error("recovery gave up (%s); exiting with code %d in %.0f s", cause.reason if cause else "?",
+                  EXIT_GAVE_UP, delay)
+
+        def leave() -> None:
+            if self.supervisor.state == "unloaded":
+                self.exit_code = EXIT_GAVE_UP
+                self.shutdown.set()
+
+        asyncio.get_running_loop().call_later(delay, leave)
 
 
 def serve(config: Config) -> int:

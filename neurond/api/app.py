@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from neurond.api.errors import APIError
 from neurond.api.schemas import ChatCompletionRequest
+from neurond.engine import memory
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
@@ -162,6 +163,11 @@ class API:
                 f"exceeds the context window of {ctx} tokens",
                 param="max_tokens", code="context_length_exceeded")
         max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
+        pool = self.supervisor.pool
+        verdict = memory.check(pool.load_info if pool else {}, len(prompt_ids), max_tokens)
+        if not verdict.fits:
+            raise APIError(400, verdict.message(len(prompt_ids), max_tokens), param="max_tokens",
+                           code="insufficient_memory")
 
         req = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",

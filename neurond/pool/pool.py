@@ -23,12 +23,27 @@ from neurond.pool.ranks import RankProcess
 log = logging.getLogger("neurond.pool")
 
 
+# When one rank fails, its peers often fail a moment later *because of it* (gloo: "Connection closed by peer"
+# once the first rank's process is gone). The first report is not always the root cause, so a failure waits
+# this long for a death or a more specific failure before the call is failed. A death is final at once.
+ROOT_CAUSE_GRACE_S = 0.1
+_SECONDARY = ("connection closed by peer", "connection reset by peer", "read error", "broken pipe",
+              "remote process exited", "communicator was aborted", "socket closed")
+
+
+def _is_secondary(failure: RankFailed) -> bool:
+    text = failure.message.lower()
+    return any(marker in text for marker in _SECONDARY)
+
+
 @dataclass(slots=True)
 class _Call:
     what: str
     ranks: set[int]
     future: asyncio.Future
     replies: dict[int, object] = field(default_factory=dict)
+    failures: dict[int, RankFailed] = field(default_factory=dict)
+    settle: asyncio.TimerHandle | None = None
 
 
 class RankPool:
@@ -38,12 +53,14 @@ class RankPool:
         *,
         on_fault: Callable[[PoolFault], None] | None = None,
         load_timeout_s: float = 600.0,
+        spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
     ) -> None:
         self.specs = specs
         self.world_size = len(specs)
         self.ranks: dict[int, RankProcess] = {}
         self.on_fault = on_fault
         self.load_timeout_s = load_timeout_s
+        self.spec_hook = spec_hook  # last word on a rank's spec at each spawn (arms load-phase faults)
         self._ids = itertools.count(1)
         self._comm_ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
@@ -55,7 +72,8 @@ class RankPool:
     # ------------------------------------------------------------------ lifecycle of the processes
     def spawn(self, rank: int) -> RankProcess:
         loop = asyncio.get_running_loop()
-        proc = RankProcess(self.specs[rank])
+        spec = self.specs[rank]
+        proc = RankProcess(self.spec_hook(spec) if self.spec_hook else spec)
         self._started[rank] = loop.create_future()
         self.ranks[rank] = proc
         proc.start(loop, self._on_reply, self._on_exit)
@@ -146,11 +164,28 @@ class RankPool:
         if call is None or call.future.done():
             return  # late reply to a call that already ended (failed, timed out): drop it
         if isinstance(reply, p.StepFailed):
-            call.future.set_exception(RankFailed(rank, reply.kind, reply.message, context_ok=reply.context_ok))
+            call.failures[rank] = RankFailed(rank, reply.kind, reply.message, context_ok=reply.context_ok)
+            if call.ranks <= call.replies.keys() | call.failures.keys():
+                self._settle(call)
+            elif call.settle is None:
+                call.settle = asyncio.get_running_loop().call_later(ROOT_CAUSE_GRACE_S, self._settle, call)
             return
         call.replies[rank] = reply
         if call.ranks <= call.replies.keys():
             call.future.set_result(dict(call.replies))
+        elif call.failures and call.ranks <= call.replies.keys() | call.failures.keys():
+            self._settle(call)
+
+    @staticmethod
+    def _settle(call: _Call) -> None:
+        """Fail the call with its root cause: the first failure that is not a consequence of a peer's."""
+        if call.settle is not None:
+            call.settle.cancel()
+        if call.future.done() or not call.failures:
+            return
+        failures = list(call.failures.values())
+        primary = next((f for f in failures if not _is_secondary(f)), failures[0])
+        call.future.set_exception(primary)
 
     def _on_exit(self, rank: int, exitcode: int | None) -> None:
         log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank, exitcode)
@@ -162,7 +197,9 @@ class RankPool:
         involved = False
         for call in self._calls.values():
             if rank in call.ranks and rank not in call.replies and not call.future.done():
-                call.future.set_exception(fault)
+                if call.settle is not None:
+                    call.settle.cancel()
+                call.future.set_exception(fault)  # a death is the root cause: final at once
                 involved = True
         if not involved and not self._closing and self.on_fault is not None:
             self.on_fault(fault)

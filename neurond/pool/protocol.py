@@ -112,7 +112,17 @@ class AbortComm:
     call_id: int
 
 
-ControlCommand = Ping | AbortComm
+@dataclass(frozen=True, slots=True)
+class InjectFault:
+    """Arm a fault on this rank (fault injection must be enabled in the config). Answered with Done."""
+
+    call_id: int
+    kind: str
+    phase: str
+    count: int = 1
+
+
+ControlCommand = Ping | AbortComm | InjectFault
 
 # ---------------------------------------------------------------- replies (both channels)
 
@@ -193,3 +203,6 @@ class WorkerSpec:
     #: Environment set in the worker before torch is imported (NCCL settings and the like).
     env: tuple[tuple[str, str], ...] = ()
     log_level: str = "info"
+    #: Faults armed before the process starts (kind, phase, count): how a load-phase fault is injected.
+    faults: tuple[tuple[str, str, int], ...] = ()
+    fault_injection: bool = False

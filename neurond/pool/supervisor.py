@@ -15,6 +15,7 @@ Every rung has a deadline; a miss escalates to the next rung. Nothing waits unbo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -36,14 +37,17 @@ class Supervisor:
     def __init__(self, config: Config, model_dir: str, listeners: list | None = None) -> None:
         self.config = config
         self.model_dir = model_dir
-        self.lifecycle = Lifecycle(listeners=listeners)
+        self.history: deque[tuple[str, str, str, str, str | None]] = deque(maxlen=256)
+        self.lifecycle = Lifecycle(listeners=[self, *(listeners or [])])
         self.pool: RankPool | None = None
         self.incidents = 0
         self._incident: str | None = None
         self._recovery: asyncio.Task | None = None
         self._failures: deque[float] = deque()
         self._stopping = False
+        self._load_faults: dict[int, list[str]] = {}
         self.on_unhealthy: list[Callable[[PoolFault | None], None]] = []
+        self.on_gave_up: list[Callable[[Cause | None], None]] = []
 
     # ------------------------------------------------------------------ state for readers
     @property
@@ -56,6 +60,10 @@ class Supervisor:
 
     def _send(self, event: str, cause: Cause) -> None:
         self.lifecycle.send(event, cause=cause)
+
+    def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
+        """(event, from, to, reason, tier) of recent transitions, for /admin/status and the tests."""
+        self.history.append((str(event), source.id, target.id, cause.reason if cause else "", cause.tier if cause else None))
 
     # ------------------------------------------------------------------ loading
     def _specs(self) -> list[p.WorkerSpec]:
@@ -70,14 +78,42 @@ class Supervisor:
                 backend=c.backend,
                 env=RANK_ENV,
                 log_level=c.log_level,
+                fault_injection=c.fault_injection,
             )
             for r in range(c.tp_size)
         ]
 
     def _new_pool(self) -> RankPool:
-        return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s)
+        return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
+                        spec_hook=self._arm_load_faults)
 
-    async def start(self) -> None:
+    # ------------------------------------------------------------------ fault injection (admin only)
+    async def inject(self, rank: int, kind: str, phase: str, count: int = 1) -> None:
+        """Arm a fault on a rank. Load-phase faults arm the next `count` spawns of that rank."""
+        if not self.config.fault_injection:
+            raise PermissionError("fault injection is disabled (set fault_injection = true)")
+        if not 0 <= rank < self.config.tp_size:
+            raise ValueError(f"rank must be 0..{self.config.tp_size - 1}")
+        from neurond.worker.faults import KINDS, PHASES
+
+        if kind not in KINDS or phase not in PHASES or count < 1:
+            raise ValueError(f"kind must be one of {KINDS}, phase one of {PHASES}, count >= 1")
+        if phase == "load":
+            self._load_faults.setdefault(rank, []).extend([kind] * count)
+            return
+        pool = self.pool
+        if pool is None or not self.serving:
+            raise PoolUnavailable(None, f"model is {self.state}")
+        await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count), 5.0, "inject fault")
+
+    def _arm_load_faults(self, spec: p.WorkerSpec) -> p.WorkerSpec:
+        pending = self._load_faults.get(spec.rank)
+        if not pending:
+            return spec
+        kind = pending.pop(0)
+        return dataclasses.replace(spec, faults=spec.faults + ((kind, "load", 1),))
+
+    async def start(self, reason: str = "startup") -> None:
         """Load the pool (state `loading`); a failure goes through the same recovery as any fault."""
         pool = self._new_pool()
         self.pool = pool
@@ -87,7 +123,7 @@ class Supervisor:
             self._fault(fault, None)
             return
         if self.pool is pool and self.state == "loading":
-            self._send("loaded", Cause("startup"))
+            self._send("loaded", Cause(reason))
 
     # ------------------------------------------------------------------ steps (called by the engine)
     async def call(self, make, deadline_s: float, what: str, request_id: str | None = None) -> dict[int, object]:
@@ -102,8 +138,8 @@ class Supervisor:
             raise
 
     def _on_pool_fault(self, fault: PoolFault) -> None:
-        """A rank died outside any call."""
-        if self.state in ("healthy", "loading", "reloading") and not self._stopping:
+        """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""
+        if self.state == "healthy" and not self._stopping:
             self._fault(fault, None)
 
     # ------------------------------------------------------------------ faults and recovery
@@ -131,22 +167,25 @@ class Supervisor:
             attempt += 1
             self._failures.append(time.monotonic())
             if self._breaker_open():
-                self._send("give_up", cause.with_(reason="breaker_open", tier="give_up", attempt=attempt))
                 await self._stop_pool()
+                self._send("give_up", cause.with_(reason="breaker_open", tier="give_up", attempt=attempt))
                 self._incident = None
+                for callback in self.on_gave_up:
+                    callback(self.lifecycle.last_cause)
                 return
             self._send("abort", cause.with_(attempt=attempt))
             tier = "full_reload"
+            victims: set[int] = set()
             try:
-                if self.pool is not None and attempt == 1:
+                if self.pool is not None:
                     victims = await self._unblock(fault)
-                    if not victims and self.pool.world_size == 1:
+                    if not victims and self.pool.world_size == 1 and attempt == 1:
                         tier = "comm_rebuild"
-                self._send("repair", cause.with_(tier=tier, attempt=attempt))
+                self._send("repair", cause.with_(tier=tier, attempt=attempt, detail=f"replacing ranks {sorted(victims)}"))
                 if tier == "comm_rebuild":
                     await self.pool.form_comm()
                 else:
-                    await self._full_reload()
+                    await self._full_reload(victims)
             except PoolFault as again:
                 # A fault during recovery: record it and climb the ladder.
                 fault = again
@@ -186,7 +225,10 @@ class Supervisor:
         victims.discard(None)
         return victims
 
-    async def _full_reload(self) -> None:
+    async def _full_reload(self, victims: set[int] = frozenset()) -> None:
+        # Stuck or broken ranks get SIGKILL at once: asking them to shut down would only wait out the grace.
+        if self.pool is not None and victims:
+            await self.pool.kill_ranks(sorted(victims), timeout_s=10.0)
         await self._stop_pool()
         pool = self._new_pool()
         self.pool = pool
@@ -196,6 +238,30 @@ class Supervisor:
         pool, self.pool = self.pool, None
         if pool is not None:
             await pool.stop(self.config.kill_grace_s)
+
+    # ------------------------------------------------------------------ operator actions (admin API, SIGHUP)
+    async def reload(self, reason: str = "operator_reload") -> None:
+        """Reload every rank from the checkpoint; from `unloaded` this is a load."""
+        if self.state == "unloaded":
+            await self.load(reason)
+            return
+        cause = Cause(reason, tier="full_reload")
+        self._send("reload", cause)
+        try:
+            await self._full_reload()
+        except PoolFault as fault:
+            self._fault(fault, None)
+            return
+        self._send("recovered", cause)
+
+    async def load(self, reason: str = "operator_load") -> None:
+        self._failures.clear()
+        self._send("load", Cause(reason))
+        await self.start(reason)
+
+    async def unload(self, reason: str = "operator_unload") -> None:
+        self._send("unload", Cause(reason))  # first, so nothing new is admitted while the ranks stop
+        await self._stop_pool()
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self) -> None:

@@ -52,6 +52,7 @@ class Worker:
         import torch  # noqa: F401 - imported here, after the environment is set
 
         from neurond.worker.comm import Communicator
+        from neurond.worker.faults import FaultPlan
         from neurond.worker.shard import Shard, pick_backend, pick_device
 
         self.device = pick_device(self.spec.device, self.rank)
@@ -59,7 +60,11 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.backend = pick_backend(self.spec.backend, self.device)
         self.comm = Communicator(self.rank, self.spec.world_size, self.backend, self.device)
-        self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size)
+        self.faults = FaultPlan(self.device)
+        for kind, phase, count in self.spec.faults:
+            self.faults.arm(kind, phase, count)
+        self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size,
+                           mid_forward=lambda: self.faults.fire("collective"))
         threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
         self.step_conn.send(p.Started(self.rank, os.getpid(), str(self.device), self.backend))
 
@@ -74,6 +79,16 @@ class Worker:
             if isinstance(cmd, p.Ping):
                 busy = time.monotonic() - self._busy_since if self._busy_since else 0.0
                 self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy))
+            elif isinstance(cmd, p.InjectFault):
+                if not self.spec.fault_injection:
+                    self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION,
+                                                 "fault injection is disabled"))
+                    continue
+                try:
+                    self.faults.arm(cmd.kind, cmd.phase, cmd.count)
+                    self._send_ctrl(p.Done(cmd.call_id, self.rank))
+                except ValueError as exc:
+                    self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))
             elif isinstance(cmd, p.AbortComm):
                 t0 = time.monotonic()
                 ok, message = self.comm.abort()
@@ -123,8 +138,10 @@ class Worker:
 
     def _dispatch(self, cmd):
         if isinstance(cmd, p.Prefill):
+            self.faults.fire("prefill")
             return self.shard.prefill(cmd.seq_id, cmd.token_ids, cmd.sampling), {}
         if isinstance(cmd, p.Decode):
+            self.faults.fire("decode")
             return self.shard.decode(cmd.seq_id, cmd.token_id), {}
         if isinstance(cmd, p.Release):
             self.shard.release(cmd.seq_id)
@@ -136,6 +153,7 @@ class Worker:
             self.comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
             return None, {}
         if isinstance(cmd, p.LoadShard):
+            self.faults.fire("load")
             return None, self.shard.load()
         raise TypeError(f"unknown step command {type(cmd).__name__}")
 

@@ -41,7 +41,7 @@ def _dtype(name: str, device):
 class Shard:
     """This rank's part of the model plus per-sequence KV caches and (rank 0) samplers."""
 
-    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int) -> None:
+    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int, mid_forward=None) -> None:
         self.model_dir = model_dir
         self.dtype = dtype
         self.device = device
@@ -51,6 +51,7 @@ class Shard:
         self._caches: dict[int, object] = {}
         self._generators: dict[int, object] = {}
         self._sampling: dict[int, SamplingParams] = {}
+        self._mid_forward = mid_forward  # called between two decoder layers (fault injection's "collective")
 
     # ------------------------------------------------------------------ load
     def load(self) -> dict:
@@ -66,11 +67,35 @@ class Shard:
             kwargs["device_map"] = str(self.device)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
         model.eval()
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if self._mid_forward is not None and layers is not None and len(layers) > 1:
+            layers[len(layers) // 2].register_forward_pre_hook(lambda module, args: self._mid_forward())
         self.model = model
-        info = {"dtype": str(next(model.parameters()).dtype)}
+        return self.memory_info()
+
+    def memory_info(self) -> dict:
+        """What the leader's pre-flight memory guard needs: free bytes and the cost of one more token."""
+        import torch
+
+        cfg = self.model.config
+        elem = next(self.model.parameters()).element_size()
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        kv_local = max(1, kv_heads // self.world_size)
+        info = {
+            "dtype": str(next(self.model.parameters()).dtype),
+            # K and V, every layer, this rank's heads
+            "kv_bytes_per_token": 2 * cfg.num_hidden_layers * kv_local * head_dim * elem,
+            # transient activations of one token in a prefill (hidden states, MLP intermediates), generous
+            "act_bytes_per_token": (6 * cfg.hidden_size + 3 * cfg.intermediate_size // self.world_size) * elem,
+        }
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            info["memory_allocated"] = torch.cuda.memory_allocated(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            info.update(free_bytes=free, total_bytes=total, allocated_bytes=torch.cuda.memory_allocated(self.device))
+        else:
+            info["free_bytes"] = _mem_available()
         return info
 
     # ------------------------------------------------------------------ steps
@@ -121,7 +146,9 @@ class Shard:
         import torch
 
         with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            # logits_to_keep=1: only the last position's logits (a full [prompt x vocab] tensor would dwarf
+            # the KV cache for long prompts).
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits
         if hasattr(logits, "full_tensor"):  # a DTensor when the plan leaves logits sharded
             logits = logits.full_tensor()
@@ -142,6 +169,14 @@ class Shard:
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generators[seq_id]).item())
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _tp_kwargs(world_size: int) -> dict:

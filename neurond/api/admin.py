@@ -1,0 +1,109 @@
+"""The admin API: status, reload/unload/load, and fault injection.
+
+It listens only on a unix socket (never TCP, so it can never be reached over the network) and every request
+needs the admin bearer token, read from a file. Fault injection additionally needs `fault_injection = true`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from neurond.api.errors import APIError
+from neurond.pool.faults import PoolFault
+
+
+def _json(data, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class AdminAPI:
+    def __init__(self, supervisor, token: str) -> None:
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        self.supervisor = supervisor
+        self._token = token.encode()
+        self._tasks: set = set()
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/admin/status", self.status, methods=["GET"]),
+            Route("/admin/faults", self.inject, methods=["POST"]),
+            Route("/admin/reload", self.reload, methods=["POST"]),
+            Route("/admin/unload", self.unload, methods=["POST"]),
+            Route("/admin/load", self.load, methods=["POST"]),
+        ]
+
+        async def api_error(request, exc: APIError):
+            return exc.response()
+
+        return Starlette(routes=routes, exception_handlers={APIError: api_error})
+
+    def _auth(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise APIError(401, "admin token missing or wrong", code="unauthorized")
+
+    async def status(self, request: Request) -> Response:
+        self._auth(request)
+        sup = self.supervisor
+        cause = sup.lifecycle.last_cause
+        pool = sup.pool
+        return _json({
+            "state": sup.state,
+            "incidents": sup.incidents,
+            "tp_size": sup.config.tp_size,
+            "pids": {str(rank): pid for rank, pid in pool.pids().items()} if pool else {},
+            "last_cause": None if cause is None else {
+                "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
+                "request_id": cause.request_id, "tier": cause.tier, "attempt": cause.attempt, "detail": cause.detail},
+            "transitions": [list(t) for t in sup.history],
+        })
+
+    async def inject(self, request: Request) -> Response:
+        self._auth(request)
+        try:
+            body = orjson.loads(await request.body())
+            rank, kind, phase = int(body["rank"]), str(body["kind"]), str(body["phase"])
+            count = int(body.get("count", 1))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise APIError(400, f"need JSON {{rank, kind, phase, count?}}: {exc}", code="invalid_request") from None
+        try:
+            await self.supervisor.inject(rank, kind, phase, count)
+        except PermissionError as exc:
+            raise APIError(403, str(exc), code="fault_injection_disabled") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        except PoolFault as exc:
+            raise APIError(503, exc.message, code=exc.code, retry_after_s=2) from None
+        return _json({"armed": {"rank": rank, "kind": kind, "phase": phase, "count": count}})
+
+    def _background(self, coro) -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _operator(self, request: Request, action: str, allowed: tuple[str, ...], coro_factory) -> Response:
+        self._auth(request)
+        state = self.supervisor.state
+        if state not in allowed:
+            raise APIError(409, f"cannot {action} while {state}", code="conflict")
+        self._background(coro_factory())
+        return _json({"accepted": action, "state": state}, status=202)
+
+    async def reload(self, request: Request) -> Response:
+        return await self._operator(request, "reload", ("healthy", "unloaded"), self.supervisor.reload)
+
+    async def unload(self, request: Request) -> Response:
+        return await self._operator(request, "unload", ("healthy",), self.supervisor.unload)
+
+    async def load(self, request: Request) -> Response:
+        return await self._operator(request, "load", ("unloaded",), self.supervisor.load)

@@ -1,0 +1,68 @@
+"""Helpers for fault-injection tests: a daemon with the admin API on a unix socket, and its client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import chat_body
+
+TOKEN = "test-admin-token"
+
+
+def fault_daemon(start_daemon, tmp_path, tp_size: int, **settings):
+    token = tmp_path / "admin.token"
+    token.write_text(TOKEN + "\n")
+    values = {
+        "admin_socket": str(tmp_path / "admin.sock"),
+        "admin_token_file": str(token),
+        "fault_injection": True,
+        "step_deadline_floor_s": 1.0,
+        "step_deadline_ceiling_s": 20.0,
+        "abort_timeout_s": 2.0,
+        "kill_grace_s": 2.0,
+        "breaker_max_failures": 1000,
+        "unloaded_exit_s": 0.0,
+        "load_timeout_s": 20.0,
+        **settings,
+    }
+    conf = tmp_path / "neurond.toml"
+    conf.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+    d = start_daemon(tp_size, ["--config", str(conf)])
+    d.admin = Admin(values["admin_socket"])
+    # Warm up so the step deadline has observations (before any, it is the ceiling).
+    assert d.chat(chat_body(max_tokens=8, temperature=0))[0] == 200
+    return d
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+class Admin:
+    def __init__(self, socket_path: str, token: str = TOKEN) -> None:
+        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://admin",
+                                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def inject(self, rank: int, kind: str, phase: str, count: int = 1) -> httpx.Response:
+        return self.client.post("/admin/faults", json={"rank": rank, "kind": kind, "phase": phase, "count": count})
+
+    def status(self) -> dict:
+        return self.client.get("/admin/status").json()
+
+
+def wait_ready(d, want: int = 200, timeout: float = 90) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if d.get("/ready", timeout=2)[0] == want:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"/ready never returned {want}:\n{d.log()[-4000:]}")

@@ -1,0 +1,94 @@
+"""Every fault kind x rank 0 and 1 x phase, over gloo at TP=2 (issue 3's proof on CPU).
+
+For each: the faulted request gets its error within the bound, the daemon stays up, /ready returns to 200 by
+itself, the next request succeeds, no worker process is left over, and the recorded transitions are exactly
+fault -> abort -> repair -> recovered with the ladder rung that ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.conftest import chat_body
+from tests.faults import fault_daemon, wait_ready
+
+# kind -> (HTTP status, error code) the faulted request must get
+EXPECTED = {
+    "raise": (500, "rank_failed"),
+    "oom": (503, "out_of_memory"),
+    "exit": (503, "rank_died"),
+    "sigkill": (503, "rank_died"),
+    "segfault": (503, "rank_died"),
+    "wedge": (504, "rank_timeout"),
+}
+REQUEST_BOUND_S = 15.0  # floor 1 s deadline + detection; generous for a loaded 2-core CI box
+
+
+@pytest.fixture(scope="module")
+def daemon(start_daemon, tmp_path_factory):
+    return fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "collective"])
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
+    wait_ready(daemon)
+    before = daemon.worker_pids()
+    seen = len(daemon.admin.status()["transitions"])
+    assert daemon.admin.inject(rank, kind, phase).status_code == 200
+
+    t0 = time.monotonic()
+    status, headers, body = daemon.chat(chat_body(f"{kind} {rank} {phase}", max_tokens=12, temperature=0))
+    elapsed = time.monotonic() - t0
+    want_status, want_code = EXPECTED[kind]
+    assert (status, body["error"]["code"]) == (want_status, want_code), body
+    assert "retry-after" in headers
+    assert elapsed < REQUEST_BOUND_S
+
+    wait_ready(daemon)
+    assert daemon.proc.poll() is None
+    ok, _, answer = daemon.chat(chat_body("after the fault", max_tokens=6, temperature=0))
+    assert ok == 200, answer
+
+    transitions = daemon.admin.status()["transitions"][seen:]
+    assert [t[:3] for t in transitions] == [
+        ["fault", "healthy", "poisoned"],
+        ["abort", "poisoned", "aborting"],
+        ["repair", "aborting", "reloading"],
+        ["recovered", "reloading", "healthy"],
+    ], transitions
+    assert transitions[0][3] == want_code
+    assert transitions[-1][4] == "full_reload"
+    after = daemon.worker_pids()
+    assert len(after) == 2
+    assert not any(_alive(pid) for pid in before if pid not in after), "a replaced worker is still alive"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("kind", ["raise", "exit", "wedge"])
+def test_fault_during_reload_is_recovered_by_the_next_attempt(daemon, kind, rank):
+    """A fault while loading shards (here: during the recovery of another fault) climbs the ladder."""
+    wait_ready(daemon)
+    seen = len(daemon.admin.status()["transitions"])
+    assert daemon.admin.inject(rank, kind, "load").status_code == 200
+    assert daemon.admin.inject(rank, "raise", "prefill").status_code == 200
+    status, _, body = daemon.chat(chat_body(max_tokens=4))
+    assert status == 500 and body["error"]["code"] == "rank_failed"
+    wait_ready(daemon, timeout=180)
+    assert daemon.chat(chat_body(max_tokens=4))[0] == 200
+    events = [t[0] for t in daemon.admin.status()["transitions"][seen:]]
+    assert events[:3] == ["fault", "abort", "repair"]
+    assert events[3] == "fault"  # the load fault, during reloading
+    assert events[-1] == "recovered"

@@ -1,0 +1,96 @@
+"""The repair ladder's other rungs and its end: comm_rebuild without reloading weights, operator actions, and
+the crash-loop breaker that gives up into `unloaded` and exits with code 4 as documented."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import chat_body
+from tests.faults import Admin, fault_daemon, wait_ready
+
+
+def test_tp1_exception_is_repaired_by_comm_rebuild_keeping_the_process(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 1)
+    pids = d.worker_pids()
+    seen = len(d.admin.status()["transitions"])
+    assert d.admin.inject(0, "raise", "decode").status_code == 200
+    status, _, body = d.chat(chat_body(max_tokens=8))
+    assert (status, body["error"]["code"]) == (500, "rank_failed")
+    wait_ready(d)
+    transitions = d.admin.status()["transitions"][seen:]
+    assert [t[0] for t in transitions] == ["fault", "abort", "repair", "recovered"]
+    assert transitions[-1][4] == "comm_rebuild"
+    assert d.worker_pids() == pids  # same process, weights kept
+    assert d.chat(chat_body(max_tokens=8))[0] == 200
+    d.stop()
+
+
+def test_tp1_oom_answers_503_and_keeps_serving(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 1)
+    assert d.admin.inject(0, "oom", "prefill").status_code == 200
+    status, headers, body = d.chat(chat_body(max_tokens=8))
+    assert (status, body["error"]["code"]) == (503, "out_of_memory") and "retry-after" in headers
+    wait_ready(d)
+    assert d.chat(chat_body(max_tokens=8))[0] == 200
+    d.stop()
+
+
+def test_breaker_gives_up_into_unloaded_then_exits_4(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 2, breaker_max_failures=2, unloaded_exit_s=3.0)
+    # Every respawn of rank 1 dies while loading: recovery can never succeed.
+    assert d.admin.inject(1, "exit", "load", count=50).status_code == 200
+    assert d.admin.inject(1, "raise", "decode").status_code == 200
+    assert d.chat(chat_body(max_tokens=8))[0] == 500
+    wait_ready(d, want=503)
+    t0 = time.monotonic()
+    while d.admin.status()["state"] != "unloaded":
+        assert time.monotonic() - t0 < 60, d.admin.status()
+        time.sleep(0.1)
+    status, headers, body = d.get("/ready")
+    assert status == 503 and body["state"] == "unloaded" and body["reason"] == "breaker_open"
+    status, headers, body = d.chat(chat_body(max_tokens=4))
+    assert status == 503 and body["error"]["code"] == "model_unavailable" and "retry-after" in headers
+    assert d.worker_pids() == []  # nothing left running while unloaded
+    assert d.proc.wait(30) == 4  # then exits with code 4, for systemd's Restart=
+    assert d.stop() == 4
+
+
+def test_operator_reload_unload_load(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 1)
+    pids = d.worker_pids()
+    assert d.admin.client.post("/admin/reload").status_code == 202
+    t0 = time.monotonic()
+    while d.worker_pids() == pids or d.get("/ready")[0] != 200:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.1)
+    assert d.admin.client.post("/admin/unload").status_code == 202
+    wait_ready(d, want=503)
+    assert d.get("/ready")[2]["state"] == "unloaded"
+    assert d.admin.client.post("/admin/unload").status_code == 409  # not allowed while unloaded
+    assert d.admin.client.post("/admin/load").status_code == 202
+    wait_ready(d)
+    assert d.chat(chat_body(max_tokens=4))[0] == 200
+    d.stop()
+
+
+def test_admin_needs_its_token_and_fault_injection_its_setting(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 1)
+    wrong = Admin(str(tmp_path / "admin.sock"), token="wrong")
+    assert wrong.client.get("/admin/status").status_code == 401
+    assert wrong.inject(0, "raise", "decode").status_code == 401
+    assert d.admin.inject(0, "nonsense", "decode").status_code == 400
+    assert d.admin.inject(7, "raise", "decode").status_code == 400
+    d.stop()
+
+    off = tmp_path / "off"
+    off.mkdir()
+    d2 = fault_daemon(start_daemon, off, 1, fault_injection=False)
+    assert d2.admin.inject(0, "raise", "decode").status_code == 403
+    assert d2.chat(chat_body(max_tokens=4))[0] == 200
+    d2.stop()
+
+
+def test_public_port_has_no_admin_routes(daemon_tp1):
+    assert daemon_tp1.get("/admin/status")[0] == 404
