@@ -15,6 +15,7 @@ import time
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
 from neurond.engine.request import Failed, FinishReason, Finished, GenerationRequest, TextDelta
+from neurond.observe.events import Event, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable
 
@@ -68,7 +69,12 @@ class Engine:
             try:
                 await self._generate(req)
             except PoolFault as fault:
-                req.emit(_fault_event(fault))
+                failed = _fault_event(fault)
+                req.emit(failed)
+                if not isinstance(fault, PoolUnavailable):
+                    emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=fault.code,
+                         rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
+                         prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated))
             except asyncio.CancelledError:
                 req.emit(Failed(503, "shutting_down", "the server is shutting down", RETRY_AFTER_S))
                 raise

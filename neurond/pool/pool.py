@@ -54,7 +54,9 @@ class RankPool:
         on_fault: Callable[[PoolFault], None] | None = None,
         load_timeout_s: float = 600.0,
         spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
+        on_spawn: Callable[[int, int | None], None] | None = None,
     ) -> None:
+        self.on_spawn = on_spawn
         self.specs = specs
         self.world_size = len(specs)
         self.ranks: dict[int, RankProcess] = {}
@@ -78,6 +80,8 @@ class RankPool:
         self.ranks[rank] = proc
         proc.start(loop, self._on_reply, self._on_exit)
         log.info("rank %d: spawned pid %s", rank, proc.pid)
+        if self.on_spawn is not None:
+            self.on_spawn(rank, proc.pid)
         return proc
 
     async def start(self) -> None:

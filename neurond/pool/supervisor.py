@@ -24,6 +24,7 @@ from typing import Callable
 from neurond.config import Config
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied, StepTimeout
+from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.lifecycle import Cause, Lifecycle, new_incident_id
 from neurond.pool.pool import RankPool
 
@@ -34,7 +35,10 @@ RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 
 class Supervisor:
-    def __init__(self, config: Config, model_dir: str, listeners: list | None = None) -> None:
+    def __init__(self, config: Config, model_dir: str, listeners: list | None = None,
+                 events: EventSink | None = None) -> None:
+        self.events = events if events is not None else EventSink()
+        self._fault_at: float | None = None
         self.config = config
         self.model_dir = model_dir
         self.history: deque[tuple[str, str, str, str, str | None]] = deque(maxlen=256)
@@ -55,6 +59,10 @@ class Supervisor:
         return self.lifecycle.state_id
 
     @property
+    def current_incident(self) -> str | None:
+        return self._incident
+
+    @property
     def serving(self) -> bool:
         return self.lifecycle.serving and self.pool is not None
 
@@ -64,6 +72,16 @@ class Supervisor:
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
         """(event, from, to, reason, tier) of recent transitions, for /admin/status and the tests."""
         self.history.append((str(event), source.id, target.id, cause.reason if cause else "", cause.tier if cause else None))
+        self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
+
+    def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
+        if cause is not None:
+            base = dict(incident=cause.incident or None, cause=cause.reason, rank=cause.rank,
+                        request_id=cause.request_id, tier=cause.tier, attempt=cause.attempt or None,
+                        detail=cause.detail or None)
+            base.update(fields)
+            fields = base
+        emit(self.events, name, model=self.config.model_name(), tp_size=self.config.tp_size, **fields)
 
     # ------------------------------------------------------------------ loading
     def _specs(self) -> list[p.WorkerSpec]:
@@ -85,7 +103,10 @@ class Supervisor:
 
     def _new_pool(self) -> RankPool:
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
-                        spec_hook=self._arm_load_faults)
+                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn)
+
+    def _on_spawn(self, rank: int, pid: int | None) -> None:
+        self._emit(Event.RANK_SPAWNED, Cause("spawn", self._incident or "", rank), pid=pid)
 
     # ------------------------------------------------------------------ fault injection (admin only)
     async def inject(self, rank: int, kind: str, phase: str, count: int = 1) -> None:
@@ -149,6 +170,8 @@ class Supervisor:
             self.incidents += 1
         cause = Cause(fault.cause, self._incident, fault.rank, request_id, detail=fault.message)
         log.error("fault: %s (rank %s, request %s)", fault.message, fault.rank, request_id)
+        self._fault_at = time.monotonic()
+        self._emit(Event.FAULT_DETECTED, cause)
         self._send("fault", cause)
         for callback in self.on_unhealthy:
             callback(fault)
@@ -168,7 +191,10 @@ class Supervisor:
             self._failures.append(time.monotonic())
             if self._breaker_open():
                 await self._stop_pool()
-                self._send("give_up", cause.with_(reason="breaker_open", tier="give_up", attempt=attempt))
+                gave_up = cause.with_(reason="breaker_open", tier="give_up", attempt=attempt)
+                self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(),
+                           detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
+                self._send("give_up", gave_up)
                 self._incident = None
                 for callback in self.on_gave_up:
                     callback(self.lifecycle.last_cause)
@@ -178,12 +204,15 @@ class Supervisor:
             victims: set[int] = set()
             try:
                 if self.pool is not None:
-                    victims = await self._unblock(fault)
+                    victims = await self._unblock(fault, cause.with_(attempt=attempt))
                     if not victims and self.pool.world_size == 1 and attempt == 1:
                         tier = "comm_rebuild"
                 self._send("repair", cause.with_(tier=tier, attempt=attempt, detail=f"replacing ranks {sorted(victims)}"))
                 if tier == "comm_rebuild":
+                    t0 = time.monotonic()
                     await self.pool.form_comm()
+                    self._emit(Event.COMM_REBUILT, cause.with_(tier=tier, attempt=attempt),
+                               duration_ms=round((time.monotonic() - t0) * 1000))
                 else:
                     await self._full_reload(victims)
             except PoolFault as again:
@@ -195,11 +224,16 @@ class Supervisor:
                 continue
             if self._stopping:
                 return
-            self._send("recovered", cause.with_(tier=tier, attempt=attempt))
+            done = cause.with_(tier=tier, attempt=attempt)
+            self._emit(Event.RECOVERY_FINISHED, done, duration_ms=self._since_fault_ms())
+            self._send("recovered", done)
             self._incident = None
             return
 
-    async def _unblock(self, fault: PoolFault) -> set[int]:
+    def _since_fault_ms(self) -> int | None:
+        return None if self._fault_at is None else round((time.monotonic() - self._fault_at) * 1000)
+
+    async def _unblock(self, fault: PoolFault, cause: Cause | None = None) -> set[int]:
         """Abort the communicator on every live rank; return the ranks that cannot go on as they are:
         dead, stuck inside a call after the abort, or with a ruined device context."""
         pool = self.pool
@@ -208,10 +242,16 @@ class Supervisor:
             victims.add(fault.rank)
         if isinstance(fault, StepTimeout):
             victims.update(fault.ranks)
+        alive = pool.alive_ranks()
+        self._emit(Event.ABORT_STARTED, cause, detail=f"aborting the communicator on ranks {alive}")
+        t0 = time.monotonic()
         try:
-            await pool.control(pool.alive_ranks(), lambda cid: p.AbortComm(cid), self.config.abort_timeout_s, "abort")
+            await pool.control(alive, lambda cid: p.AbortComm(cid), self.config.abort_timeout_s, "abort")
+            self._emit(Event.ABORT_FINISHED, cause, duration_ms=round((time.monotonic() - t0) * 1000))
         except PoolFault as missed:
             log.warning("abort: %s", missed.message)
+            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
+                       detail=missed.message)
         # A rank whose compute thread is still inside a call after the abort is stuck for good
         # (always so on gloo, where abort does not unblock a collective).
         try:
@@ -229,6 +269,9 @@ class Supervisor:
         # Stuck or broken ranks get SIGKILL at once: asking them to shut down would only wait out the grace.
         if self.pool is not None and victims:
             await self.pool.kill_ranks(sorted(victims), timeout_s=10.0)
+            for rank in sorted(victims):
+                self._emit(Event.RANK_KILLED, Cause("recovery", self._incident or "", rank, tier="full_reload"),
+                           detail="SIGKILL: dead, stuck in the failed call, or device context ruined")
         await self._stop_pool()
         pool = self._new_pool()
         self.pool = pool
