@@ -34,6 +34,9 @@ class Config:
     #: Weight dtype on the ranks: "auto" (checkpoint's own; float32 on CPU), "bfloat16", "float16", "float32".
     dtype: str = "auto"
     # --- ranks ---
+    #: Tensor parallelism: "neurond" (own sharding; communicator rebuild and single-rank replacement work at
+    #: any TP size) or "transformers" (tp_plan="auto"; at TP>1 every fault takes a full reload).
+    tp_impl: str = "neurond"
     #: Number of rank worker processes (one per GPU).
     tp_size: int = 1
     #: "auto": NCCL when the ranks have GPUs, gloo otherwise; or "nccl" / "gloo" to force one.
@@ -92,6 +95,8 @@ class Config:
     def validate(self) -> "Config":
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.tp_impl not in ("neurond", "transformers"):
+            raise ConfigError(f"tp_impl must be neurond or transformers, got {self.tp_impl!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):

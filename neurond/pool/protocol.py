@@ -175,6 +175,7 @@ class Pong:
     call_id: int
     rank: int
     busy_s: float  # how long the compute thread has been inside its current call (0 when idle)
+    in_collective: bool = False  # busy waiting for peers inside a collective (not wedged in its own work)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,3 +207,4 @@ class WorkerSpec:
     #: Faults armed before the process starts (kind, phase, count): how a load-phase fault is injected.
     faults: tuple[tuple[str, str, int], ...] = ()
     fault_injection: bool = False
+    tp_impl: str = "neurond"  # "neurond" (worker/tp.py) | "transformers" (tp_plan="auto")

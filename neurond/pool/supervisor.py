@@ -1,15 +1,15 @@
 """The supervisor: the only writer of pool state. It loads the pool, runs steps for the engine, turns every
 fault into lifecycle transitions and repairs the pool.
 
-Repair ladder, cheapest first (each rung recorded on the transition as `tier`). First the communicator of
-every live rank is aborted from its control thread and every rank is pinged: a rank that is dead, still
-stuck inside the failed call, or whose device context is ruined cannot go on as it is.
-  comm_rebuild  no such rank: a fresh communicator among the same processes, weights kept. Today only at
-                TP=1, because transformers' TP layers stay bound to the process group they were loaded with
-                (re-pointing them at a new group is the open part of the recovery issue).
-  full_reload   stop every rank (SIGTERM, then SIGKILL) and start a new pool
-  give_up       after `breaker_max_failures` failed recoveries within `breaker_window_s`: -> unloaded
-Every rung has a deadline; a miss escalates to the next rung. Nothing waits unbounded.
+Repair ladder, cheapest first (each rung recorded on the transition as `tier`). First every rank is made
+idle or dead (`_unblock`): abort the communicator on every live rank from its control thread, ping, kill
+the ranks that are dead, wedged, stuck in a collective for good, or whose device context is ruined.
+  comm_rebuild   nobody was killed: a fresh communicator among the same processes, weights kept
+  replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
+  full_reload    all were killed, a previous rung failed, or tp_impl="transformers" at TP>1 (its layers stay
+                 bound to the group they loaded with): stop every rank and start a new pool
+  give_up        after `breaker_max_failures` recovery attempts within `breaker_window_s`: -> unloaded
+Every step has a deadline; a failure escalates to full_reload. Nothing waits unbounded.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from neurond.pool.pool import RankPool
 log = logging.getLogger("neurond.supervisor")
 
 # Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
+# A rank busy outside any collective for longer than this, after its step failed or timed out, is wedged.
+WEDGE_MIN_BUSY_S = 0.5
+
 RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
 
 
@@ -97,6 +100,7 @@ class Supervisor:
                 env=RANK_ENV,
                 log_level=c.log_level,
                 fault_injection=c.fault_injection,
+                tp_impl=c.tp_impl,
             )
             for r in range(c.tp_size)
         ]
@@ -200,19 +204,20 @@ class Supervisor:
                     callback(self.lifecycle.last_cause)
                 return
             self._send("abort", cause.with_(attempt=attempt))
-            tier = "full_reload"
-            victims: set[int] = set()
+            tier, victims = "full_reload", set()
             try:
-                if self.pool is not None:
+                if self.pool is not None and attempt == 1:
                     victims = await self._unblock(fault, cause.with_(attempt=attempt))
-                    if not victims and self.pool.world_size == 1 and attempt == 1:
-                        tier = "comm_rebuild"
-                self._send("repair", cause.with_(tier=tier, attempt=attempt, detail=f"replacing ranks {sorted(victims)}"))
+                    tier = self._rung(victims)
+                self._send("repair", cause.with_(tier=tier, attempt=attempt,
+                                                 detail=f"replacing ranks {sorted(victims)}" if victims else ""))
                 if tier == "comm_rebuild":
                     t0 = time.monotonic()
                     await self.pool.form_comm()
                     self._emit(Event.COMM_REBUILT, cause.with_(tier=tier, attempt=attempt),
                                duration_ms=round((time.monotonic() - t0) * 1000))
+                elif tier == "replace_ranks":
+                    await self._replace(victims, cause.with_(tier=tier, attempt=attempt))
                 else:
                     await self._full_reload(victims)
             except PoolFault as again:
@@ -233,45 +238,109 @@ class Supervisor:
     def _since_fault_ms(self) -> int | None:
         return None if self._fault_at is None else round((time.monotonic() - self._fault_at) * 1000)
 
+    def _rung(self, victims: set[int]) -> str:
+        """The cheapest rung that repairs the pool once `victims` are gone."""
+        world = self.config.tp_size
+        if self.config.tp_impl == "transformers" and world > 1:
+            return "full_reload"  # its TP layers stay bound to the aborted group
+        if not victims:
+            return "comm_rebuild"
+        return "replace_ranks" if len(victims) < world else "full_reload"
+
     async def _unblock(self, fault: PoolFault, cause: Cause | None = None) -> set[int]:
-        """Abort the communicator on every live rank; return the ranks that cannot go on as they are:
-        dead, stuck inside a call after the abort, or with a ruined device context."""
+        """Make every rank idle or dead; return the dead (killed) ones, which must be replaced.
+
+        1. Abort the communicator on every live rank from its control thread (NCCL: unblocks a rank stuck in a
+           collective; gloo: does not). A rank that does not confirm within abort_timeout_s is a victim.
+        2. Ping: a rank busy outside any collective is wedged in its own work (a victim); a rank busy inside a
+           collective is waiting for a peer.
+        3. Kill the victims. On gloo a peer's death fails the collective it waits in, so waiting ranks get a
+           short grace to come free; any rank still busy after it is stuck for good and is killed too.
+        A dead rank, or one whose device context is ruined, is a victim from the start.
+        """
         pool = self.pool
-        victims: set[int] = set()
-        if isinstance(fault, (RankDied, StepTimeout)) or not fault.context_ok:
+        victims: set[int] = {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
+        if isinstance(fault, RankDied) or not fault.context_ok:
             victims.add(fault.rank)
-        if isinstance(fault, StepTimeout):
-            victims.update(fault.ranks)
-        alive = pool.alive_ranks()
+        alive = [r for r in pool.alive_ranks() if r not in victims]
         self._emit(Event.ABORT_STARTED, cause, detail=f"aborting the communicator on ranks {alive}")
         t0 = time.monotonic()
         try:
             await pool.control(alive, lambda cid: p.AbortComm(cid), self.config.abort_timeout_s, "abort")
             self._emit(Event.ABORT_FINISHED, cause, duration_ms=round((time.monotonic() - t0) * 1000))
-        except PoolFault as missed:
-            log.warning("abort: %s", missed.message)
-            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
-                       detail=missed.message)
-        # A rank whose compute thread is still inside a call after the abort is stuck for good
-        # (always so on gloo, where abort does not unblock a collective).
-        try:
-            pongs = await pool.control(pool.alive_ranks(), lambda cid: p.Ping(cid), self.config.abort_timeout_s, "ping")
-            victims.update(rank for rank, pong in pongs.items() if pong.busy_s > 0)
         except StepTimeout as missed:
             victims.update(missed.ranks)
-        except PoolFault:
-            pass
-        victims.update(r for r in range(pool.world_size) if r not in pool.alive_ranks())
-        victims.discard(None)
+            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
+                       detail=missed.message)
+        except PoolFault as missed:
+            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
+                       detail=missed.message)
+
+        waiting, finishing = await self._ping_busy(victims, victims)
+        await self._kill(victims, cause)
+        # A rank still in a collective right after the abort is usually released a moment later: the abort
+        # closed its peers' connections (gloo), or a victim's death does. A rank busy for a moment outside any
+        # collective may just be writing its failure reply. Both get a short grace; then they are stuck.
+        if waiting or finishing:
+            deadline = time.monotonic() + min(1.0, self.config.abort_timeout_s)
+            while (waiting or finishing) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                waiting, finishing = await self._ping_busy(victims, victims)
+        stuck = (waiting | finishing) - victims
+        if stuck:
+            victims.update(stuck)
+            await self._kill(stuck, cause)
+        await self._kill(victims, cause)
         return victims
+
+    async def _ping_busy(self, skip: set[int], wedged_out: set[int]) -> tuple[set[int], set[int]]:
+        """Ping the live ranks not in `skip`. Wedged ones (no answer, or busy outside any collective for longer
+        than a moment) go into `wedged_out`. Returns (waiting inside a collective, busy only for a moment)."""
+        pool = self.pool
+        ranks = [r for r in pool.alive_ranks() if r not in skip]
+        if not ranks:
+            return set(), set()
+        try:
+            pongs = await pool.control(ranks, lambda cid: p.Ping(cid), self.config.abort_timeout_s, "ping")
+        except StepTimeout as missed:
+            wedged_out.update(missed.ranks)
+            return set(), set()
+        except PoolFault:
+            return set(), set()
+        waiting, finishing = set(), set()
+        for rank, pong in pongs.items():
+            if pong.busy_s <= 0:
+                continue
+            if pong.in_collective:
+                waiting.add(rank)
+            elif pong.busy_s < WEDGE_MIN_BUSY_S:
+                finishing.add(rank)
+            else:
+                wedged_out.add(rank)
+        return waiting, finishing
+
+    async def _kill(self, ranks: set[int], cause: Cause | None) -> None:
+        alive = [r for r in sorted(ranks) if self.pool.ranks.get(r) is not None and self.pool.ranks[r].alive]
+        await self.pool.kill_ranks(sorted(ranks), timeout_s=10.0)
+        for rank in alive:
+            self._emit(Event.RANK_KILLED, (cause or Cause("recovery", self._incident or "")).with_(rank=rank),
+                       detail="SIGKILL: wedged, stuck in a collective, or device context ruined")
+
+    async def _replace(self, victims: set[int], cause: Cause) -> None:
+        """Respawn only the victims; survivors keep their processes and weights and join a new communicator."""
+        pool = self.pool
+        for rank in sorted(victims):
+            pool.spawn(rank)
+        await pool.wait_started(sorted(victims))
+        t0 = time.monotonic()
+        await pool.form_comm()
+        self._emit(Event.COMM_REBUILT, cause, duration_ms=round((time.monotonic() - t0) * 1000))
+        await pool.load(sorted(victims))
 
     async def _full_reload(self, victims: set[int] = frozenset()) -> None:
         # Stuck or broken ranks get SIGKILL at once: asking them to shut down would only wait out the grace.
         if self.pool is not None and victims:
-            await self.pool.kill_ranks(sorted(victims), timeout_s=10.0)
-            for rank in sorted(victims):
-                self._emit(Event.RANK_KILLED, Cause("recovery", self._incident or "", rank, tier="full_reload"),
-                           detail="SIGKILL: dead, stuck in the failed call, or device context ruined")
+            await self._kill(victims, None)
         await self._stop_pool()
         pool = self._new_pool()
         self.pool = pool

@@ -46,6 +46,7 @@ class Worker:
         self.backend = ""
         self.comm = None
         self.shard = None
+        self.guard = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -53,6 +54,7 @@ class Worker:
 
         from neurond.worker.comm import Communicator
         from neurond.worker.faults import FaultPlan
+        from neurond.worker.tp import CollectiveGuard
         from neurond.worker.shard import Shard, pick_backend, pick_device
 
         self.device = pick_device(self.spec.device, self.rank)
@@ -63,8 +65,10 @@ class Worker:
         self.faults = FaultPlan(self.device)
         for kind, phase, count in self.spec.faults:
             self.faults.arm(kind, phase, count)
+        self.guard = CollectiveGuard()
         self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size,
-                           mid_forward=lambda: self.faults.fire("collective"))
+                           mid_forward=lambda: self.faults.fire("collective"), tp_impl=self.spec.tp_impl,
+                           guard=self.guard)
         threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
         self.step_conn.send(p.Started(self.rank, os.getpid(), str(self.device), self.backend))
 
@@ -78,7 +82,7 @@ class Worker:
                 os._exit(70)
             if isinstance(cmd, p.Ping):
                 busy = time.monotonic() - self._busy_since if self._busy_since else 0.0
-                self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy))
+                self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy, self.guard.inside))
             elif isinstance(cmd, p.InjectFault):
                 if not self.spec.fault_injection:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION,

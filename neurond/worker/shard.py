@@ -1,8 +1,10 @@
-"""A rank's model shard: loading through transformers' tensor parallelism, forward steps, sampling.
+"""A rank's model shard: loading, forward steps, sampling.
 
-The model code knows nothing about tensor parallelism: transformers shards it by the model's own `tp_plan`
-over the process group this rank joined. One code path for 1..N ranks: with one rank there is no plan to
-apply and the model loads whole.
+The model code knows nothing about tensor parallelism. Loading goes through neurond's own sharding
+(`worker/tp.py`, the default: collectives on the default group, so a communicator can be rebuilt and a rank
+replaced without touching the survivors' weights) or, with `tp_impl = "transformers"`, through transformers'
+`tp_plan="auto"` (kept for comparison; its ranks are bound to the group they loaded with). One code path for
+1..N ranks.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def _dtype(name: str, device):
 class Shard:
     """This rank's part of the model plus per-sequence KV caches and (rank 0) samplers."""
 
-    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int, mid_forward=None) -> None:
+    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int, mid_forward=None,
+                 tp_impl: str = "neurond", guard=None) -> None:
+        self.tp_impl = tp_impl
+        self.guard = guard
         self.model_dir = model_dir
         self.dtype = dtype
         self.device = device
@@ -58,14 +63,20 @@ class Shard:
         import torch
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict = {"dtype": _dtype(self.dtype, self.device)}
-        if self.world_size > 1:
-            # transformers binds each rank to the device LOCAL_RANK names.
-            os.environ["LOCAL_RANK"] = str(self.device.index or 0)
-            kwargs.update(_tp_kwargs(self.world_size))
+        if self.tp_impl == "neurond":
+            from neurond.worker.tp import load_shard
+
+            model = load_shard(self.model_dir, self.device, _dtype(self.dtype, self.device), self.rank,
+                               self.world_size, self.guard)
         else:
-            kwargs["device_map"] = str(self.device)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+            kwargs: dict = {"dtype": _dtype(self.dtype, self.device)}
+            if self.world_size > 1:
+                # transformers binds each rank to the device LOCAL_RANK names.
+                os.environ["LOCAL_RANK"] = str(self.device.index or 0)
+                kwargs.update(_tp_kwargs(self.world_size))
+            else:
+                kwargs["device_map"] = str(self.device)
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
         model.eval()
         layers = getattr(getattr(model, "model", None), "layers", None)
         if self._mid_forward is not None and layers is not None and len(layers) > 1:

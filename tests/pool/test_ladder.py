@@ -41,8 +41,8 @@ def test_breaker_gives_up_into_unloaded_then_exits_4(start_daemon, tmp_path):
     d = fault_daemon(start_daemon, tmp_path, 2, breaker_max_failures=2, unloaded_exit_s=3.0)
     # Every respawn of rank 1 dies while loading: recovery can never succeed.
     assert d.admin.inject(1, "exit", "load", count=50).status_code == 200
-    assert d.admin.inject(1, "raise", "decode").status_code == 200
-    assert d.chat(chat_body(max_tokens=8))[0] == 500
+    assert d.admin.inject(1, "sigkill", "decode").status_code == 200  # so recovery must respawn rank 1
+    assert d.chat(chat_body(max_tokens=8))[0] == 503
     wait_ready(d, want=503)
     t0 = time.monotonic()
     while d.admin.status()["state"] != "unloaded":

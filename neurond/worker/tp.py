@@ -1,0 +1,136 @@
+"""Tensor parallelism of neurond's own: load this rank's shard and all-reduce through the default group.
+
+Why not transformers' `tp_plan="auto"`: its layers hold DTensor parameters on the device mesh they were
+loaded with and all-reduce on that mesh's group, so after a communicator is aborted and rebuilt every surviving
+rank would have to be re-pointed at a new mesh, and a replacement rank's loading creates mesh sub-groups
+(collective calls) that the survivors would have to mirror. Here every collective is
+`dist.all_reduce(x)` on the *default* group: rebuilding the communicator is `init_process_group` again, and a
+replaced rank loads its shard without any collective. It is also lighter per step (no DTensor dispatch):
+measured in docs/benchmarks.md.
+
+The model code knows nothing about this (as in gpt-fast's tp.py): the model's own `base_model_tp_plan` says
+which linear layers are column-wise (q/k/v, gate/up: output features split) and row-wise (o, down: input
+features split, outputs summed across ranks by a forward hook). Everything else is replicated.
+Only the shard's bytes are read from the safetensors files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+log = logging.getLogger("neurond.worker")
+
+
+class CollectiveGuard:
+    """Marks when this rank is inside a collective; the control thread reports it in Pong, so the leader can
+    tell a rank that is *waiting for its peers* from one that is wedged in its own work."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def all_reduce(self, tensor) -> None:
+        import torch.distributed as dist
+
+        self.inside = True
+        try:
+            dist.all_reduce(tensor)
+        finally:
+            self.inside = False
+
+
+def _style(plan: dict[str, str], module_name: str) -> str | None:
+    for pattern, style in plan.items():
+        if fnmatch.fnmatchcase(module_name, pattern):
+            return style
+    return None
+
+
+def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard: CollectiveGuard):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prefix = model.base_model_prefix
+    plan = {f"{prefix}.{k}": v for k, v in (getattr(config, "base_model_tp_plan", None) or {}).items()}
+    if world_size > 1 and not plan:
+        raise ValueError(f"{type(model).__name__} has no base_model_tp_plan: cannot shard it over {world_size} ranks")
+    if world_size > 1:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if heads % world_size or kv_heads % world_size:
+            raise ValueError(f"{heads} attention / {kv_heads} KV heads do not split over {world_size} ranks")
+
+    modules = dict(model.named_modules())
+    wanted = {name for name, _ in model.named_parameters()}
+    loaded: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in wanted:
+                    continue
+                module_name, _, param_name = key.rpartition(".")
+                style = _style(plan, module_name) if world_size > 1 else None
+                tensor = _read(f.get_slice(key), style, param_name, rank, world_size)
+                module = modules[module_name]
+                module._parameters[param_name] = torch.nn.Parameter(
+                    tensor.to(device=device, dtype=dtype), requires_grad=False)
+                loaded.add(key)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded.update(name for name, p in model.named_parameters() if not p.is_meta)
+    missing = sorted(wanted - loaded - {n for n, p in model.named_parameters() if not p.is_meta})
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    _rebuild_buffers(model, config, device)
+
+    if world_size > 1:
+        for name, module in modules.items():
+            if _style(plan, name) == "rowwise":
+                module.register_forward_hook(lambda mod, args, out: guard.all_reduce(out))
+    model.eval()
+    return model
+
+
+def _read(slice_, style: str | None, param_name: str, rank: int, world: int):
+    """This rank's part of one checkpoint tensor."""
+    import torch
+
+    shape = slice_.get_shape()
+    if style == "colwise":  # output features split: weight rows and bias
+        n = shape[0] // world
+        return slice_[rank * n : (rank + 1) * n]
+    if style == "rowwise":
+        if param_name == "bias":  # added once, after the sum across ranks
+            full = slice_[:]
+            return full if rank == 0 else torch.zeros_like(full)
+        n = shape[1] // world
+        return slice_[:, rank * n : (rank + 1) * n]
+    return slice_[:]
+
+
+def _rebuild_buffers(model, config, device) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: make them on the device."""
+    for name, module in model.named_modules():
+        meta_buffers = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
+        if not meta_buffers:
+            continue
+        if name.endswith("rotary_emb"):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            import torch
+
+            with torch.device(device):  # the constructor's own buffers land on the device
+                setattr(parent, attr, type(module)(config=config))
+        else:
+            raise ValueError(f"buffer(s) {meta_buffers} of {name} are in no checkpoint and cannot be rebuilt")
