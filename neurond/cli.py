@@ -42,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", dest="cache_dir", help="where the built-in model is written")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
 
+    audit = sub.add_parser(
+        "audit",
+        help="audit recovery from the journal (this host, or a fleet's gathered journals)",
+        description="Rebuild every incident per host from neurond's journal entries, classify it (clean, "
+        "degraded, stuck, gave_up; interrupted and open are informational) and print a fleet table. Exit code: 0 "
+        "nothing needs an operator, 1 a degraded recovery, 2 an incident stuck or given up, 3 journal unreadable.",
+    )
+    from neurond.observe.audit import add_arguments
+
+    add_arguments(audit)
+
     model = sub.add_parser("builtin-model", help="write the built-in model and print its directory")
     model.add_argument("--cache-dir", dest="cache_dir", help="where to write it")
     model.add_argument("--config", help="TOML file")
@@ -55,16 +66,18 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":  # reads journals only: no neurond configuration needed on the auditing box
+        from neurond.observe.audit import main as audit
+
+        return audit(args)
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:
         print(f"neurond: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="neurond %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from neurond.observe.journal import setup_logging
+
+    setup_logging(config.log_level)  # journald entries (with CODE_* of the caller) and/or stderr lines
     if args.command == "builtin-model":
         from pathlib import Path
 

@@ -52,8 +52,18 @@ class Config:
     port: int = 8000
     #: Largest request body accepted, in bytes (413 beyond).
     max_body_bytes: int = 1_048_576
+    #: File holding the API bearer token; empty: no authentication. (A file, never a flag: flags show in ps.)
+    api_token_file: str = ""
+    #: Concurrent /v1 requests at most; beyond this, 429 with Retry-After.
+    max_concurrent_requests: int = 512
+    #: Seconds a client gets to send its whole request body (408 beyond).
+    body_timeout_s: float = 30.0
+    #: Largest request head (request line + headers), in bytes.
+    max_header_bytes: int = 16384
     #: max_tokens for a request that gives none (capped by what is left of the context window).
     default_max_tokens: int = 512
+    #: Seconds a request already queued when a fault hits waits for the repair before it gets a 503.
+    resume_wait_s: float = 30.0
     #: Requests waiting for the engine at once; beyond this, 503 with Retry-After.
     max_queued_requests: int = 256
     # --- step deadlines (a step that does not finish in time counts as a wedged rank) ---
@@ -66,7 +76,7 @@ class Config:
     #: Seconds the control threads get to abort their communicators before the ranks are killed.
     abort_timeout_s: float = 5.0
     # --- crash-loop breaker: give up (state `unloaded`) after this many recoveries within the window ---
-    #: Failed or repeated recoveries within the window that make the daemon give up (state `unloaded`).
+    #: Failed recovery attempts within the window that make the daemon give up (state `unloaded`).
     breaker_max_failures: int = 5
     #: The breaker's window, in seconds.
     breaker_window_s: float = 600.0

@@ -2,8 +2,10 @@
 
 Order matters: the HTTP port opens first (so /health answers and /ready says `loading`), and the model loads
 in the background; loading inside ASGI startup would hit hypercorn's startup timeout with the port closed.
-Signal handlers only set an event; the shutdown itself runs on the loop: stop accepting, fail what waits,
-stop every rank (SIGTERM, then SIGKILL), exit.
+Signal handlers only set an event; the shutdown itself runs on the loop: STOPPING=1, stop accepting, fail
+what waits, stop every rank (SIGTERM, then SIGKILL), exit. SIGHUP reloads the model (RELOADING=1 ... READY=1).
+systemd hears READY=1 once the API answers HTTP, STATUS= at every lifecycle transition, and WATCHDOG=1 from
+the event loop while the supervisor makes progress (docs/systemd.md); events go to the journal (docs/journal.md).
 
 The leader never imports torch: the built-in model is written by a child process, tokenisation uses the
 tokenizers library, and all tensor work happens in the rank workers.
@@ -15,6 +17,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,11 +25,16 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from statemachine.exceptions import TransitionNotAllowed
 
 from neurond.api.app import API, ServedModel
 from neurond.config import Config
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.scheduler import Engine
+from neurond.observe.events import TeeSink
+from neurond.observe.journal import JournalSink
+from neurond.observe.metrics import MetricsSink
+from neurond.observe.notify import LifecycleStatus, Notifier, watchdog
 from neurond.pool.supervisor import Supervisor
 
 log = logging.getLogger("neurond")
@@ -55,15 +63,13 @@ def resolve_model_dir(config: Config) -> Path:
 
 
 def load_served_model(model_dir: Path, name: str) -> ServedModel:
-    # PreTrainedTokenizerFast, not AutoTokenizer: importing the latter pulls in torch, and the leader must not
-    # load it (promise: no CUDA in the leader; tests check libtorch is never mapped here).
-    from transformers import PreTrainedTokenizerFast
+    # Not transformers' tokenizer classes: on some versions importing them loads torch (and CUDA libraries),
+    # and the leader must not (tests check libtorch is never mapped here).
+    from neurond.engine.tokenizer import ChatTokenizer
 
-    if not (model_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    tokenizer = ChatTokenizer(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
-    context = int(cfg.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 2048))
+    context = int(cfg.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
     stop_ids: set[int] = set()
     for source in (cfg, _read_json(model_dir / "generation_config.json")):
         eos = source.get("eos_token_id")
@@ -71,6 +77,16 @@ def load_served_model(model_dir: Path, name: str) -> ServedModel:
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
     return ServedModel(name, tokenizer, context, frozenset(stop_ids), int(time.time()))
+
+
+def _read_token(path: str) -> str | None:
+    """A token from a file (never from the command line, where `ps` shows it); None when not configured."""
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise FileNotFoundError(f"token file {path} is empty")
+    return token
 
 
 def _read_json(path: Path) -> dict:
@@ -81,28 +97,57 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.shutdown = asyncio.Event()
+        self.hup = asyncio.Event()  # SIGHUP: reload the model (the handler only sets this)
         self.supervisor: Supervisor | None = None
         self.engine: Engine | None = None
         self.exit_code = EXIT_OK
+        self.notifier = Notifier()
+        self.status = LifecycleStatus(self.notifier, config.model_name(), config.tp_size)
+        self._tasks: list[asyncio.Task] = []
 
     async def run(self) -> int:
         c = self.config
-        model_dir = resolve_model_dir(c)
-        model = load_served_model(model_dir, c.model_name())
-        self.supervisor = Supervisor(c, str(model_dir))
-        deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
-        self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests)
-        api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
-                  default_max_tokens=c.default_max_tokens)
-
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.shutdown.set)
+        loop.add_signal_handler(signal.SIGHUP, self.hup.set)
+        self.notifier.status(f"starting: {c.model_name()}, tp_size={c.tp_size}")
+        # The watchdog runs from the first moment: systemd counts WatchdogSec= from the start of the process,
+        # and writing the built-in model or reading a tokenizer may take a while (done off the loop).
+        self._spawn(watchdog(self.notifier, self._unresponsive), "neurond-watchdog")
+        try:
+            return await self._serve(loop)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, loop) -> int:
+        c = self.config
+        model_dir = await asyncio.to_thread(resolve_model_dir, c)
+        model = await asyncio.to_thread(load_served_model, model_dir, c.model_name())
+        try:
+            listener = bind_http(c.host, c.port)
+        except OSError as exc:
+            log.error("HTTP server failed: cannot listen on %s:%d: %s", c.host, c.port, exc)
+            return EXIT_SERVE_FAILED
+        self.metrics = MetricsSink()
+        # The journal and the metrics see the same events. (The audit judges rungs by the TP implementation too.)
+        events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics)
+        self.supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events)
+        self.status.incidents = lambda: self.supervisor.incidents
+        deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
+        self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
+                             metrics=self.metrics, resume_wait_s=c.resume_wait_s)
+        api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
+                  default_max_tokens=c.default_max_tokens, api_token=_read_token(c.api_token_file),
+                  max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s, metrics=self.metrics)
 
         hc = HypercornConfig()
-        hc.bind = [f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}"]
+        hc.bind = [f"fd://{listener.detach()}"]  # bound here, so READY can never be about someone else's port
         hc.errorlog = logging.getLogger("neurond.http")
         hc.accesslog = None
+        hc.h11_max_incomplete_size = c.max_header_bytes  # a request head larger than this is refused
         hc.graceful_timeout = 5.0
 
         servers = [hypercorn_serve(api.app(), hc, shutdown_trigger=self.shutdown.wait)]
@@ -112,7 +157,9 @@ class Server:
 
         self.engine.start()
         load_task = loop.create_task(self.supervisor.start(), name="neurond-load")
-        log.info("serving %s (tp_size=%d) on %s", model.name, c.tp_size, hc.bind[0])
+        self._spawn(self._announce_ready(c.host, c.port), "neurond-ready")
+        self._spawn(self._reloads(), "neurond-reload")
+        log.info("serving %s (tp_size=%d) on %s:%d", model.name, c.tp_size, c.host, c.port)
         try:
             await asyncio.gather(*servers)
         except OSError as exc:
@@ -121,18 +168,59 @@ class Server:
             self.shutdown.set()
         finally:
             log.info("shutting down")
+            self.notifier.stopping(f"stopping: {self.status.line()}")
             load_task.cancel()
             await self.engine.stop()
             await self.supervisor.stop()
+            self.notifier.status("stopped; all ranks reaped")
             log.info("stopped; all ranks reaped")
         return self.exit_code
+
+    def _spawn(self, coro, name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+
+    async def _announce_ready(self, host: str, port: int) -> None:
+        """READY=1 once the API answers an HTTP request: hypercorn has no ready callback, and a socket that
+        listens is not yet one that hypercorn accepts on."""
+        while not self.shutdown.is_set():
+            if await http_answers(host, port):
+                self.notifier.ready(self.status.line())
+                log.info("HTTP API ready on %s:%d", host, port)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _reloads(self) -> None:
+        """SIGHUP: RELOADING=1, reload the model from its checkpoint, READY=1 (also when the reload could not
+        run, or systemd would show the unit `reloading` for ever)."""
+        while True:
+            await self.hup.wait()
+            self.hup.clear()
+            log.info("SIGHUP: reloading the model")
+            self.notifier.reloading(f"reloading (SIGHUP): {self.status.line()}")
+            try:
+                await self.supervisor.reload("sighup")
+            except TransitionNotAllowed:
+                log.warning("SIGHUP: cannot reload while the model is %s; ignored", self.supervisor.state)
+            except Exception:  # noqa: BLE001 - a failed reload must not end the reload loop
+                log.exception("SIGHUP: reload failed")
+            self.notifier.ready(self.status.line())
+
+    def _unresponsive(self) -> str | None:
+        """Why the supervisor is not making progress, or None. Every rung of the ladder has a deadline, so a
+        repair state that outlives all of them together means the supervisor itself is stuck."""
+        sup, c = self.supervisor, self.config
+        if sup is None or sup.state in ("healthy", "unloaded", "stopped"):
+            return None
+        bound = c.load_timeout_s + 2 * c.abort_timeout_s + 2 * c.kill_grace_s + 30.0
+        stuck = time.monotonic() - self.status.since
+        return f"{sup.state} for {stuck:.0f} s (bound {bound:.0f} s)" if stuck > bound else None
 
     def _admin_server(self):
         from neurond.api.admin import AdminAPI
 
         c = self.config
         token = Path(c.admin_token_file).read_text().strip()
-        admin = AdminAPI(self.supervisor, token)
+        admin = AdminAPI(self.supervisor, token, engine=self.engine)
         hc = HypercornConfig()
         hc.bind = [f"unix:{c.admin_socket}"]
         hc.errorlog = logging.getLogger("neurond.admin")
@@ -148,6 +236,7 @@ class Server:
             return
         log.error("recovery gave up (%s); exiting with code %d in %.0f s", cause.reason if cause else "?",
                   EXIT_GAVE_UP, delay)
+        self.notifier.status(f"{self.status.line()}; exiting with code {EXIT_GAVE_UP} in {delay:.0f} s")
 
         def leave() -> None:
             if self.supervisor.state == "unloaded":
@@ -155,6 +244,37 @@ class Server:
                 self.shutdown.set()
 
         asyncio.get_running_loop().call_later(delay, leave)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The API's listening socket, made as hypercorn would make it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(100)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when GET /health on our own address gets an HTTP response (any status)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(f"GET /health HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
+        first = await asyncio.wait_for(reader.readline(), timeout)
+        return first.startswith(b"HTTP/")
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
 
 
 def serve(config: Config) -> int:

@@ -118,14 +118,15 @@ class Daemon:
                 self.proc.wait()
         self._log.close()
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        leftover = [pid for pid in workers if _alive(pid)]
+        leftover = [pid for pid in workers if alive(pid)]
         assert not leftover, f"worker processes left after stop: {leftover}"
         return self.proc.returncode
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"

@@ -102,3 +102,49 @@ def test_stop_reaps_every_worker(start_daemon):
     workers = d.worker_pids()
     assert len(workers) == 2
     assert d.stop() == 0  # stop() itself asserts that no worker is left
+
+
+def test_client_disconnect_mid_stream_cancels_generation(start_daemon, tmp_path):
+    """A streaming client that goes away stops its generation at the next step and frees the engine."""
+    import http.client
+    import json as _json
+    import time as _time
+
+    from tests.faults import fault_daemon
+
+    d = fault_daemon(start_daemon, tmp_path, 1)
+    # Greedy on the built-in model this prompt runs 364 tokens before its end-of-turn token.
+    body = chat_body("a long answer please", max_tokens=1500, temperature=0)
+    full = d.chat(body)[2]["usage"]["completion_tokens"]
+    assert full > 300
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", _json.dumps(dict(body, stream=True)),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(3):
+        assert resp.fp.readline()  # SSE lines arrived: the generation is running
+    conn.sock.close()  # hang up mid-stream
+    conn.close()
+    t0 = _time.monotonic()
+    while d.admin.status()["requests"]["cancelled"] < 1:
+        assert _time.monotonic() - t0 < 30, d.admin.status()["requests"]
+        _time.sleep(0.05)
+    assert d.admin.status()["requests"]["last_cancelled_tokens"] < full
+    assert d.chat(chat_body(max_tokens=4))[0] == 200
+    d.stop()
+
+
+def test_metrics_count_requests_tokens_and_lifecycle(daemon_tp1):
+    status, _, body = daemon_tp1.chat(chat_body(max_tokens=5, temperature=0))
+    assert status == 200
+    status, headers, text = daemon_tp1.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics['neurond_lifecycle_state{state="healthy"}'] == 1.0
+    assert metrics['neurond_lifecycle_state{state="poisoned"}'] == 0.0
+    assert metrics['neurond_requests_total{outcome="completed"}'] >= 1
+    assert metrics["neurond_generated_tokens_total"] >= body["usage"]["completion_tokens"]
+    assert metrics['neurond_step_seconds_count{kind="decode"}'] >= 1

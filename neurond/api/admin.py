@@ -23,7 +23,8 @@ def _json(data, status: int = 200) -> Response:
 
 
 class AdminAPI:
-    def __init__(self, supervisor, token: str) -> None:
+    def __init__(self, supervisor, token: str, engine=None) -> None:
+        self.engine = engine
         if not token:
             raise ValueError("the admin token must not be empty")
         self.supervisor = supervisor
@@ -64,6 +65,7 @@ class AdminAPI:
                 "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
                 "request_id": cause.request_id, "tier": cause.tier, "attempt": cause.attempt, "detail": cause.detail},
             "transitions": [list(t) for t in sup.history],
+            "requests": dict(self.engine.stats) if self.engine is not None else {},
         })
 
     async def inject(self, request: Request) -> Response:

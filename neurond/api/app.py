@@ -8,6 +8,7 @@ it reports `/ready` 503 until the supervisor says the pool is healthy.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from neurond.api.errors import APIError
+from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest
 from neurond.engine import memory
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
@@ -44,12 +46,19 @@ def _json(data, status: int = 200) -> Response:
 
 
 class API:
-    def __init__(self, model: ServedModel, engine, supervisor, *, max_body_bytes: int, default_max_tokens: int) -> None:
+    def __init__(self, model: ServedModel, engine, supervisor, *, max_body_bytes: int, default_max_tokens: int,
+                 api_token: str | None = None, max_concurrent: int = 512, body_timeout_s: float = 30.0,
+                 metrics=None) -> None:
+        self.metrics = metrics
         self.model = model
         self.engine = engine
         self.supervisor = supervisor
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
+        self.api_token = api_token.encode() if api_token else None
+        self.max_concurrent = max_concurrent
+        self.body_timeout_s = body_timeout_s
+        self.in_flight = 0
 
     def app(self) -> Starlette:
         routes = [
@@ -57,16 +66,52 @@ class API:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
+        if self.metrics is not None:
+            routes.append(Route("/metrics", self.prometheus, methods=["GET"]))
 
         async def api_error(request, exc: APIError):
+            if self.metrics is not None and exc.status < 500:
+                self.metrics.request_done(f"rejected_{exc.status}")
             return exc.response()
 
         async def not_found(request, exc):
             status = getattr(exc, "status_code", 404)
             return APIError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}").response()
 
-        return Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
+        app = Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
+        return self._guard(app)
+
+    def _guard(self, app):
+        """ASGI wrapper for /v1/*: the bearer token (when configured) and the limit on concurrent requests.
+        Runs before routing, so a refused request costs no parsing."""
+
+        async def guarded(scope, receive, send):
+            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+                return await app(scope, receive, send)
+            error = self._check_token(scope)
+            if error is None and self.in_flight >= self.max_concurrent:
+                error = APIError(429, f"more than {self.max_concurrent} concurrent requests", code="too_many_requests",
+                                 retry_after_s=RETRY_AFTER_S)
+            if error is not None:
+                return await error.response()(scope, receive, send)
+            self.in_flight += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+        return guarded
+
+    def _check_token(self, scope) -> APIError | None:
+        if self.api_token is None:
+            return None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_token):
+            return None
+        return APIError(401, "missing or wrong API token (Authorization: Bearer ...)", code="invalid_api_key")
 
     # ------------------------------------------------------------------ simple endpoints
     async def health(self, request: Request) -> Response:
@@ -85,6 +130,13 @@ class API:
             headers={"Retry-After": str(round(RETRY_AFTER_S))},
         )
 
+    async def prometheus(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def openapi(self, request: Request) -> Response:
+        return _json(openapi_spec(self.model.name, self.api_token is not None))
+
     async def models(self, request: Request) -> Response:
         return _json({"object": "list", "data": [
             {"id": self.model.name, "object": "model", "created": self.model.created, "owned_by": "neurond"}]})
@@ -98,14 +150,23 @@ class API:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise APIError(413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
                            code="request_too_large")
-        chunks, size = [], 0
-        try:
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > self.max_body_bytes:
                     raise APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
                                    code="request_too_large")
                 chunks.append(chunk)
+
+        try:
+            # A client that dribbles its body byte by byte holds a connection, not the server.
+            await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.body_timeout_s:.0f}s",
+                           code="request_timeout") from None
         except ClientDisconnect:
             raise APIError(400, "client disconnected while sending the body") from None
         return b"".join(chunks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from neurond.pool.protocol import SamplingParams
@@ -53,6 +54,7 @@ class GenerationRequest:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
 
     def emit(self, event: Event) -> None:

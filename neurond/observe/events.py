@@ -46,3 +46,16 @@ def emit(sink: EventSink | None, name: Event, **fields) -> None:
     except Exception:  # noqa: BLE001 - observing must never break serving
         sink.errors = getattr(sink, "errors", 0) + 1
         log.exception("event sink failed on %s", name.value)
+
+
+class TeeSink(EventSink):
+    """Several sinks behind the one `events=` a producer takes (e.g. the journal and metrics): each gets every
+    event, and one that fails never keeps the event from the others."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+        self.errors = 0
+
+    def event(self, name: Event, **fields) -> None:
+        for sink in self.sinks:
+            emit(sink, name, **fields)

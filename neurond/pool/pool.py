@@ -129,6 +129,8 @@ class RankPool:
         return await self._call(ranks, make, deadline_s, what, control=True)
 
     async def _call(self, ranks, make, deadline_s, what, *, control: bool) -> dict[int, object]:
+        if not ranks:
+            return {}  # nothing to wait for (e.g. aborting the survivors of a TP=1 pool whose rank died)
         loop = asyncio.get_running_loop()
         call_id = next(self._ids)
         call = _Call(what, set(ranks), loop.create_future())

@@ -8,7 +8,7 @@ the ranks that are dead, wedged, stuck in a collective for good, or whose device
   replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
   full_reload    all were killed, a previous rung failed, or tp_impl="transformers" at TP>1 (its layers stay
                  bound to the group they loaded with): stop every rank and start a new pool
-  give_up        after `breaker_max_failures` recovery attempts within `breaker_window_s`: -> unloaded
+  give_up        after `breaker_max_failures` failed recovery attempts within `breaker_window_s`: -> unloaded
 Every step has a deadline; a failure escalates to full_reload. Nothing waits unbounded.
 """
 
@@ -45,6 +45,7 @@ class Supervisor:
         self.config = config
         self.model_dir = model_dir
         self.history: deque[tuple[str, str, str, str, str | None]] = deque(maxlen=256)
+        self.healthy = asyncio.Event()  # set exactly while the state is `healthy`
         self.lifecycle = Lifecycle(listeners=[self, *(listeners or [])])
         self.pool: RankPool | None = None
         self.incidents = 0
@@ -53,7 +54,6 @@ class Supervisor:
         self._failures: deque[float] = deque()
         self._stopping = False
         self._load_faults: dict[int, list[str]] = {}
-        self.on_unhealthy: list[Callable[[PoolFault | None], None]] = []
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
 
     # ------------------------------------------------------------------ state for readers
@@ -75,6 +75,10 @@ class Supervisor:
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
         """(event, from, to, reason, tier) of recent transitions, for /admin/status and the tests."""
         self.history.append((str(event), source.id, target.id, cause.reason if cause else "", cause.tier if cause else None))
+        if target.id == "healthy":
+            self.healthy.set()
+        else:
+            self.healthy.clear()
         self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
 
     def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
@@ -177,8 +181,6 @@ class Supervisor:
         self._fault_at = time.monotonic()
         self._emit(Event.FAULT_DETECTED, cause)
         self._send("fault", cause)
-        for callback in self.on_unhealthy:
-            callback(fault)
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.get_running_loop().create_task(self._recover(fault, cause))
 
@@ -192,7 +194,10 @@ class Supervisor:
         attempt = 0
         while not self._stopping:
             attempt += 1
-            self._failures.append(time.monotonic())
+            if attempt > 1:
+                # Only failed recoveries count: a fault that recovery repairs (whoever sent the request that
+                # hit it) must never let a client walk the daemon into `unloaded`.
+                self._failures.append(time.monotonic())
             if self._breaker_open():
                 await self._stop_pool()
                 gave_up = cause.with_(reason="breaker_open", tier="give_up", attempt=attempt)

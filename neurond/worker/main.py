@@ -206,11 +206,9 @@ def run_worker(spec: p.WorkerSpec, step_conn, ctrl_conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     for key, value in spec.env:
         os.environ[key] = value
-    logging.basicConfig(
-        level=getattr(logging, spec.log_level.upper(), logging.INFO),
-        format=f"neurond[rank{spec.rank}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from neurond.observe.journal import setup_logging
+
+    setup_logging(spec.log_level, rank=spec.rank)  # journald entries with NEUROND_RANK, or stderr lines
     worker = Worker(spec, step_conn, ctrl_conn)
     worker.start()
     code = worker.serve()

@@ -169,9 +169,10 @@ class Shard:
         import torch
 
         sampling = self._sampling[seq_id]
-        if sampling.greedy:
+        if sampling.temperature < MIN_TEMPERATURE:
+            # Below this, logits / temperature overflows to inf (NaN probabilities); it is greedy in effect.
             return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
         if sampling.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -188,6 +189,11 @@ def _mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# A request's temperature below this samples greedily (found by schemathesis: temperature=1e-300 made the
+# softmax NaN and the step fail).
+MIN_TEMPERATURE = 1e-4
 
 
 def _tp_kwargs(world_size: int) -> dict:

@@ -75,7 +75,9 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        # Opened on the rank's device: tensors (and slices) land there directly instead of one synchronous
+        # copy from pageable memory per tensor (7.4 s vs 2.5 s for an 8B checkpoint on an H200).
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if key not in wanted:
                     continue

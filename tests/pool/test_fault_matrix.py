@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.conftest import chat_body
+from tests.conftest import alive as _alive, chat_body
 from tests.faults import fault_daemon, wait_ready
 
 # kind -> (HTTP status, error code) the faulted request must get, and the rung that repairs it
@@ -37,14 +37,6 @@ REQUEST_BOUND_S = 15.0  # floor 1 s deadline + detection; generous for a loaded 
 @pytest.fixture(scope="module")
 def daemon(start_daemon, tmp_path_factory):
     return fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "collective"])

@@ -94,3 +94,42 @@ def test_admin_needs_its_token_and_fault_injection_its_setting(start_daemon, tmp
 
 def test_public_port_has_no_admin_routes(daemon_tp1):
     assert daemon_tp1.get("/admin/status")[0] == 404
+
+
+def test_queued_request_waits_for_the_repair_and_completes(start_daemon, tmp_path):
+    """A request queued behind the one whose step faulted did not cause the fault: it waits for the repair
+    (bounded by resume_wait_s) and completes, instead of failing with it."""
+    import threading
+
+    d = fault_daemon(start_daemon, tmp_path, 2)
+    assert d.admin.inject(1, "wedge", "decode").status_code == 200  # detected after the 1 s deadline floor
+    results = {}
+
+    def send(name, content):
+        results[name] = d.chat(chat_body(content, max_tokens=8, temperature=0))
+
+    first = threading.Thread(target=send, args=("faulted", "first"))
+    first.start()
+    time.sleep(0.3)  # the first request is now stuck in its wedged decode step
+    second = threading.Thread(target=send, args=("queued", "second"))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert results["faulted"][0] == 504 and results["faulted"][2]["error"]["code"] == "rank_timeout"
+    assert results["queued"][0] == 200, results["queued"][2]
+    d.stop()
+
+
+def test_empty_control_call_returns_at_once():
+    """Found on the GPU: aborting 'every live rank' when the only rank had died waited out abort_timeout_s."""
+    import asyncio
+
+    from neurond.pool.pool import RankPool
+
+    async def run():
+        pool = RankPool([])
+        t0 = time.monotonic()
+        assert await pool.control([], lambda cid: None, 5.0, "abort") == {}
+        return time.monotonic() - t0
+
+    assert asyncio.run(run()) < 0.5

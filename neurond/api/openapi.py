@@ -1,0 +1,66 @@
+"""The OpenAPI description of the public API, generated from the same pydantic models that validate requests
+(so the published schema and the validation cannot drift apart). Served at GET /openapi.json."""
+
+from __future__ import annotations
+
+from neurond.api.schemas import ChatCompletionRequest
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def openapi_spec(model_name: str, with_auth: bool) -> dict:
+    request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = request_schema.pop("$defs", {})
+    request_schema["properties"]["model"]["enum"] = [model_name]
+    components["ChatCompletionRequest"] = request_schema
+    components["Error"] = _ERROR
+    chat = {
+        "post": {
+            "operationId": "createChatCompletion",
+            "summary": "Create a chat completion (stream: true for server-sent events ending in [DONE])",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+            "responses": {
+                "200": {"description": "the completion (JSON), or an event stream when stream is true",
+                        "content": {"application/json": {"schema": {"type": "object"}},
+                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                "400": _error("invalid request: schema, unknown model, context window, memory"),
+                "401": _error("missing or wrong API token"),
+                "408": _error("the request body did not arrive in time"),
+                "413": _error("request body too large"),
+                "415": _error("content type is not application/json"),
+                "429": _error("too many concurrent requests"),
+                "500": _error("a rank failed while serving this request (retriable)"),
+                "503": _error("model not ready, recovering, or overloaded (Retry-After)"),
+                "504": _error("a rank stopped answering while serving this request (retriable)"),
+            },
+        }
+    }
+    simple = {"description": "JSON", "content": {"application/json": {"schema": {"type": "object"}}}}
+    spec = {
+        "openapi": "3.1.0",
+        "info": {"title": "neurond", "version": "1", "description": "OpenAI-compatible chat completions"},
+        "paths": {
+            "/v1/chat/completions": chat,
+            "/v1/models": {"get": {"operationId": "listModels", "responses": {"200": simple, "401": _error("token")}}},
+            "/health": {"get": {"operationId": "health", "responses": {"200": simple}}},
+            "/ready": {"get": {"operationId": "ready", "responses": {"200": simple, "503": simple}}},
+        },
+        "components": {"schemas": components},
+    }
+    if with_auth:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path in ("/v1/chat/completions", "/v1/models"):
+            for op in spec["paths"][path].values():
+                op["security"] = [{"bearer": []}]
+    return spec

@@ -1,0 +1,93 @@
+"""The leader's tokenizer and chat template: the `tokenizers` library and jinja2, nothing that imports torch.
+
+transformers' tokenizer classes import torch on some versions (5.17: `from transformers import
+PreTrainedTokenizerFast` loads 725 modules including libtorch_cuda, measured on the GPU image), and the leader
+must never load CUDA libraries. A Hugging Face checkpoint's tokenizer is fully described by tokenizer.json
+(the fast tokenizer) and tokenizer_config.json (special tokens, chat template; newer exports put the
+template in chat_template.jinja); this module reads exactly those and renders the template the way
+transformers does (sandboxed jinja2, trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+
+class TemplateError(ValueError):
+    """The chat template rejected the conversation (e.g. roles that do not alternate)."""
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # a serialised AddedToken
+        return value.get("content")
+    return value
+
+
+class ChatTokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer is required)")
+        self._tok = Tokenizer.from_file(str(path))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.model_max_length = config.get("model_max_length")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = model_dir / "chat_template.jinja"
+        if template is None and jinja_file.exists():
+            template = jinja_file.read_text()
+        if template is None:
+            raise FileNotFoundError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        self._template = _compile(template)
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         tools=None, documents=None)
+        except TemplateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any template failure is a rejected conversation
+            raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True):
+        text = self.render(messages, add_generation_prompt)
+        if not tokenize:
+            return text
+        # The template writes the special tokens itself (bos, headers): no second BOS from the post-processor.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _compile(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)

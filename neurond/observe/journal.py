@@ -1,0 +1,254 @@
+"""neurond's entries in the systemd journal: events (`JournalSink`) and log records (`JournalLogHandler`).
+
+Every event becomes one journald entry, sent natively with systemd-python: its fixed MESSAGE_ID
+(neurond/observe/catalog.py), PRIORITY by severity, SYSLOG_IDENTIFIER=neurond (the unit's SyslogIdentifier=
+covers only stdout/stderr), CODE_FILE/CODE_LINE/CODE_FUNC of the code that caused it, and one uppercase
+NEUROND_<NAME> field per event field. The MESSAGE starts with `neurond <event>:` so a plain grep finds it.
+
+Where entries go, decided per entry (journald may come and go):
+  - to journald when its socket exists (libsystemd silently drops entries when it does not);
+  - also to stderr, as one structured line, unless stderr already is the journal (systemd's JOURNAL_STREAM
+    names our stderr), which would store it twice;
+  - to stderr when the send fails: a dead journald (stale socket: ECONNREFUSED) must never break serving.
+A journald that is alive but stalled can still block the sender, exactly as it blocks stdout logging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from neurond.observe.catalog import MESSAGES, priority_of
+from neurond.observe.events import Event, EventSink
+from neurond.observe.incident import judge_recovery
+
+try:
+    from systemd import journal as _journal
+except ImportError:  # the [systemd] extra is not installed: stderr only
+    _journal = None
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "neurond"
+LEVEL_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+_failures = 0  # journald sends that raised (a stale socket); the first one is reported on stderr
+
+
+# ---------------------------------------------------------------------------------------------- transport
+def journal_available() -> bool:
+    return _journal is not None and os.path.exists(JOURNAL_SOCKET)
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the stream it connected stdout/stderr to."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if not stream:
+        return False
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def write(entry: dict, stderr_line: str) -> bool:
+    """Send one entry (journal field -> value); fall back to `stderr_line`. True when journald took it."""
+    global _failures
+    sent = False
+    if journal_available():
+        try:
+            _journal.sendv(*(f"{k}={v}" if not isinstance(v, bytes) else k.encode() + b"=" + v
+                             for k, v in entry.items()))
+            sent = True
+        except OSError as exc:  # ConnectionRefusedError: journald died and left its socket behind
+            _failures += 1
+            if _failures == 1:
+                _stderr(f"neurond: journald refused an entry ({exc}); writing entries to stderr")
+    if not sent or not stderr_is_journal():
+        _stderr(stderr_line)
+    return sent
+
+
+def _stderr(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stderr must not break the caller either
+        pass
+
+
+def structured_line(entry: dict) -> str:
+    """One line, `KEY=value` pairs (value JSON-quoted when it has spaces, quotes, '=' or control characters);
+    MESSAGE first, so `grep 'neurond fault_detected:'` works on stderr as on the journal."""
+    return " ".join(f"{k}={_quote(v)}" for k, v in entry.items())
+
+
+def _quote(v) -> str:
+    s = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return s if s and re.fullmatch(r"[^\s\"=\\]+", s) else json.dumps(s, ensure_ascii=False)
+
+
+def parse_structured_line(line: str) -> dict[str, str]:
+    """Inverse of structured_line (for tests and tools reading a journald-less daemon's stderr)."""
+    out = {}
+    for m in re.finditer(r'([A-Z0-9_]+)=("(?:[^"\\]|\\.)*"|\S+)', line):
+        out[m.group(1)] = json.loads(m.group(2)) if m.group(2).startswith('"') else m.group(2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- code site
+_OBSERVE = str(Path(__file__).resolve().parent) + os.sep
+_STATEMACHINE = importlib.util.find_spec("statemachine")
+_SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,) if _STATEMACHINE else ())
+_SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
+# Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
+# the on_spawn callback): CODE_* should name the code that decided, not the relay.
+_RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn"})
+
+
+def call_site() -> tuple[str, int, str]:
+    """(file, line, function) of the first frame outside the event/lifecycle plumbing."""
+    frame = sys._getframe(1)
+    fallback = None
+    while frame is not None:
+        code = frame.f_code
+        name = code.co_filename
+        if fallback is None:
+            fallback = (name, frame.f_lineno, code.co_qualname)
+        if not name.startswith(_SKIP_DIRS) and name not in _SKIP_FILES and code.co_name not in _RELAYS:
+            return name, frame.f_lineno, code.co_qualname
+        frame = frame.f_back
+    return fallback or ("?", 0, "?")
+
+
+# ---------------------------------------------------------------------------------------------- events
+def field_name(name: str) -> str:
+    """journald accepts A-Z, 0-9 and _ (no leading _) and silently drops anything else."""
+    return "NEUROND_" + re.sub(r"[^A-Z0-9_]", "_", name.upper())
+
+
+def message_text(event: Event, f: dict) -> str:
+    g = lambda k, d="?": f.get(k, d)  # noqa: E731
+    inc = f" (incident {f['incident']})" if f.get("incident") else ""
+    text = {
+        Event.TRANSITION: lambda: f"{g('state_from')} -> {g('state_to')} on {g('lifecycle_event')}, cause "
+                                  f"{g('cause')}" + (f", rank {f['rank']}" if "rank" in f else "")
+                                  + (f", tier {f['tier']}" if "tier" in f else ""),
+        Event.FAULT_DETECTED: lambda: f"{g('cause')} on rank {g('rank')}"
+                                      + (f", request {f['request_id']}" if "request_id" in f else ""),
+        Event.ABORT_STARTED: lambda: f"aborting the communicator, attempt {g('attempt', 1)}",
+        Event.ABORT_FINISHED: lambda: f"communicator aborted in {g('duration_ms')} ms",
+        Event.ABORT_FAILED: lambda: f"abort not confirmed after {g('duration_ms')} ms: {g('detail', '')}",
+        Event.RANK_KILLED: lambda: f"rank {g('rank')} killed with SIGKILL",
+        Event.RANK_SPAWNED: lambda: f"rank {g('rank')} started as pid {g('pid')}",
+        Event.COMM_REBUILT: lambda: f"new communicator in {g('duration_ms')} ms, weights kept",
+        Event.RECOVERY_FINISHED: lambda: f"healthy after {g('duration_ms')} ms via {g('tier')}, attempt "
+                                         f"{g('attempt', 1)}, {g('outcome')}"
+                                         + (f" ({f['outcome_why']})" if "outcome_why" in f else ""),
+        Event.GAVE_UP: lambda: f"recovery gave up ({g('detail', '')}); model unloaded",
+        Event.REQUEST_FAILED: lambda: f"request {g('request_id')} failed with {g('status')} {g('cause')}"
+                                      + (f" (rank {f['rank']})" if "rank" in f else ""),
+    }[event]()
+    return f"{MESSAGES[event].prefix} {text}{inc}"
+
+
+def entry_for(event: Event, fields: dict, site: tuple[str, int, str]) -> dict:
+    """The journal fields of one event; `fields` are the producer's lowercase names, None/'' left out."""
+    fields = {k: v for k, v in fields.items() if v is not None and v != ""}
+    entry = {
+        "MESSAGE": message_text(event, fields),
+        "MESSAGE_ID": MESSAGES[event].message_id,
+        "PRIORITY": priority_of(event, fields),
+        "SYSLOG_IDENTIFIER": IDENTIFIER,
+        "CODE_FILE": site[0], "CODE_LINE": site[1], "CODE_FUNC": site[2],
+        "NEUROND_EVENT": event.value,
+    }
+    for k, v in fields.items():
+        entry[field_name(k)] = v
+    return entry
+
+
+class JournalSink(EventSink):
+    """One journal entry per event; adds NEUROND_OUTCOME (clean | degraded | gave_up) to the end of an
+    incident, judged from the incident's own events, so one field match finds clean recoveries."""
+
+    def __init__(self, **static) -> None:
+        self.static = static  # fields for every entry that producers do not know, e.g. tp_impl
+        self.errors = 0
+        self.sent = 0
+        self._incidents: OrderedDict[str, dict] = OrderedDict()
+
+    def event(self, name: Event, **fields) -> None:
+        fields = {k: v for k, v in {**self.static, **fields}.items() if v is not None and v != ""}
+        self._judge(name, fields)
+        entry = entry_for(name, fields, call_site())
+        if write(entry, structured_line(entry)):
+            self.sent += 1
+
+    def _judge(self, name: Event, f: dict) -> None:
+        key = f.get("incident")
+        if not key:
+            return
+        facts = self._incidents.setdefault(key, {})
+        self._incidents.move_to_end(key)
+        while len(self._incidents) > 64:  # incidents that never ended (stop mid-recovery) must not pile up
+            self._incidents.popitem(last=False)
+        if name is Event.FAULT_DETECTED:
+            facts.setdefault("cause", f.get("cause"))
+        elif name is Event.ABORT_FAILED:
+            facts["abort_failed"] = True
+        elif name is Event.RECOVERY_FINISHED:
+            outcome, why = judge_recovery(facts.get("cause", f.get("cause")), f.get("tp_size"), f.get("tier"),
+                                          f.get("attempt"), facts.get("abort_failed", False), f.get("tp_impl"))
+            f["outcome"] = outcome
+            if why:
+                f["outcome_why"] = why
+            self._incidents.pop(key, None)
+        elif name is Event.GAVE_UP:
+            f["outcome"] = "gave_up"
+            self._incidents.pop(key, None)
+
+
+# ---------------------------------------------------------------------------------------------- log records
+class JournalLogHandler(logging.Handler):
+    """Log records as journal entries: PRIORITY from the level, CODE_* from the record (the real call site),
+    NEUROND_RANK in rank workers. stderr gets the classic formatted line under the same rule as events."""
+
+    def __init__(self, fmt: str, rank: int | None = None) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(fmt))
+        self.rank = rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatter.formatException(record.exc_info)
+            entry = {
+                "MESSAGE": message,
+                "PRIORITY": LEVEL_PRIORITY.get(record.levelno, 6),
+                "SYSLOG_IDENTIFIER": IDENTIFIER,
+                "CODE_FILE": record.pathname, "CODE_LINE": record.lineno, "CODE_FUNC": record.funcName,
+                "LOGGER": record.name,
+                "THREAD_NAME": record.threadName,
+            }
+            if self.rank is not None:
+                entry["NEUROND_RANK"] = self.rank
+            write(entry, line)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def setup_logging(level: str, rank: int | None = None) -> None:
+    """Root logging for the leader (rank None) or a rank worker."""
+    fmt = "neurond %(levelname)s %(name)s: %(message)s" if rank is None else \
+        f"neurond[rank{rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        handlers=[JournalLogHandler(fmt, rank)], force=True)

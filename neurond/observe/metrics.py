@@ -1,0 +1,70 @@
+"""Prometheus metrics, fed by the same events as the journal (one source of truth), served at GET /metrics.
+
+A private CollectorRegistry per daemon (no process-global default registry), so tests can run several.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from neurond.observe.events import Event, EventSink
+
+STATES = ("loading", "healthy", "poisoned", "aborting", "reloading", "unloaded", "stopped")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_RECOVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class MetricsSink(EventSink):
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.state = Gauge("neurond_lifecycle_state", "1 for the current lifecycle state", ["state"], registry=r)
+        self.transitions = Counter("neurond_transitions_total", "Lifecycle transitions",
+                                   ["event", "cause", "tier"], registry=r)
+        self.recoveries = Counter("neurond_recoveries_total", "Finished recoveries by cause and ladder rung",
+                                  ["cause", "tier"], registry=r)
+        self.gave_up = Counter("neurond_gave_up_total", "Times recovery gave up (-> unloaded)", registry=r)
+        self.faults = Counter("neurond_faults_total", "Faults detected by cause", ["cause"], registry=r)
+        self.recovery_seconds = Histogram("neurond_recovery_seconds", "Fault detected to healthy again",
+                                          ["tier"], buckets=_RECOVERY_BUCKETS, registry=r)
+        self.abort_seconds = Histogram("neurond_abort_seconds", "Communicator abort on all live ranks",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("neurond_step_seconds", "Prefill/decode step latency as the leader sees it",
+                                      ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("neurond_generated_tokens_total", "Completion tokens generated", registry=r)
+        self.requests = Counter("neurond_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        for state in STATES:
+            self.state.labels(state).set(1 if state == "loading" else 0)
+
+    # ------------------------------------------------------------------ from the events
+    def event(self, name: Event, **f) -> None:
+        if name is Event.TRANSITION:
+            for state in STATES:
+                self.state.labels(state).set(1 if state == f.get("state_to") else 0)
+            self.transitions.labels(f.get("lifecycle_event") or "", f.get("cause") or "", f.get("tier") or "").inc()
+        elif name is Event.FAULT_DETECTED:
+            self.faults.labels(f.get("cause") or "").inc()
+        elif name is Event.RECOVERY_FINISHED:
+            self.recoveries.labels(f.get("cause") or "", f.get("tier") or "").inc()
+            if f.get("duration_ms") is not None:
+                self.recovery_seconds.labels(f.get("tier") or "").observe(f["duration_ms"] / 1000)
+        elif name in (Event.ABORT_FINISHED, Event.ABORT_FAILED):
+            if f.get("duration_ms") is not None:
+                self.abort_seconds.observe(f["duration_ms"] / 1000)
+        elif name is Event.GAVE_UP:
+            self.gave_up.inc()
+        elif name is Event.REQUEST_FAILED:
+            self.requests.labels("failed_by_fault").inc()
+
+    # ------------------------------------------------------------------ from the engine and the API
+    def step(self, kind: str, seconds: float) -> None:
+        self.step_seconds.labels(kind).observe(seconds)
+
+    def request_done(self, outcome: str, completion_tokens: int = 0) -> None:
+        self.requests.labels(outcome).inc()
+        if completion_tokens:
+            self.tokens.inc(completion_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
