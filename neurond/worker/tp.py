@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("neurond.worker")
@@ -74,19 +75,26 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    for file in files:
-        # Opened on the rank's device: tensors (and slices) land there directly instead of one synchronous
-        # copy from pageable memory per tensor (7.4 s vs 2.5 s for an 8B checkpoint on an H200).
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+    def load_file(file: Path) -> list[tuple[str, object]]:
+        out = []
+        with safe_open(str(file), framework="pt", device="cpu") as f:  # memory-mapped: slicing reads only it
             for key in f.keys():
                 if key not in wanted:
                     continue
                 module_name, _, param_name = key.rpartition(".")
                 style = _style(plan, module_name) if world_size > 1 else None
                 tensor = _read(f.get_slice(key), style, param_name, rank, world_size)
-                module = modules[module_name]
-                module._parameters[param_name] = torch.nn.Parameter(
-                    tensor.to(device=device, dtype=dtype), requires_grad=False)
+                out.append((key, tensor.to(device=device, dtype=dtype)))
+        return out
+
+    # One thread per file: page-cache reads and host-to-device copies release the GIL and overlap. (One
+    # synchronous copy at a time from a device-side safe_open took 10.6 s for an 8B checkpoint on an H200,
+    # from a CPU-side one 7.4 s, where transformers' own loader takes 2.5-2.8 s.)
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        for results in pool.map(load_file, files):
+            for key, tensor in results:
+                module_name, _, param_name = key.rpartition(".")
+                modules[module_name]._parameters[param_name] = torch.nn.Parameter(tensor, requires_grad=False)
                 loaded.add(key)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
