@@ -255,18 +255,22 @@ class Supervisor:
     async def _unblock(self, fault: PoolFault, cause: Cause | None = None) -> set[int]:
         """Make every rank idle or dead; return the dead (killed) ones, which must be replaced.
 
-        1. Abort the communicator on every live rank from its control thread (NCCL: unblocks a rank stuck in a
-           collective; gloo: does not). A rank that does not confirm within abort_timeout_s is a victim.
-        2. Ping: a rank busy outside any collective is wedged in its own work (a victim); a rank busy inside a
-           collective is waiting for a peer.
-        3. Kill the victims. On gloo a peer's death fails the collective it waits in, so waiting ranks get a
-           short grace to come free; any rank still busy after it is stuck for good and is killed too.
-        A dead rank, or one whose device context is ruined, is a victim from the start.
+        1. A dead rank, or one whose device context is ruined, is a victim from the start.
+        2. Ping: a rank busy outside any collective for more than a moment is wedged in its own work (a stuck
+           kernel, a hung syscall): a victim, killed now. Aborting it first would only wait out
+           abort_timeout_s (measured on an H200: a rank in a never-ending kernel never confirms the abort).
+        3. Abort the communicator on every other live rank from its control thread (NCCL: unblocks a rank
+           stuck in a collective). A rank that does not confirm within abort_timeout_s is a victim.
+        4. A rank still in a collective after that gets a short grace (a victim's death or the abort of its
+           peers' connections releases it over gloo); any rank still busy after it is stuck for good: killed.
         """
         pool = self.pool
         victims: set[int] = {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
         if isinstance(fault, RankDied) or not fault.context_ok:
             victims.add(fault.rank)
+        await self._ping_busy(victims, victims)  # the wedged ones join the victims
+        await self._kill(victims, cause)
+
         alive = [r for r in pool.alive_ranks() if r not in victims]
         self._emit(Event.ABORT_STARTED, cause, detail=f"aborting the communicator on ranks {alive}")
         t0 = time.monotonic()
@@ -283,9 +287,6 @@ class Supervisor:
 
         waiting, finishing = await self._ping_busy(victims, victims)
         await self._kill(victims, cause)
-        # A rank still in a collective right after the abort is usually released a moment later: the abort
-        # closed its peers' connections (gloo), or a victim's death does. A rank busy for a moment outside any
-        # collective may just be writing its failure reply. Both get a short grace; then they are stuck.
         if waiting or finishing:
             deadline = time.monotonic() + min(1.0, self.config.abort_timeout_s)
             while (waiting or finishing) and time.monotonic() < deadline:
