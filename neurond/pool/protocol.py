@@ -176,6 +176,7 @@ class Pong:
     rank: int
     busy_s: float  # how long the compute thread has been inside its current call (0 when idle)
     in_collective: bool = False  # busy waiting for peers inside a collective (not wedged in its own work)
+    outside_s: float = 0.0  # of busy_s, how long since the call began or its last collective returned
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ from neurond.pool.pool import RankPool
 log = logging.getLogger("neurond.supervisor")
 
 # Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
-# A rank busy outside any collective for longer than this, after its step failed or timed out, is wedged.
+# A rank busy outside any collective for longer than this (since its call began or its last collective
+# returned), after a step failed or timed out, is wedged.
 WEDGE_MIN_BUSY_S = 0.5
 
 RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
@@ -319,7 +320,7 @@ class Supervisor:
                 continue
             if pong.in_collective:
                 waiting.add(rank)
-            elif pong.busy_s < WEDGE_MIN_BUSY_S:
+            elif pong.outside_s < WEDGE_MIN_BUSY_S:
                 finishing.add(rank)
             else:
                 wedged_out.add(rank)

@@ -58,6 +58,10 @@ class Communicator:
             timeout=timedelta(seconds=timeout_s),
             **kwargs,
         )
+        # One tiny collective now: gloo connects its pairs lazily, at the first collective, and a peer that
+        # dies while a rank is still connecting leaves that rank retrying until the group's timeout instead
+        # of failing at once. Connected here, before any request, the first step's failures are prompt.
+        dist.all_reduce(torch.zeros(1, device=self.device))
         with self._lock:
             self.comm_id = comm_id
 

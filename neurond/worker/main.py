@@ -85,8 +85,12 @@ class Worker:
                 log.warning("rank %d: control pipe closed, leader gone; exiting", self.rank)
                 os._exit(70)
             if isinstance(cmd, p.Ping):
-                busy = time.monotonic() - self._busy_since if self._busy_since else 0.0
-                self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy, self.guard.inside))
+                now = time.monotonic()
+                busy = now - self._busy_since if self._busy_since else 0.0
+                # Outside any collective since the call began or the last collective returned: a rank released
+                # from a collective a moment ago (and now writing its failure reply) is not wedged.
+                outside = now - max(self._busy_since, self.guard.left_at) if busy else 0.0
+                self._send_ctrl(p.Pong(cmd.call_id, self.rank, busy, self.guard.inside, outside))
             elif isinstance(cmd, p.InjectFault):
                 if not self.spec.fault_injection:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION,

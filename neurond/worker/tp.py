@@ -30,8 +30,11 @@ class CollectiveGuard:
 
     def __init__(self) -> None:
         self.inside = False
+        self.left_at = 0.0  # monotonic time the last collective returned (or raised)
 
     def all_reduce(self, tensor) -> None:
+        import time
+
         import torch.distributed as dist
 
         self.inside = True
@@ -39,6 +42,7 @@ class CollectiveGuard:
             dist.all_reduce(tensor)
         finally:
             self.inside = False
+            self.left_at = time.monotonic()
 
 
 def _style(plan: dict[str, str], module_name: str) -> str | None:
