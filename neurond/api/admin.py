@@ -6,8 +6,6 @@ needs the admin bearer token, read from a file. Fault injection additionally nee
 
 from __future__ import annotations
 
-import hmac
-
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,11 +13,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from neurond.api.errors import APIError
+from neurond.api.http import bearer_matches, json_response as _json
 from neurond.pool.faults import PoolFault
 
-
-def _json(data, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
 class AdminAPI:
@@ -46,9 +42,7 @@ class AdminAPI:
         return Starlette(routes=routes, exception_handlers={APIError: api_error})
 
     def _auth(self, request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if not bearer_matches(request.headers.get("authorization", "").encode(), self._token):
             raise APIError(401, "admin token missing or wrong", code="unauthorized")
 
     async def status(self, request: Request) -> Response:

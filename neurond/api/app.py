@@ -8,7 +8,6 @@ it reports `/ready` 503 until the supervisor says the pool is healthy.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from neurond.api.errors import APIError
+from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest
 from neurond.engine import memory
@@ -40,9 +40,6 @@ class ServedModel:
     stop_token_ids: frozenset[int]
     created: int
 
-
-def _json(data, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
 class API:
@@ -107,9 +104,7 @@ class API:
     def _check_token(self, scope) -> APIError | None:
         if self.api_token is None:
             return None
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_token):
+        if bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.api_token):
             return None
         return APIError(401, "missing or wrong API token (Authorization: Bearer ...)", code="invalid_api_key")
 
@@ -122,13 +117,9 @@ class API:
         if self.supervisor.serving:
             return _json({"status": "ready", "state": state, "model": self.model.name})
         cause = self.supervisor.lifecycle.last_cause
-        return Response(
-            orjson.dumps({"status": "unavailable", "state": state, "reason": cause.reason if cause else None,
-                          "detail": cause.detail if cause else None}),
-            status_code=503,
-            media_type="application/json",
-            headers={"Retry-After": str(round(RETRY_AFTER_S))},
-        )
+        return _json({"status": "unavailable", "state": state, "reason": cause.reason if cause else None,
+                      "detail": cause.detail if cause else None},
+                     503, {"Retry-After": str(round(RETRY_AFTER_S))})
 
     async def prometheus(self, request: Request) -> Response:
         body, content_type = self.metrics.render()

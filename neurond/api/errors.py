@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
 from starlette.responses import Response
+
+from neurond.api.http import json_response
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
@@ -35,4 +36,4 @@ class APIError(Exception):
         headers = {}
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, round(self.retry_after_s)))
-        return Response(orjson.dumps(self.body()), status_code=self.status, headers=headers, media_type="application/json")
+        return json_response(self.body(), self.status, headers)

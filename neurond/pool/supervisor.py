@@ -2,8 +2,9 @@
 fault into lifecycle transitions and repairs the pool.
 
 Repair ladder, cheapest first (each rung recorded on the transition as `tier`). First every rank is made
-idle or dead (`_unblock`): abort the communicator on every live rank from its control thread, ping, kill
-the ranks that are dead, wedged, stuck in a collective for good, or whose device context is ruined.
+idle or dead (`_unblock`): ping, kill the ranks wedged outside any collective, abort the communicator on the
+others from their control threads, ping again, and kill those still stuck in a collective after a short
+grace; dead ranks and those whose device context is ruined are victims from the start.
   comm_rebuild   nobody was killed: a fresh communicator among the same processes, weights kept
   replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
   full_reload    all were killed, a previous rung failed, or tp_impl="transformers" at TP>1 (its layers stay
@@ -30,12 +31,16 @@ from neurond.pool.pool import RankPool
 
 log = logging.getLogger("neurond.supervisor")
 
-# Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
 # A rank busy outside any collective for longer than this (since its call began or its last collective
 # returned), after a step failed or timed out, is wedged.
 WEDGE_MIN_BUSY_S = 0.5
 
+# Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
 RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
+
+
+def _ms_since(t0: float) -> int:
+    return round((time.monotonic() - t0) * 1000)
 
 
 class Supervisor:
@@ -221,7 +226,7 @@ class Supervisor:
                     t0 = time.monotonic()
                     await self.pool.form_comm()
                     self._emit(Event.COMM_REBUILT, cause.with_(tier=tier, attempt=attempt),
-                               duration_ms=round((time.monotonic() - t0) * 1000))
+                               duration_ms=_ms_since(t0))
                 elif tier == "replace_ranks":
                     await self._replace(victims, cause.with_(tier=tier, attempt=attempt))
                 else:
@@ -242,7 +247,7 @@ class Supervisor:
             return
 
     def _since_fault_ms(self) -> int | None:
-        return None if self._fault_at is None else round((time.monotonic() - self._fault_at) * 1000)
+        return None if self._fault_at is None else _ms_since(self._fault_at)
 
     def _rung(self, victims: set[int]) -> str:
         """The cheapest rung that repairs the pool once `victims` are gone."""
@@ -277,13 +282,13 @@ class Supervisor:
         t0 = time.monotonic()
         try:
             await pool.control(alive, lambda cid: p.AbortComm(cid), self.config.abort_timeout_s, "abort")
-            self._emit(Event.ABORT_FINISHED, cause, duration_ms=round((time.monotonic() - t0) * 1000))
+            self._emit(Event.ABORT_FINISHED, cause, duration_ms=_ms_since(t0))
         except StepTimeout as missed:
             victims.update(missed.ranks)
-            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
+            self._emit(Event.ABORT_FAILED, cause, duration_ms=_ms_since(t0),
                        detail=missed.message)
         except PoolFault as missed:
-            self._emit(Event.ABORT_FAILED, cause, duration_ms=round((time.monotonic() - t0) * 1000),
+            self._emit(Event.ABORT_FAILED, cause, duration_ms=_ms_since(t0),
                        detail=missed.message)
 
         waiting, finishing = await self._ping_busy(victims, victims)
@@ -293,11 +298,9 @@ class Supervisor:
             while (waiting or finishing) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
                 waiting, finishing = await self._ping_busy(victims, victims)
-        stuck = (waiting | finishing) - victims
-        if stuck:
-            victims.update(stuck)
-            await self._kill(stuck, cause)
-        await self._kill(victims, cause)
+        # Still busy after the grace: stuck for good. (Pings in the grace may also have found wedged ranks.)
+        victims |= waiting | finishing
+        await self._kill(victims, cause)  # kills only those still alive
         return victims
 
     async def _ping_busy(self, skip: set[int], wedged_out: set[int]) -> tuple[set[int], set[int]]:
@@ -341,7 +344,7 @@ class Supervisor:
         await pool.wait_started(sorted(victims))
         t0 = time.monotonic()
         await pool.form_comm()
-        self._emit(Event.COMM_REBUILT, cause, duration_ms=round((time.monotonic() - t0) * 1000))
+        self._emit(Event.COMM_REBUILT, cause, duration_ms=_ms_since(t0))
         await pool.load(sorted(victims))
 
     async def _full_reload(self, victims: set[int] = frozenset()) -> None:

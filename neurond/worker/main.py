@@ -172,7 +172,7 @@ class Worker:
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
         kind, context_ok = classify(exc, self.device)
         log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__, "".join(traceback.format_exception_only(exc)).strip())
-        if hasattr(self.shard, "release_all") and kind is not p.FaultKind.EXCEPTION:
+        if kind is not p.FaultKind.EXCEPTION:
             self.shard.release_all()  # free what the failed step held before the next one
         return p.StepFailed(cmd.call_id, self.rank, kind, f"{type(exc).__name__}: {exc}"[:2000], context_ok)
 
