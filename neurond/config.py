@@ -45,6 +45,17 @@ class Config:
     device: str = "auto"
     #: Seconds a rank may take to start and load its shard before it counts as failed.
     load_timeout_s: float = 600.0
+    # --- batching and the KV cache (allocated once per rank, at load) ---
+    #: Sequences decoded together at most (KV cache slots); more requests wait in the queue.
+    max_batch_size: int = 32
+    #: Tokens per sequence at most, prompt + completion (capped by the model's own context window).
+    max_model_len: int = 4096
+    #: Long prompts are prefilled in chunks of this many tokens, between decode steps of running requests.
+    prefill_chunk_tokens: int = 512
+    #: Capture the decode step as CUDA graphs (GPU only; removes Python and kernel-launch overhead).
+    cuda_graphs: bool = True
+    #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
+    max_request_faults: int = 2
     # --- HTTP ---
     #: Address the HTTP API listens on.
     host: str = "127.0.0.1"
@@ -62,7 +73,7 @@ class Config:
     max_header_bytes: int = 16384
     #: max_tokens for a request that gives none (capped by what is left of the context window).
     default_max_tokens: int = 512
-    #: Seconds a request already queued when a fault hits waits for the repair before it gets a 503.
+    #: Seconds a request interrupted or queued when a fault hits waits for the repair before it gets a 503.
     resume_wait_s: float = 30.0
     #: Requests waiting for the engine at once; beyond this, 503 with Retry-After.
     max_queued_requests: int = 256
@@ -119,6 +130,10 @@ class Config:
             raise ConfigError("admin_socket needs admin_token_file (the admin API always requires a token)")
         if self.fault_injection and not self.admin_socket:
             raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
+        if self.max_batch_size < 1 or self.max_model_len < 2 or self.prefill_chunk_tokens < 1:
+            raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk_tokens >= 1")
+        if self.max_request_faults < 1:
+            raise ConfigError("max_request_faults must be >= 1")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self

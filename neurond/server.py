@@ -14,6 +14,7 @@ tokenizers library, and all tensor work happens in the rank workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -134,11 +135,15 @@ class Server:
         self.metrics = MetricsSink()
         # The journal and the metrics see the same events. (The audit judges rungs by the TP implementation too.)
         events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics)
-        self.supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events)
+        # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
+        model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
+        self.supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,
+                                     context_len=model.context_len)
         self.status.incidents = lambda: self.supervisor.incidents
         deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
         self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
-                             metrics=self.metrics, resume_wait_s=c.resume_wait_s)
+                             metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
+                             prefill_chunk=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults)
         api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
                   default_max_tokens=c.default_max_tokens, api_token=_read_token(c.api_token_file),
                   max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s, metrics=self.metrics)

@@ -23,7 +23,6 @@ from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest
-from neurond.engine import memory
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
@@ -215,12 +214,8 @@ class API:
                 f"exceeds the context window of {ctx} tokens",
                 param="max_tokens", code="context_length_exceeded")
         max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
-        pool = self.supervisor.pool
-        verdict = memory.check(pool.load_info if pool else {}, len(prompt_ids), max_tokens)
-        if not verdict.fits:
-            raise APIError(400, verdict.message(len(prompt_ids), max_tokens), param="max_tokens",
-                           code="insufficient_memory")
-
+        # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
+        # load, so a request that fits the window fits in memory.
         req = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,

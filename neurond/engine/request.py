@@ -56,6 +56,21 @@ class GenerationRequest:
     cancelled: bool = False
     queued_at: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
+    #: Steps this request was in when they faulted (it is quarantined at the engine's limit).
+    faults: int = 0
+    #: When a fault took the request's slot away (it is replayed after the repair, or fails past the bound).
+    interrupted_at: float | None = None
+    #: The engine's per-request state while it holds a KV cache slot, and across a replay.
+    detok: object | None = None
+    slot: int | None = None
+    prefilled: int = 0  # tokens of `context` already in the slot's cache
+    decoding: bool = False
+
+    @property
+    def context(self) -> list[int]:
+        """What the slot's cache must hold before the next token: the prompt and what was generated so far
+        (after a fault, a replay prefills all of it and the stream continues where it was)."""
+        return self.prompt_ids + self.generated
 
     def emit(self, event: Event) -> None:
         self.events.put_nowait(event)

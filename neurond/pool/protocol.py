@@ -2,7 +2,7 @@
 
 Two channels per rank, each a multiprocessing Pipe:
 - the *step* channel carries commands the rank's compute thread runs in order (open a store, join a
-  communicator, load the shard, prefill, decode, release a sequence, shut down) and their replies;
+  communicator, load the shard, prefill a chunk, decode a batch, shut down) and their replies;
 - the *control* channel is served by a separate thread in the worker, so it keeps answering while the compute
   thread is stuck inside a collective: ping (heartbeat) and abort-your-communicator go down it.
 
@@ -33,7 +33,7 @@ class FaultKind(str, enum.Enum):
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # the leader gives every sampled request one, so replays and ranks agree
 
     @property
     def greedy(self) -> bool:
@@ -65,29 +65,26 @@ class LoadShard:
 
 @dataclass(frozen=True, slots=True)
 class Prefill:
-    """Run the prompt through the model, creating the sequence's KV cache; rank 0 samples the first token."""
+    """Write one chunk of a sequence's tokens into its KV cache slot at positions [start, start + len). On the
+    last chunk every rank draws the sequence's next token (number `drawn`: a replayed sequence continues where
+    it was) and the slot is ready to decode; rank 0 reports the token."""
 
     call_id: int
-    seq_id: int
+    slot: int
     token_ids: tuple[int, ...]
+    start: int
+    last: bool
     sampling: SamplingParams
+    drawn: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Decode:
-    """Feed the last sampled token of a sequence; rank 0 samples the next one."""
+    """One decode step for the sequences in `slots`, each fed its last drawn token (kept on the ranks); rank 0
+    reports the next token of each, in the order of `slots`."""
 
     call_id: int
-    seq_id: int
-    token_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Drop a sequence's KV cache and sampler state (finished, failed or cancelled)."""
-
-    call_id: int
-    seq_id: int
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +92,7 @@ class Shutdown:
     call_id: int
 
 
-StepCommand = OpenStore | JoinComm | LoadShard | Prefill | Decode | Release | Shutdown
+StepCommand = OpenStore | JoinComm | LoadShard | Prefill | Decode | Shutdown
 
 # ---------------------------------------------------------------- control channel: commands
 
@@ -146,11 +143,11 @@ class StoreOpened:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """A call finished. `token_id` is the sampled token for Prefill/Decode on rank 0, else None."""
+    """A call finished. `tokens`: the tokens drawn by a Prefill's last chunk or a Decode, on rank 0."""
 
     call_id: int
     rank: int
-    token_id: int | None = None
+    tokens: tuple[int, ...] = ()
     duration_s: float = 0.0
     info: dict = field(default_factory=dict)
 
@@ -209,3 +206,6 @@ class WorkerSpec:
     faults: tuple[tuple[str, str, int], ...] = ()
     fault_injection: bool = False
     tp_impl: str = "neurond"  # "neurond" (worker/tp.py) | "transformers" (tp_plan="auto")
+    max_batch: int = 8  # KV cache slots: sequences decoded together at most
+    max_len: int = 2048  # tokens per sequence at most (prompt + completion)
+    cuda_graphs: bool = True  # capture the decode step (CUDA devices only)

@@ -45,7 +45,9 @@ def _ms_since(t0: float) -> int:
 
 class Supervisor:
     def __init__(self, config: Config, model_dir: str, listeners: list | None = None,
-                 events: EventSink | None = None) -> None:
+                 events: EventSink | None = None, context_len: int | None = None) -> None:
+        #: Tokens per sequence the ranks' KV caches hold (the served context window).
+        self.context_len = context_len or config.max_model_len
         self.events = events if events is not None else EventSink()
         self._fault_at: float | None = None
         self.config = config
@@ -111,6 +113,9 @@ class Supervisor:
                 log_level=c.log_level,
                 fault_injection=c.fault_injection,
                 tp_impl=c.tp_impl,
+                max_batch=c.max_batch_size,
+                max_len=self.context_len,
+                cuda_graphs=c.cuda_graphs,
             )
             for r in range(c.tp_size)
         ]

@@ -46,6 +46,7 @@ class Worker:
         self.backend = ""
         self.comm = None
         self.shard = None
+        self.runner = None
         self.guard = None
 
     # ------------------------------------------------------------------ start
@@ -71,8 +72,7 @@ class Worker:
             self.faults.arm(kind, phase, count)
         self.guard = CollectiveGuard()
         self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size,
-                           mid_forward=lambda: self.faults.fire("collective"), tp_impl=self.spec.tp_impl,
-                           guard=self.guard)
+                           tp_impl=self.spec.tp_impl, guard=self.guard)
         threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
         self.step_conn.send(p.Started(self.rank, os.getpid(), str(self.device), self.backend))
 
@@ -145,35 +145,57 @@ class Worker:
             return p.StepFailed(cmd.call_id, self.rank, p.FaultKind.COMM_ABORTED, "communicator aborted during call")
         if isinstance(result, p.StoreOpened):
             return result
-        token, info = result
-        return p.Done(cmd.call_id, self.rank, token, duration, info)
+        tokens, info = result
+        return p.Done(cmd.call_id, self.rank, tuple(tokens) if self.rank == 0 else (), duration, info)
 
     def _dispatch(self, cmd):
-        if isinstance(cmd, p.Prefill):
-            self.faults.fire("prefill")
-            return self.shard.prefill(cmd.seq_id, cmd.token_ids, cmd.sampling), {}
         if isinstance(cmd, p.Decode):
             self.faults.fire("decode")
-            return self.shard.decode(cmd.seq_id, cmd.token_id), {}
-        if isinstance(cmd, p.Release):
-            self.shard.release(cmd.seq_id)
-            return None, {}
+            return self.runner.decode(cmd.slots), {}
+        if isinstance(cmd, p.Prefill):
+            self.faults.fire("prefill")
+            token = self.runner.prefill(cmd.slot, cmd.token_ids, cmd.start, cmd.last, cmd.sampling, cmd.drawn)
+            return (() if token is None else (token,)), {}
         if isinstance(cmd, p.OpenStore):
             return p.StoreOpened(cmd.call_id, self.rank, self.comm.open_store())
         if isinstance(cmd, p.JoinComm):
-            self.shard.release_all()
+            if self.runner is not None:
+                self.runner.reset()
             self.comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
-            return None, {}
+            return (), {}
         if isinstance(cmd, p.LoadShard):
             self.faults.fire("load")
-            return None, self.shard.load()
+            return (), self._load()
         raise TypeError(f"unknown step command {type(cmd).__name__}")
+
+    def _load(self) -> dict:
+        from neurond.worker.runner import ModelRunner
+
+        info = self.shard.load()
+        spec = self.spec
+        self.runner = ModelRunner(
+            self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
+            world_size=spec.world_size, use_graphs=spec.cuda_graphs,
+            mid_forward=lambda: self.faults.fire("collective"),
+            # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
+            eager_only=lambda: self.faults.armed("collective"))
+        info.update(self.runner.info())
+        info["graph_capture_s"] = round(self.runner.warm_up(), 3)
+        return info
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
         kind, context_ok = classify(exc, self.device)
         log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__, "".join(traceback.format_exception_only(exc)).strip())
-        if kind is not p.FaultKind.EXCEPTION:
-            self.shard.release_all()  # free what the failed step held before the next one
+        if context_ok:
+            try:
+                if self.runner is not None:
+                    self.runner.reset()  # nothing of the failed step stays active; the leader replays what it needs
+                if kind is p.FaultKind.OUT_OF_MEMORY and self.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.empty_cache()  # give back what the failed step's allocations left cached
+            except Exception as again:  # noqa: BLE001 - the reply below matters more
+                log.error("rank %d: could not reset after the failure: %s", self.rank, again)
         return p.StepFailed(cmd.call_id, self.rank, kind, f"{type(exc).__name__}: {exc}"[:2000], context_ok)
 
 

@@ -1,4 +1,4 @@
-"""A rank's model shard: loading, forward steps, sampling.
+"""A rank's model shard: loading it, and what the leader needs to know about it.
 
 The model code knows nothing about tensor parallelism. Loading goes through neurond's own sharding
 (`worker/tp.py`, the default: collectives on the default group, so a communicator can be rebuilt and a rank
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from neurond.pool.protocol import SamplingParams
 
 
 def pick_device(requested: str, rank: int):
@@ -41,9 +40,9 @@ def _dtype(name: str, device):
 
 
 class Shard:
-    """This rank's part of the model plus per-sequence KV caches and (rank 0) samplers."""
+    """This rank's part of the model (the KV cache and the steps are the runner's: `worker/runner.py`)."""
 
-    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int, mid_forward=None,
+    def __init__(self, model_dir: str, dtype: str, device, rank: int, world_size: int,
                  tp_impl: str = "neurond", guard=None) -> None:
         self.tp_impl = tp_impl
         self.guard = guard
@@ -53,10 +52,6 @@ class Shard:
         self.rank = rank
         self.world_size = world_size
         self.model = None
-        self._caches: dict[int, object] = {}
-        self._generators: dict[int, object] = {}
-        self._sampling: dict[int, SamplingParams] = {}
-        self._mid_forward = mid_forward  # called between two decoder layers (fault injection's "collective")
 
     # ------------------------------------------------------------------ load
     def load(self) -> dict:
@@ -78,9 +73,6 @@ class Shard:
                 kwargs["device_map"] = str(self.device)
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
         model.eval()
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if self._mid_forward is not None and layers is not None and len(layers) > 1:
-            layers[len(layers) // 2].register_forward_pre_hook(lambda module, args: self._mid_forward())
         self.model = model
         return self.memory_info()
 
@@ -109,79 +101,6 @@ class Shard:
             info["free_bytes"] = _mem_available()
         return info
 
-    # ------------------------------------------------------------------ steps
-    def prefill(self, seq_id: int, token_ids: tuple[int, ...], sampling: SamplingParams) -> int | None:
-        import torch
-
-        self.release(seq_id)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        logits, cache = self._forward(ids, None)
-        self._caches[seq_id] = cache
-        if self.rank != 0:
-            return None
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device=self.device)
-            if sampling.seed is not None:
-                generator.manual_seed(sampling.seed)
-            else:
-                generator.seed()
-        self._generators[seq_id] = generator
-        self._sampling[seq_id] = sampling
-        return self._sample(seq_id, logits)
-
-    def decode(self, seq_id: int, token_id: int) -> int | None:
-        import torch
-
-        cache = self._caches.get(seq_id)
-        if cache is None:
-            raise KeyError(f"sequence {seq_id} has no KV cache on rank {self.rank}")
-        ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
-        logits, cache = self._forward(ids, cache)
-        self._caches[seq_id] = cache
-        if self.rank != 0:
-            return None
-        return self._sample(seq_id, logits)
-
-    def release(self, seq_id: int) -> None:
-        self._caches.pop(seq_id, None)
-        self._generators.pop(seq_id, None)
-        self._sampling.pop(seq_id, None)
-
-    def release_all(self) -> None:
-        self._caches.clear()
-        self._generators.clear()
-        self._sampling.clear()
-
-    def _forward(self, ids, cache):
-        import torch
-
-        with torch.inference_mode():
-            # logits_to_keep=1: only the last position's logits (a full [prompt x vocab] tensor would dwarf
-            # the KV cache for long prompts).
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits
-        if hasattr(logits, "full_tensor"):  # a DTensor when the plan leaves logits sharded
-            logits = logits.full_tensor()
-        return logits[0, -1].float(), out.past_key_values
-
-    def _sample(self, seq_id: int, logits) -> int:
-        import torch
-
-        sampling = self._sampling[seq_id]
-        if sampling.temperature < MIN_TEMPERATURE:
-            # Below this, logits / temperature overflows to inf (NaN probabilities); it is greedy in effect.
-            return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
-        if sampling.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = cumulative - sorted_probs >= sampling.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self._generators[seq_id]).item())
-
 
 def _mem_available() -> int:
     with open("/proc/meminfo") as f:
@@ -189,11 +108,6 @@ def _mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-# A request's temperature below this samples greedily (found by schemathesis: temperature=1e-300 made the
-# softmax NaN and the step fail).
-MIN_TEMPERATURE = 1e-4
 
 
 def _tp_kwargs(world_size: int) -> dict:

@@ -16,8 +16,10 @@ Only the shard's bytes are read from the safetensors files.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,13 +35,26 @@ class CollectiveGuard:
         self.left_at = 0.0  # monotonic time the last collective returned (or raised)
 
     def all_reduce(self, tensor) -> None:
-        import time
-
         import torch.distributed as dist
 
+        with self.region():
+            dist.all_reduce(tensor)
+
+    def broadcast(self, tensor, src: int) -> None:
+        import torch.distributed as dist
+
+        with self.region():
+            dist.broadcast(tensor, src)
+
+    @contextlib.contextmanager
+    def region(self, collective: bool = True):
+        """Everything inside counts as waiting in a collective (e.g. replaying a CUDA graph that holds them)."""
+        if not collective or self.inside:
+            yield
+            return
         self.inside = True
         try:
-            dist.all_reduce(tensor)
+            yield
         finally:
             self.inside = False
             self.left_at = time.monotonic()

@@ -1,15 +1,17 @@
 """Every fault kind x rank 0 and 1 x phase, over gloo at TP=2 (issue 3's proof on CPU).
 
-For each: the faulted request gets its error within the bound, the daemon stays up, /ready returns to 200 by
-itself, the next request succeeds, no worker process is left over, and the recorded transitions are exactly
+For each: the request in flight ends within the bound, the daemon stays up, /ready returns to 200 by itself,
+the next request succeeds, no worker process is left over, and the recorded transitions are exactly
 fault -> abort -> repair -> recovered with the cheapest ladder rung that fits:
-- a rank that raised or ran out of memory is healthy and idle afterwards; its peer, waiting in a collective
-  the raiser never joins, is usually released when the raiser's communicator is aborted (gloo: its
-  connections close): nobody is killed, comm_rebuild, both processes and their weights kept. Gloo does not
-  always release it within the grace (seen on the first collective after start); then the stuck peer alone
-  is replaced (replace_ranks) and the raiser keeps its process. (NCCL's abort releases it: the GPU issues.)
-- a dead or wedged rank is replaced alone (replace_ranks); its peer is released by its death and keeps its
-  process and weights.
+- a rank that raised or ran out of memory reported an error about the step, which held only this request:
+  the request caused it and fails with that error. The raiser is healthy and idle afterwards; its peer, waiting
+  in a collective the raiser never joins, is usually released when the raiser's communicator is aborted
+  (gloo: its connections close): nobody is killed, comm_rebuild, both processes and their weights kept. Gloo
+  does not always release it within the grace (seen on the first collective after start); then the stuck peer
+  alone is replaced (replace_ranks) and the raiser keeps its process. (NCCL's abort releases it: the GPU issues.)
+- a dead or wedged rank says nothing about the request: it is replayed after the repair and gets the same
+  answer as without the fault (greedy). The rank is replaced alone (replace_ranks); its peer is released by its
+  death and keeps its process and weights.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import pytest
 from tests.conftest import alive as _alive, chat_body
 from tests.faults import fault_daemon, wait_ready
 
-# kind -> (HTTP status, error code) the faulted request must get, and the rung that repairs it
+# kind -> (HTTP status, error code) the faulted request gets (200: replayed and completed), the lifecycle cause,
+# and the rung that repairs it
 EXPECTED = {
-    "raise": (500, "rank_failed", "comm_rebuild or peer"),
-    "oom": (503, "out_of_memory", "comm_rebuild or peer"),
-    "exit": (503, "rank_died", "replace_ranks"),
-    "sigkill": (503, "rank_died", "replace_ranks"),
-    "segfault": (503, "rank_died", "replace_ranks"),
-    "wedge": (504, "rank_timeout", "replace_ranks"),
+    "raise": (500, "rank_failed", "rank_failed", "comm_rebuild or peer"),
+    "oom": (503, "out_of_memory", "out_of_memory", "comm_rebuild or peer"),
+    "exit": (200, None, "rank_died", "replace_ranks"),
+    "sigkill": (200, None, "rank_died", "replace_ranks"),
+    "segfault": (200, None, "rank_died", "replace_ranks"),
+    "wedge": (200, None, "rank_timeout", "replace_ranks"),
 }
-REQUEST_BOUND_S = 15.0  # floor 1 s deadline + detection; generous for a loaded 2-core CI box
+REQUEST_BOUND_S = 30.0  # floor 1 s deadline + detection + a rank replaced + the replay; generous for 2-core CI
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +52,24 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
     assert daemon.admin.inject(rank, kind, phase).status_code == 200
 
     t0 = time.monotonic()
-    status, headers, body = daemon.chat(chat_body(f"{kind} {rank} {phase}", max_tokens=12, temperature=0))
+    request = chat_body(f"{kind} {rank} {phase}", max_tokens=12, temperature=0)
+    status, headers, body = daemon.chat(request)
     elapsed = time.monotonic() - t0
-    want_status, want_code, rung = EXPECTED[kind]
-    assert (status, body["error"]["code"]) == (want_status, want_code), body
-    assert "retry-after" in headers
+    want_status, want_code, cause, rung = EXPECTED[kind]
     assert elapsed < REQUEST_BOUND_S
+    if want_code is None:
+        assert status == 200, body
+    else:
+        assert (status, body["error"]["code"]) == (want_status, want_code), body
+        assert "retry-after" in headers
 
     wait_ready(daemon)
     assert daemon.proc.poll() is None
-    ok, _, answer = daemon.chat(chat_body("after the fault", max_tokens=6, temperature=0))
+    ok, _, answer = daemon.chat(request)
     assert ok == 200, answer
+    if status == 200:  # the replay continued the answer exactly
+        assert body["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+        assert body["usage"] == answer["usage"]
 
     transitions = daemon.admin.status()["transitions"][seen:]
     assert [t[:3] for t in transitions] == [
@@ -68,7 +78,7 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
         ["repair", "aborting", "reloading"],
         ["recovered", "reloading", "healthy"],
     ], transitions
-    assert transitions[0][3] == want_code
+    assert transitions[0][3] == cause
     after = daemon.admin.status()["pids"]
     faulted, peer = str(rank), str(1 - rank)
     if transitions[-1][4] == "comm_rebuild" and rung == "comm_rebuild or peer":
@@ -95,10 +105,12 @@ def test_fault_during_reload_is_recovered_by_the_next_attempt(daemon, kind, rank
     # A death makes the recovery respawn that rank, whose load then faults.
     assert daemon.admin.inject(rank, "sigkill", "prefill").status_code == 200
     status, _, body = daemon.chat(chat_body(max_tokens=4))
-    assert status == 503 and body["error"]["code"] == "rank_died"
+    # The request is replayed once the pool is repaired, unless that takes longer than resume_wait_s (30 s).
+    assert status == 200 or (status, body["error"]["code"]) == (503, "model_unavailable"), body
     wait_ready(daemon, timeout=180)
     assert daemon.chat(chat_body(max_tokens=4))[0] == 200
     events = [t[0] for t in daemon.admin.status()["transitions"][seen:]]
     assert events[:3] == ["fault", "abort", "repair"]
     assert events[3] == "fault"  # the load fault, during reloading
     assert events[-1] == "recovered"
+

@@ -96,9 +96,10 @@ def test_public_port_has_no_admin_routes(daemon_tp1):
     assert daemon_tp1.get("/admin/status")[0] == 404
 
 
-def test_queued_request_waits_for_the_repair_and_completes(start_daemon, tmp_path):
-    """A request queued behind the one whose step faulted did not cause the fault: it waits for the repair
-    (bounded by resume_wait_s) and completes, instead of failing with it."""
+def test_interrupted_and_queued_requests_complete_after_the_repair(start_daemon, tmp_path):
+    """A wedged rank says nothing about which request caused it: the one in the step is replayed after the
+    repair, and the one queued behind it waits for the repair (bounded by resume_wait_s); both complete with
+    the answers they get without a fault."""
     import threading
 
     d = fault_daemon(start_daemon, tmp_path, 2)
@@ -115,8 +116,12 @@ def test_queued_request_waits_for_the_repair_and_completes(start_daemon, tmp_pat
     second.start()
     first.join(60)
     second.join(60)
-    assert results["faulted"][0] == 504 and results["faulted"][2]["error"]["code"] == "rank_timeout"
+    assert results["faulted"][0] == 200, results["faulted"][2]
     assert results["queued"][0] == 200, results["queued"][2]
+    assert [t[3] for t in d.admin.status()["transitions"] if t[0] == "fault"] == ["rank_timeout"]
+    for name, content in (("faulted", "first"), ("queued", "second")):
+        again = d.chat(chat_body(content, max_tokens=8, temperature=0))
+        assert again[2]["choices"] == results[name][2]["choices"]
     d.stop()
 
 

@@ -41,27 +41,29 @@ def test_idle_rank_killed_pool_repairs_itself(start_daemon, victim):
     d.stop()
 
 
-def test_rank_killed_mid_request_fails_that_request_cleanly(start_daemon):
+def test_rank_killed_mid_request_is_replayed_and_completes(start_daemon):
+    """A death says nothing about the request in flight: it is replayed (prompt + tokens so far) after the
+    repair and gets exactly the answer it gets without a fault."""
     d = start_daemon(2)
+    request = chat_body("a long answer please", max_tokens=1500, temperature=0)
     result = {}
 
     def long_request():
-        result["response"] = d.chat(chat_body("a long answer please", max_tokens=1500, temperature=0))
+        result["response"] = d.chat(request)
         result["answered_at"] = time.monotonic()
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.5)  # well inside the generation (about 20 ms a token at TP=2 on CPU)
+    time.sleep(1.0)  # inside the generation (364 tokens, about 3 s at TP=2 on an idle 2-core box)
     killed_at = time.monotonic()
     os.kill(sorted(d.worker_pids())[1], signal.SIGKILL)
     t.join(60)
     assert not t.is_alive(), "the request hung after its rank died"
-    status, headers, body = result["response"]
-    # Greedy on the built-in model, this prompt runs to max_tokens (~30 s), so the kill lands mid-generation.
-    assert status == 503, body
-    assert body["error"]["code"] == "rank_died"
-    assert "retry-after" in headers
-    assert result["answered_at"] - killed_at < 5
+    status, _, body = result["response"]
+    assert status == 200, body
+    assert result["answered_at"] > killed_at
     _wait_state(d, {200})
-    assert d.chat(chat_body(max_tokens=5))[0] == 200
+    again = d.chat(request)[2]
+    assert body["choices"] == again["choices"] and body["usage"] == again["usage"]
+    assert body["usage"]["completion_tokens"] > 100
     d.stop()

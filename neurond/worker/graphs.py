@@ -1,0 +1,84 @@
+"""CUDA graphs of the decode step, one per (batch bucket, kv_len bucket): batch 1, 2, 4, ... slots; kv_len
+256, 512, ... max_len.
+
+A decode step of an 8B model is hundreds of kernel launches; replaying them as one graph removes the Python
+and launch overhead that otherwise caps batch-1 decode far below the memory-bandwidth bound. The graph reads
+only the runner's static device buffers (next_tok, seq_len, active) and writes its logits to a static output.
+
+Abortability: at TP>1 the graph holds NCCL all-reduces on the communicator it was captured with. They stay
+ordinary NCCL kernels, so aborting the communicator unblocks them like any other; after a new communicator
+is formed the graphs are dropped (`clear`) and captured again on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("neurond.worker")
+
+
+class DecodeGraphs:
+    def __init__(self, runner) -> None:
+        import torch
+
+        self.runner = runner
+        self._graphs: dict[tuple[int, int], tuple[object, object]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def shapes(self) -> list[tuple[int, int]]:
+        from neurond.worker.runner import MIN_KV_BUCKET
+
+        batches, b = [], 1
+        while b < self.runner.slots:
+            batches.append(b)
+            b *= 2
+        batches.append(self.runner.slots)
+        lengths, n, top = set(), MIN_KV_BUCKET, self.runner.cache.max_len
+        while True:  # every value kv_bucket() can return
+            lengths.add(min(n, top))
+            if n >= top:
+                break
+            n *= 2
+        return [(b, n) for b in batches for n in sorted(lengths)]
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def capture_all(self) -> None:
+        for shape in sorted(self.shapes(), reverse=True):  # largest first: the pool fits the rest
+            self._capture(*shape)
+
+    def run(self, batch: int, kv_len: int):
+        entry = self._graphs.get((batch, kv_len))
+        if entry is None:
+            entry = self._capture(batch, kv_len)
+        graph, logits = entry
+        graph.replay()
+        return logits[:batch]
+
+    def _capture(self, batch: int, kv_len: int):
+        import torch
+
+        runner = self.runner
+        t0 = time.monotonic()
+        saved = runner.active.clone()
+        runner.active.zero_()  # capture-time runs write only to the trash column
+        runner.hooks_enabled = False  # fault-injection hooks must not fire (or be baked in) at capture
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):
+                    runner.decode_forward(batch, kv_len)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+                logits = runner.decode_forward(batch, kv_len)
+        finally:
+            runner.hooks_enabled = True
+            runner.active.copy_(saved)
+        self._graphs[(batch, kv_len)] = (graph, logits)
+        log.debug("captured the decode graph for batch %d, kv_len %d in %.0f ms", batch, kv_len,
+                  (time.monotonic() - t0) * 1000)
+        return graph, logits

@@ -1,0 +1,255 @@
+"""The engine's batching and fault policy, against a scripted pool (no processes): who fails, who is replayed,
+who is quarantined, and that a replay continues each stream exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from neurond.engine.deadline import StepDeadline
+from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
+from neurond.engine.scheduler import Engine
+from neurond.observe.events import Event, EventSink
+from neurond.pool import protocol as p
+from neurond.pool.faults import RankDied, RankFailed, StepTimeout
+
+
+class Tokens:
+    """Token i decodes to 't{i} '."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"t{i} " for i in ids)
+
+
+def next_token(context: list[int]) -> int:
+    return (sum(context) * 31 + len(context)) % 97 + 3  # a deterministic "model"; 0..2 never drawn
+
+
+class Recorder(EventSink):
+    def __init__(self):
+        self.seen = []
+
+    def event(self, name, **fields):
+        self.seen.append((name, fields))
+
+
+class FakeSupervisor:
+    """Serves Prefill/Decode from per-slot contexts; `faults` maps call number -> exception to raise there.
+    A fault makes the pool unserving for a moment, as a real repair does, and wipes the slots."""
+
+    def __init__(self, faults: dict[int, Exception] | None = None):
+        self.faults = faults or {}
+        self.calls: list[object] = []
+        self.slots: dict[int, list[int]] = {}
+        self.healthy = asyncio.Event()
+        self.healthy.set()
+        self.events = Recorder()
+        self.current_incident = None
+        self.state = "healthy"
+
+    @property
+    def serving(self):
+        return self.state == "healthy"
+
+    async def call(self, make, deadline_s, what, request_id=None):
+        cmd = make(len(self.calls) + 1)
+        self.calls.append(cmd)
+        await asyncio.sleep(0)
+        fault = self.faults.get(len(self.calls))
+        if fault is not None:
+            self.state, self.current_incident = "poisoned", f"incident{len(self.calls)}"
+            self.healthy.clear()
+            self.slots.clear()
+            asyncio.get_running_loop().call_later(0.05, self._repaired)
+            raise fault
+        if isinstance(cmd, p.Prefill):
+            ctx = self.slots.setdefault(cmd.slot, []) if cmd.start else self.slots.setdefault(cmd.slot, [])
+            if cmd.start == 0:
+                ctx.clear()
+            assert len(ctx) == cmd.start
+            ctx.extend(cmd.token_ids)
+            tokens = (next_token(ctx),) if cmd.last else ()
+            if cmd.last:
+                ctx.append(tokens[0])
+            return {0: p.Done(cmd.call_id, 0, tokens)}
+        assert isinstance(cmd, p.Decode)
+        out = []
+        for slot in cmd.slots:
+            ctx = self.slots[slot]
+            out.append(next_token(ctx))
+            ctx.append(out[-1])
+        return {0: p.Done(cmd.call_id, 0, tuple(out))}
+
+    def _repaired(self):
+        self.state = "healthy"
+        self.healthy.set()
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    ctx = list(prompt)
+    for _ in range(n):
+        ctx.append(next_token(ctx))
+    return ctx[len(prompt):]
+
+
+def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
+    return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
+
+
+async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0):
+    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
+                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5)
+    engine.start()
+    for r in reqs:
+        engine.submit(r)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+    outcomes = {}
+    for r in reqs:
+        text = ""
+        while True:
+            ev = await asyncio.wait_for(r.events.get(), 10)
+            if isinstance(ev, TextDelta):
+                text += ev.text
+            else:
+                outcomes[r.request_id] = (ev, text)
+                break
+    await engine.stop()
+    return engine, outcomes
+
+
+def text_of(tokens):
+    return Tokens().decode(tokens)
+
+
+PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [1, 2], "c": [40, 41, 42, 43]}
+
+
+def test_requests_batch_together_and_each_gets_its_own_answer():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    for k, v in PROMPTS.items():
+        assert isinstance(out[k][0], Finished) and out[k][1] == text_of(expected(v, 6))
+    decodes = [c for c in sup.calls if isinstance(c, p.Decode)]
+    assert max(len(c.slots) for c in decodes) == 3  # they decoded together
+    assert engine.stats["max_batch_seen"] == 3
+    # Prompt "a" (7 tokens) went in chunks of at most 3, with decode steps of the others in between.
+    chunks = [c for c in sup.calls if isinstance(c, p.Prefill) and c.slot == 0]
+    assert [len(c.token_ids) for c in chunks] == [3, 3, 1] and [c.last for c in chunks] == [False, False, True]
+
+
+def test_more_requests_than_slots_wait_for_one():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 4) for k, v in PROMPTS.items()]
+    _, out = asyncio.run(run(sup, reqs, max_batch=1))
+    assert all(out[k][1] == text_of(expected(v, 4)) for k, v in PROMPTS.items())
+    assert all(len(c.slots) == 1 for c in sup.calls if isinstance(c, p.Decode))
+
+
+def test_a_death_replays_every_request_and_streams_continue_exactly():
+    # Call 9 is a decode step of the batch: a rank died. Nobody is blamed for good; all are replayed.
+    sup = FakeSupervisor({9: RankDied(1, -9)})
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    for k, v in PROMPTS.items():
+        assert isinstance(out[k][0], Finished), out[k]
+        assert out[k][1] == text_of(expected(v, 6))  # no token lost, none repeated
+    assert engine.stats["replayed"] >= 1 and engine.stats["failed"] == 0
+    replays = [c for c in sup.calls[9:] if isinstance(c, p.Prefill) and c.start == 0 and c.drawn > 0]
+    assert replays, "replays prefill prompt + tokens so far, continuing the draw count"
+
+
+def test_an_error_in_a_single_request_step_fails_that_request_only():
+    # Call 1 is "a"'s first prefill chunk: the rank raised about it. "b" and "c" are not involved.
+    sup = FakeSupervisor({1: RankFailed(0, p.FaultKind.OUT_OF_MEMORY, "CUDA out of memory")})
+    reqs = [request(k, v, 5) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    assert isinstance(out["a"][0], Failed) and out["a"][0].code == "out_of_memory" and out["a"][0].status == 503
+    for k in ("b", "c"):
+        assert out[k][1] == text_of(expected(PROMPTS[k], 5))
+    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
+    assert [f["request_id"] for f in failed] == ["a"] and failed[0]["incident"] == "incident1"
+
+
+def test_request_in_repeated_faults_is_quarantined_and_named():
+    # "a" alone: its decode steps time out twice (a wedge says nothing about the cause: strike, replay, strike).
+    sup = FakeSupervisor({3: StepTimeout([1], 1.0, "decode"), 6: StepTimeout([1], 1.0, "decode")})
+    engine, out = asyncio.run(run(sup, [request("a", [5, 6], 8)]))
+    ev = out["a"][0]
+    assert isinstance(ev, Failed) and ev.code == "request_quarantined" and ev.status == 500
+    assert engine.stats["quarantined"] == 1
+    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
+    assert failed[-1]["request_id"] == "a" and failed[-1]["cause"] == "request_quarantined"
+    assert failed[-1]["incident"] == "incident6" and failed[-1]["faults"] == 2
+
+
+def test_errors_in_a_batch_strike_everyone_in_it_but_fail_nobody_at_once():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+
+    async def go():
+        # Fault the first decode step that holds all three.
+        orig = sup.call
+
+        async def call(make, deadline_s, what, request_id=None):
+            cmd = make(0)
+            if isinstance(cmd, p.Decode) and len(cmd.slots) == 3 and not getattr(sup, "done", False):
+                sup.done = True
+                sup.faults[len(sup.calls) + 1] = RankFailed(1, p.FaultKind.EXCEPTION, "boom")
+            return await orig(make, deadline_s, what, request_id)
+
+        sup.call = call
+        return await run(sup, reqs)
+
+    engine, out = asyncio.run(go())
+    for k, v in PROMPTS.items():
+        assert out[k][1] == text_of(expected(v, 6)), k
+    assert all(r.faults == 1 for r in reqs)
+    assert engine.stats["failed"] == 0
+
+
+def test_cancelled_request_leaves_the_batch():
+    sup = FakeSupervisor()
+    a, b = request("a", [5, 6], 50), request("b", [7], 6)
+
+    async def go():
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
+                        prefill_chunk=8)
+        engine.start()
+        engine.submit(a)
+        engine.submit(b)
+        await asyncio.wait_for(a.events.get(), 5)
+        a.cancelled = True
+        while not isinstance(ev := await asyncio.wait_for(b.events.get(), 5), Finished):
+            pass
+        await asyncio.sleep(0.05)
+        await engine.stop()
+        return engine
+
+    engine = asyncio.run(go())
+    assert engine.stats["cancelled"] == 1 and engine.stats["last_cancelled_tokens"] < 50
+    last_decodes = [c.slots for c in sup.calls if isinstance(c, p.Decode)][-2:]
+    assert all(0 not in slots for slots in last_decodes)
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_interrupted_requests_wait_at_most_resume_wait(gone):
+    """If the repair takes longer than resume_wait_s (or gives up), the interrupted request gets a 503."""
+    sup = FakeSupervisor({2: RankDied(0, -9)})
+    sup._repaired = (lambda: setattr(sup, "state", "unloaded")) if gone else (lambda: None)
+
+    async def go():
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
+                        resume_wait_s=0.3)
+        engine.start()
+        r = request("a", [5, 6], 8)
+        engine.submit(r)
+        while not isinstance(ev := await asyncio.wait_for(r.events.get(), 5), Failed):
+            pass
+        await engine.stop()
+        return ev
+
+    ev = asyncio.run(go())
+    assert ev.status == 503 and ev.code == "model_unavailable" and ev.retry_after_s
