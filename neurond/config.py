@@ -54,6 +54,9 @@ class Config:
     prefill_chunk_tokens: int = 512
     #: Capture the decode step as CUDA graphs (GPU only; removes Python and kernel-launch overhead).
     cuda_graphs: bool = True
+    #: Compile the decode step with torch.compile before capturing it (fuses the small kernels; costs compile
+    #: time at every load, including reloads during recovery).
+    torch_compile: bool = False
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---

@@ -1,8 +1,9 @@
 """The engine: continuous batching of generation requests over the rank pool's KV cache slots.
 
 Requests wait in a bounded queue, take a free slot, are prefilled in chunks and then decoded together: each
-loop turn runs at most one prefill chunk (of the oldest request still prefilling) and one decode step for every
-request that is decoding, so a long prompt never stalls the others for more than a chunk. Requests join and
+loop turn runs at most one prefill step (chunks of the oldest requests still prefilling, up to
+prefill_chunk tokens in all) and one decode step for every request that is decoding, so a long prompt never
+stalls the others for more than a chunk, and a burst of short prompts is prefilled together. Requests join and
 leave the batch at step boundaries, each with its own sampling parameters, stop strings and max_tokens.
 
 Faults (policy in docs/recovery.md): when a step fails, the request(s) in that step may have caused it.
@@ -121,10 +122,10 @@ class Engine:
                     self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
 
     async def _turn(self) -> None:
-        """One prefill chunk (if any request is prefilling) and one decode step (if any is decoding)."""
-        prefilling = next((r for r in self._running if not r.decoding), None)
-        if prefilling is not None:
-            if not await self._step([prefilling], self._prefill_chunk(prefilling)):
+        """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
+        prefilling = self._prefill_batch()
+        if prefilling:
+            if not await self._step([r for r, _ in prefilling], self._prefill(prefilling)):
                 return
         decoding = [r for r in self._running if r.decoding]
         if decoding:
@@ -153,23 +154,46 @@ class Engine:
                 req.detok = StopStringDetokenizer(self.tokenizer, req.stop)
             self._running.append(req)
 
-    async def _prefill_chunk(self, req: GenerationRequest) -> None:
-        context = req.context
-        start = req.prefilled
-        chunk = tuple(context[start : start + self.prefill_chunk])
-        last = start + len(chunk) == len(context)
+    def _prefill_batch(self) -> list[tuple[GenerationRequest, int]]:
+        """The next chunk of each prefilling request, oldest first, up to prefill_chunk tokens in all (at least
+        one chunk). A request that was in a faulted step before is prefilled alone: if it faults again, the
+        fault is its own and nobody else takes a strike for it."""
+        batch: list[tuple[GenerationRequest, int]] = []
+        budget = self.prefill_chunk
+        for req in self._running:
+            if req.decoding:
+                continue
+            if batch and (req.faults or batch[0][0].faults):
+                break
+            n = min(len(req.context) - req.prefilled, budget)
+            if n <= 0:
+                break
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    async def _prefill(self, batch: list[tuple[GenerationRequest, int]]) -> None:
+        chunks = []
+        for req, n in batch:
+            context = req.context
+            start = req.prefilled
+            last = start + n == len(context)
+            chunks.append(p.PrefillChunk(req.slot, tuple(context[start : start + n]), start, last, req.sampling,
+                                         len(req.generated)))
+        tokens = sum(n for _, n in batch)
         t0 = time.monotonic()
         replies = await self.supervisor.call(
-            lambda cid: p.Prefill(cid, req.slot, chunk, start, last, req.sampling, len(req.generated)),
-            self.deadline.prefill(len(chunk)), "prefill", req.request_id)
+            lambda cid: p.Prefill(cid, tuple(chunks)), self.deadline.prefill(tokens), "prefill",
+            batch[0][0].request_id if len(batch) == 1 else None)
         took = time.monotonic() - t0
-        self.deadline.observe_prefill(took, len(chunk))
+        self.deadline.observe_prefill(took, tokens)
         if self.metrics is not None:
             self.metrics.step("prefill", took)
-        req.prefilled = start + len(chunk)
-        if last:
-            req.decoding = True
-            self._accept(req, replies[0].tokens[0])
+        for (req, n), chunk, token in zip(batch, chunks, replies[0].tokens):
+            req.prefilled = chunk.start + n
+            if chunk.last:
+                req.decoding = True
+                self._accept(req, token)
 
     async def _decode(self, batch: list[GenerationRequest]) -> None:
         slots = tuple(r.slot for r in batch)

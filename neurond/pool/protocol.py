@@ -64,18 +64,26 @@ class LoadShard:
 
 
 @dataclass(frozen=True, slots=True)
-class Prefill:
-    """Write one chunk of a sequence's tokens into its KV cache slot at positions [start, start + len). On the
-    last chunk every rank draws the sequence's next token (number `drawn`: a replayed sequence continues where
-    it was) and the slot is ready to decode; rank 0 reports the token."""
+class PrefillChunk:
+    """Tokens of one sequence to write into its KV cache slot at positions [start, start + len). On the
+    sequence's last chunk the rank draws its next token (number `drawn`: a replayed sequence continues where it
+    was) and the slot is ready to decode."""
 
-    call_id: int
     slot: int
     token_ids: tuple[int, ...]
     start: int
     last: bool
     sampling: SamplingParams
     drawn: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Prefill chunks of one or more sequences in one forward pass. Rank 0 reports, in Done.tokens, one entry
+    per chunk: the drawn token for a last chunk, -1 for the others."""
+
+    call_id: int
+    chunks: tuple[PrefillChunk, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +217,4 @@ class WorkerSpec:
     max_batch: int = 8  # KV cache slots: sequences decoded together at most
     max_len: int = 2048  # tokens per sequence at most (prompt + completion)
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)
+    torch_compile: bool = False  # compile the decode step first

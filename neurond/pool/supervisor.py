@@ -116,6 +116,7 @@ class Supervisor:
                 max_batch=c.max_batch_size,
                 max_len=self.context_len,
                 cuda_graphs=c.cuda_graphs,
+                torch_compile=c.torch_compile,
             )
             for r in range(c.tp_size)
         ]

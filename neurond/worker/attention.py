@@ -19,14 +19,15 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     if tokens == 1:
-        # Decode: one query per row. Grouped-query attention as two batched matmuls, reading each cached key
-        # and value once (SDPA's GQA path with a mask would copy K/V per query head).
+        # Decode: one query per row. The query heads that share a KV head become that head's "query positions"
+        # (all with the row's mask), so one fused SDPA kernel reads each cached key and value once: no copy of
+        # K/V per query head, and one kernel where softmax-by-hand took eight (kernel count is what a
+        # graph-replayed decode step of a small batch pays for).
         group = q_heads // kv_heads
         q = query.view(batch, kv_heads, group, dim)
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
-        scores = scores.masked_fill(~attention_mask.view(batch, 1, 1, -1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value).view(batch, q_heads, 1, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=attention_mask.view(batch, 1, 1, -1), scale=scale)
+        out = out.reshape(batch, q_heads, 1, dim)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=q_heads != kv_heads)
@@ -43,3 +44,25 @@ def register(model) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = NAME
+
+
+def fused_rms_norm(module, hidden_states):
+    """RMSNorm in one call (torch's fused kernel on CUDA) instead of the seven elementwise kernels of
+    transformers' module; same math, computed in float32."""
+    import torch
+
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), module.weight, eps)
+
+
+def use_fused_norms(model) -> int:
+    """Route every Llama-style RMSNorm (weight * x / rms(x)) of `model` through fused_rms_norm."""
+    import functools
+
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and not name.startswith("Gemma") and getattr(module, "weight", None) is not None:
+            module.forward = functools.partial(fused_rms_norm, module)
+            count += 1
+    return count

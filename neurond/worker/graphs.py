@@ -3,7 +3,8 @@
 
 A decode step of an 8B model is hundreds of kernel launches; replaying them as one graph removes the Python
 and launch overhead that otherwise caps batch-1 decode far below the memory-bandwidth bound. The graph reads
-only the runner's static device buffers (next_tok, seq_len, active) and writes its logits to a static output.
+only the runner's static device buffers (next_tok, seq_len, active), advances them, and writes its logits and
+greedy tokens to static outputs.
 
 Abortability: at TP>1 the graph holds NCCL all-reduces on the communicator it was captured with. They stay
 ordinary NCCL kernels, so aborting the communicator unblocks them like any other; after a new communicator
@@ -53,9 +54,9 @@ class DecodeGraphs:
         entry = self._graphs.get((batch, kv_len))
         if entry is None:
             entry = self._capture(batch, kv_len)
-        graph, logits = entry
+        graph, outputs = entry
         graph.replay()
-        return logits[:batch]
+        return outputs
 
     def _capture(self, batch: int, kv_len: int):
         import torch
@@ -70,15 +71,15 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):
-                    runner.decode_forward(batch, kv_len)
+                    runner.decode_fn(batch, kv_len)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                logits = runner.decode_forward(batch, kv_len)
+                outputs = runner.decode_fn(batch, kv_len)
         finally:
             runner.hooks_enabled = True
             runner.active.copy_(saved)
-        self._graphs[(batch, kv_len)] = (graph, logits)
+        self._graphs[(batch, kv_len)] = (graph, outputs)
         log.debug("captured the decode graph for batch %d, kv_len %d in %.0f ms", batch, kv_len,
                   (time.monotonic() - t0) * 1000)
-        return graph, logits
+        return graph, outputs

@@ -154,8 +154,7 @@ class Worker:
             return self.runner.decode(cmd.slots), {}
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
-            token = self.runner.prefill(cmd.slot, cmd.token_ids, cmd.start, cmd.last, cmd.sampling, cmd.drawn)
-            return (() if token is None else (token,)), {}
+            return self.runner.prefill(cmd.chunks), {}
         if isinstance(cmd, p.OpenStore):
             return p.StoreOpened(cmd.call_id, self.rank, self.comm.open_store())
         if isinstance(cmd, p.JoinComm):
@@ -175,7 +174,7 @@ class Worker:
         spec = self.spec
         self.runner = ModelRunner(
             self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
-            world_size=spec.world_size, use_graphs=spec.cuda_graphs,
+            world_size=spec.world_size, use_graphs=spec.cuda_graphs, compile_decode=spec.torch_compile,
             mid_forward=lambda: self.faults.fire("collective"),
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))

@@ -3,8 +3,9 @@
 The model code is transformers' (decoder layers, attention projections, rotary embeddings); the runner owns
 what a server needs around it: the static KV cache (`kv_cache.py`), the attention over it (`attention.py`),
 positions per row, the sampler, and CUDA graphs of the decode step (`graphs.py`). One code path for 1..N ranks:
-at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`) and rank 0's sampled tokens are broadcast
-so every rank feeds the same tokens next.
+at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`). No broadcast of the drawn tokens is
+needed: an all-reduce leaves the same bits on every rank, the LM head is replicated, and the sampler is a pure
+function of (logits, seed, token index), so every rank draws the same token and feeds it next.
 
 Device-side state per slot: `next_tok` (the last sampled token, the next decode input) and `seq_len` (tokens in
 the cache = the next write position). Decode steps take them from there, so the leader sends only slot numbers.
@@ -20,7 +21,7 @@ from typing import Callable
 from neurond.pool.protocol import SamplingParams
 from neurond.worker import attention
 from neurond.worker.kv_cache import SlotKVCache
-from neurond.worker.sampler import sample
+from neurond.worker.sampler import MIN_TEMPERATURE, sample
 
 log = logging.getLogger("neurond.worker")
 
@@ -50,7 +51,8 @@ def kv_bucket(longest: int, max_len: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, *, slots: int, max_len: int, device, guard, world_size: int,
-                 use_graphs: bool = False, mid_forward: Callable[[], None] | None = None,
+                 use_graphs: bool = False, compile_decode: bool = False,
+                 mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False) -> None:
         import torch
 
@@ -77,11 +79,13 @@ class ModelRunner:
                     max_len)
         self.cache = SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
         attention.register(model)
+        attention.use_fused_norms(model)
         # Device-side per-slot state, and static inputs of the decode step.
         self.next_tok = torch.zeros(slots, dtype=torch.long, device=device)
         self.seq_len = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.row_idx = torch.arange(slots, device=device).view(slots, 1)
+        self._active_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
         self.key_idx = torch.arange(max_len, device=device)
         self.sampling: list[SamplingParams] = [SamplingParams()] * slots
         self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
@@ -91,6 +95,9 @@ class ModelRunner:
         self.hooks_enabled = True
         if mid_forward is not None and len(self.layers) > 1:
             self.layers[len(self.layers) // 2].register_forward_pre_hook(self._mid_hook)
+        # The decode step as graphs capture it: compiled (fused kernels, shapes symbolic so one compile serves
+        # every bucket) or plain.
+        self.decode_fn = torch.compile(self.decode_forward, dynamic=True) if compile_decode else self.decode_forward
         self.graphs = None
         if use_graphs and device.type == "cuda":
             from neurond.worker.graphs import DecodeGraphs
@@ -106,57 +113,93 @@ class ModelRunner:
             self._mid_forward()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids, positions, mask):
-        """ids/positions [B, T], mask [B, 1, T, L] -> float32 logits of each row's last position [B, V]."""
+    def forward(self, ids, positions, mask, last_index=None):
+        """ids/positions [B, T], mask [B, 1, T, L] -> float32 logits [B, V] of each row's last position (or of
+        position last_index[b] of row b)."""
         h = self.embed(ids)
         position_embeddings = self.rotary(h, positions)
         for layer in self.layers:
             out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True,
                         position_embeddings=position_embeddings)
             h = out[0] if isinstance(out, tuple) else out
-        logits = self.lm_head(self.norm(h[:, -1]))
+        if last_index is None:
+            h = h[:, -1]
+        else:
+            import torch
+
+            h = h[torch.arange(h.shape[0], device=h.device), last_index]
+        logits = self.lm_head(self.norm(h))
         if hasattr(logits, "full_tensor"):  # a DTensor when transformers' plan leaves logits sharded
             logits = logits.full_tensor()
         return logits.float()
 
     def decode_forward(self, batch: int, kv_len: int):
         """The decode step on rows [0, batch), attending to positions [0, kv_len), from the device-side state
-        only (what a CUDA graph captures). Inactive rows write to the trash column, outside what is read."""
+        only (what a CUDA graph captures). Inactive rows write to the trash column, outside what is read.
+        Active rows also advance here: their greedy token becomes the next input and their length grows (the
+        host then has nothing to do for a greedy batch but read the tokens). Returns (logits, greedy tokens)."""
         import torch
 
-        pos = torch.where(self.active[:batch], self.seq_len[:batch], self.cache.trash).view(batch, 1)
+        active = self.active[:batch]
+        pos = torch.where(active, self.seq_len[:batch], self.cache.trash).view(batch, 1)
         mask = (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= pos.view(batch, 1, 1, 1))
         self.cache.bind(slice(0, batch), self.row_idx[:batch], pos, kv_len)
-        return self.forward(self.next_tok[:batch].view(batch, 1), pos, mask)
+        logits = self.forward(self.next_tok[:batch].view(batch, 1), pos, mask)
+        greedy = torch.argmax(logits, dim=-1)
+        self.next_tok[:batch].copy_(torch.where(active, greedy, self.next_tok[:batch]))
+        # Past the cache a row stays on the trash column (a pipelined step may outrun the leader).
+        self.seq_len[:batch].copy_(torch.clamp(self.seq_len[:batch] + active.long(), max=self.cache.trash))
+        return logits, greedy
 
     # ------------------------------------------------------------------ steps
-    def prefill(self, slot: int, token_ids: tuple[int, ...], start: int, last: bool, sampling: SamplingParams,
-                drawn: int) -> int | None:
-        """Write one chunk of a sequence's tokens at positions [start, start + len) of its slot. On the last
-        chunk, draw the sequence's next token (number `drawn`) and make the slot ready to decode."""
+    def prefill(self, chunks) -> list[int]:
+        """Write each chunk (PrefillChunk: slot, token_ids, start, last, sampling, drawn) into its slot in one
+        forward pass, rows padded to the longest chunk. For each last chunk, draw the sequence's next token and
+        make the slot ready to decode. Returns one entry per chunk: the token, or -1 for a chunk that is not
+        its sequence's last."""
         import torch
 
-        n = len(token_ids)
-        end = start + n
-        if not 0 <= slot < self.slots or n == 0 or end > self.cache.trash:
-            raise ValueError(f"prefill of {n} tokens at {start} does not fit slot {slot} of {self.slots} x "
-                             f"{self.cache.trash} positions")
+        rows = len(chunks)
+        width = max(len(c.token_ids) for c in chunks)
+        trash = self.cache.trash
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.full((rows, width), trash, dtype=torch.long)  # padding writes to the trash column
+        for r, c in enumerate(chunks):
+            n = len(c.token_ids)
+            if not 0 <= c.slot < self.slots or n == 0 or c.start + n > trash:
+                raise ValueError(f"prefill of {n} tokens at {c.start} does not fit slot {c.slot} of {self.slots} x "
+                                 f"{trash} positions")
+            ids[r, :n] = torch.tensor(c.token_ids)
+            positions[r, :n] = torch.arange(c.start, c.start + n)
+        if len({c.slot for c in chunks}) != rows:
+            raise ValueError("one prefill step may hold one chunk per slot")
+        kv_len = max(c.start + len(c.token_ids) for c in chunks)
+        slots = torch.tensor([c.slot for c in chunks], device=self.device)
         with torch.inference_mode():
-            self.active[slot] = False
-            ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-            positions = torch.arange(start, end, device=self.device).view(1, n)
-            mask = (self.key_idx[:end].view(1, 1, 1, end) <= positions.view(1, 1, n, 1))
-            self.cache.bind(slice(slot, slot + 1), self.row_idx[slot : slot + 1], positions, end)
-            logits = self.forward(ids, positions, mask)
-            if not last:
-                return None
-            self.sampling[slot] = sampling
-            self.drawn[slot] = drawn
-            tokens = self._draw(logits, [slot], torch.tensor([slot], device=self.device))
-            self.seq_len[slot] = end
-            self.lengths[slot] = end
-            self.active[slot] = True
-            return tokens[0]
+            self.active[slots] = False
+            ids, positions = ids.to(self.device), positions.to(self.device)
+            mask = (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, width, 1))
+            rows_index = slots if rows > 1 else slice(chunks[0].slot, chunks[0].slot + 1)
+            self.cache.bind(rows_index, slots.view(rows, 1), positions, kv_len)
+            last_index = torch.tensor([len(c.token_ids) - 1 for c in chunks], device=self.device)
+            logits = self.forward(ids, positions, mask, last_index)
+            done = [r for r, c in enumerate(chunks) if c.last]
+            out = [-1] * rows
+            if done:
+                finished = [chunks[r] for r in done]
+                for c in finished:
+                    self.sampling[c.slot] = c.sampling
+                    self.drawn[c.slot] = c.drawn
+                index = torch.tensor([c.slot for c in finished], device=self.device)
+                picked = logits.index_select(0, torch.tensor(done, device=self.device))
+                tokens = self._draw(picked, [c.slot for c in finished], index)
+                ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
+                self.seq_len.index_copy_(0, index, ends)
+                self.active[index] = True
+                for r, c, t in zip(done, finished, tokens):
+                    self.lengths[c.slot] = c.start + len(c.token_ids)
+                    out[r] = t
+            return out
 
     def decode(self, slots: tuple[int, ...]) -> list[int]:
         """One step for the sequences in `slots` (each feeds its last token). Returns their next tokens."""
@@ -167,28 +210,30 @@ class ModelRunner:
         batch = batch_bucket(max(slots) + 1, self.slots)
         kv_len = kv_bucket(max(self.lengths[s] for s in slots) + 1, self.cache.max_len)
         with torch.inference_mode():
-            active = torch.zeros(self.slots, dtype=torch.bool)
-            active[list(slots)] = True
-            self.active.copy_(active, non_blocking=False)
+            self._active_host.zero_()
+            self._active_host[list(slots)] = True
+            self.active.copy_(self._active_host, non_blocking=True)
             if self.graphs is not None and not self._eager_only():
                 with self.guard.region(self.world_size > 1):  # a rank waiting inside the graph waits on peers
-                    logits = self.graphs.run(batch, kv_len)
+                    logits, tokens = self.graphs.run(batch, kv_len)
             else:
-                logits = self.decode_forward(batch, kv_len)
-            index = torch.tensor(slots, device=self.device)
-            tokens = self._draw(logits.index_select(0, index), list(slots), index)
-            self.seq_len.index_add_(0, index, torch.ones(len(slots), dtype=torch.long, device=self.device))
-            # Positions past the cache stay on the trash column (a pipelined step may outrun the leader).
-            self.seq_len.clamp_(max=self.cache.trash)
+                logits, tokens = self.decode_fn(batch, kv_len)
+            sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
+            if sampled:
+                index = torch.tensor(sampled, device=self.device)
+                drawn = sample(logits.index_select(0, index), [self.sampling[s] for s in sampled],
+                               [self.drawn[s] for s in sampled])
+                self.next_tok.index_copy_(0, index, drawn)
+                tokens = tokens.clone().index_copy_(0, index, drawn)
+            every = tokens.tolist()  # the step's one host sync
             for s in slots:
+                self.drawn[s] += 1
                 self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
-            return tokens
+            return [every[s] for s in slots]
 
     def _draw(self, logits, slots: list[int], index) -> list[int]:
-        """Sample each row (rank 0's choice is broadcast at TP>1), feed the tokens back, return them."""
+        """Sample each row, make the tokens the slots' next inputs, return them."""
         tokens = sample(logits, [self.sampling[s] for s in slots], [self.drawn[s] for s in slots])
-        if self.world_size > 1:
-            self.guard.broadcast(tokens, 0)
         self.next_tok.index_copy_(0, index, tokens)
         out = tokens.tolist()  # the step's one host sync
         for s in slots:
@@ -210,7 +255,7 @@ class ModelRunner:
 
     def info(self) -> dict:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
-                "cuda_graphs": self.graphs is not None}
+                "cuda_graphs": self.graphs is not None, "compiled": self.decode_fn is not self.decode_forward}
 
 
 # Of the device memory left after the weights, what the KV cache may take; the rest is for prefill activations,

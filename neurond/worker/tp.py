@@ -40,12 +40,6 @@ class CollectiveGuard:
         with self.region():
             dist.all_reduce(tensor)
 
-    def broadcast(self, tensor, src: int) -> None:
-        import torch.distributed as dist
-
-        with self.region():
-            dist.broadcast(tensor, src)
-
     @contextlib.contextmanager
     def region(self, collective: bool = True):
         """Everything inside counts as waiting in a collective (e.g. replaying a CUDA graph that holds them)."""

@@ -64,15 +64,17 @@ class FakeSupervisor:
             asyncio.get_running_loop().call_later(0.05, self._repaired)
             raise fault
         if isinstance(cmd, p.Prefill):
-            ctx = self.slots.setdefault(cmd.slot, []) if cmd.start else self.slots.setdefault(cmd.slot, [])
-            if cmd.start == 0:
-                ctx.clear()
-            assert len(ctx) == cmd.start
-            ctx.extend(cmd.token_ids)
-            tokens = (next_token(ctx),) if cmd.last else ()
-            if cmd.last:
-                ctx.append(tokens[0])
-            return {0: p.Done(cmd.call_id, 0, tokens)}
+            tokens = []
+            for c in cmd.chunks:
+                ctx = self.slots.setdefault(c.slot, [])
+                if c.start == 0:
+                    ctx.clear()
+                assert len(ctx) == c.start
+                ctx.extend(c.token_ids)
+                tokens.append(next_token(ctx) if c.last else -1)
+                if c.last:
+                    ctx.append(tokens[-1])
+            return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
         assert isinstance(cmd, p.Decode)
         out = []
         for slot in cmd.slots:
@@ -135,9 +137,12 @@ def test_requests_batch_together_and_each_gets_its_own_answer():
     decodes = [c for c in sup.calls if isinstance(c, p.Decode)]
     assert max(len(c.slots) for c in decodes) == 3  # they decoded together
     assert engine.stats["max_batch_seen"] == 3
-    # Prompt "a" (7 tokens) went in chunks of at most 3, with decode steps of the others in between.
-    chunks = [c for c in sup.calls if isinstance(c, p.Prefill) and c.slot == 0]
-    assert [len(c.token_ids) for c in chunks] == [3, 3, 1] and [c.last for c in chunks] == [False, False, True]
+    # At most 3 prompt tokens per prefill step (the chunk budget), oldest request first: "a" (7 tokens) went in
+    # chunks of 3, 3, 1; "b" (2) joined a's last chunk; then "c" (4) in 3 + 1.
+    steps = [[(c.slot, len(c.token_ids), c.last) for c in call.chunks] for call in sup.calls
+             if isinstance(call, p.Prefill)]
+    assert steps == [[(0, 3, False)], [(0, 3, False)], [(0, 1, True), (1, 2, True)], [(2, 3, False)],
+                     [(2, 1, True)]], steps
 
 
 def test_more_requests_than_slots_wait_for_one():
@@ -157,7 +162,8 @@ def test_a_death_replays_every_request_and_streams_continue_exactly():
         assert isinstance(out[k][0], Finished), out[k]
         assert out[k][1] == text_of(expected(v, 6))  # no token lost, none repeated
     assert engine.stats["replayed"] >= 1 and engine.stats["failed"] == 0
-    replays = [c for c in sup.calls[9:] if isinstance(c, p.Prefill) and c.start == 0 and c.drawn > 0]
+    replays = [c for call in sup.calls[9:] if isinstance(call, p.Prefill) for c in call.chunks
+               if c.start == 0 and c.drawn > 0]
     assert replays, "replays prefill prompt + tokens so far, continuing the draw count"
 
 
@@ -253,3 +259,25 @@ def test_interrupted_requests_wait_at_most_resume_wait(gone):
 
     ev = asyncio.run(go())
     assert ev.status == 503 and ev.code == "model_unavailable" and ev.retry_after_s
+
+
+def test_a_request_struck_before_is_prefilled_alone():
+    """After a fault in a prefill step of several requests, each of them is prefilled alone, so a request whose
+    prompt faults deterministically fails by itself and the others complete."""
+    sup = FakeSupervisor()
+    real_call = sup.call
+
+    async def call(make, deadline_s, what, request_id=None):
+        cmd = make(0)
+        if isinstance(cmd, p.Prefill) and any(c.slot == 0 and c.token_ids[:1] == (66,) for c in cmd.chunks):
+            sup.faults[len(sup.calls) + 1] = RankFailed(0, p.FaultKind.OUT_OF_MEMORY, "CUDA out of memory")
+        return await real_call(make, deadline_s, what, request_id)
+
+    sup.call = call
+    bad = request("bad", [66, 1, 1], 4)
+    good = [request(k, v, 4) for k, v in (("b", [1, 2]), ("c", [7]))]
+    engine, out = asyncio.run(run(sup, [bad, *good], chunk=16))
+    assert isinstance(out["bad"][0], Failed) and out["bad"][0].code == "out_of_memory"
+    for r in good:
+        assert out[r.request_id][1] == text_of(expected(r.prompt_ids, 4))
+    assert bad.faults == 1 and all(r.faults == 1 for r in good)  # one shared strike, then isolation

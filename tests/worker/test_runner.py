@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from neurond.pool.protocol import SamplingParams  # noqa: E402
+from neurond.pool.protocol import PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.runner import ModelRunner, batch_bucket  # noqa: E402
 from neurond.worker.shard import Shard  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402
@@ -39,11 +39,15 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def prefill(runner, slot, tokens, start, last, sampling, drawn):
+    return runner.prefill([PrefillChunk(slot, tuple(tokens), start, last, sampling, drawn)])[0]
+
+
 def generate(runner: ModelRunner, slot: int, prompt: list[int], n: int, chunk: int = 1000) -> list[int]:
     out = []
     for start in range(0, len(prompt), chunk):
         piece = tuple(prompt[start : start + chunk])
-        tok = runner.prefill(slot, piece, start, start + len(piece) == len(prompt), GREEDY, 0)
+        tok = prefill(runner, slot, piece, start, start + len(piece) == len(prompt), GREEDY, 0)
     out.append(tok)
     while len(out) < n:
         out += runner.decode((slot,))
@@ -72,10 +76,10 @@ def test_batched_decode_matches_each_alone(shard):
     got: dict[int, list[int]] = {}
     slots = {0: PROMPTS[0], 2: PROMPTS[1]}  # slot 1 stays empty: an inactive row inside the batch
     for slot, prompt in slots.items():
-        got[slot] = [runner.prefill(slot, tuple(prompt), 0, True, GREEDY, 0)]
+        got[slot] = [prefill(runner, slot, tuple(prompt), 0, True, GREEDY, 0)]
     for step in range(9):
         if step == 3:  # a third sequence joins mid-way
-            got[3] = [runner.prefill(3, tuple(PROMPTS[2]), 0, True, GREEDY, 0)]
+            got[3] = [prefill(runner, 3, tuple(PROMPTS[2]), 0, True, GREEDY, 0)]
         active = tuple(s for s in got if len(got[s]) < 10)
         for slot, tok in zip(active, runner.decode(active)):
             got[slot].append(tok)
@@ -88,23 +92,23 @@ def test_sampling_is_a_function_of_seed_and_position(shard):
     runner = make_runner(shard)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
     prompt = PROMPTS[0]
-    first = [runner.prefill(0, tuple(prompt), 0, True, params, 0)]
+    first = [prefill(runner, 0, tuple(prompt), 0, True, params, 0)]
     first += [runner.decode((0,))[0] for _ in range(11)]
     replay = make_runner(shard)
     got = first[:5]
-    got.append(replay.prefill(1, tuple(prompt + got), 0, True, params, 5))
+    got.append(prefill(replay, 1, tuple(prompt + got), 0, True, params, 5))
     got += [replay.decode((1,))[0] for _ in range(6)]
     assert got == first
     other = make_runner(shard)
     params2 = SamplingParams(temperature=1.0, top_p=0.9, seed=99)
-    third = [other.prefill(0, tuple(prompt), 0, True, params2, 0)] + [other.decode((0,))[0] for _ in range(11)]
+    third = [prefill(other, 0, tuple(prompt), 0, True, params2, 0)] + [other.decode((0,))[0] for _ in range(11)]
     assert third != first  # a different seed draws differently (12 tokens at temperature 1)
 
 
 def test_refuses_a_prefill_past_the_slot(shard):
     runner = make_runner(shard, max_len=16)
     with pytest.raises(ValueError, match="does not fit"):
-        runner.prefill(0, tuple(range(20)), 0, True, GREEDY, 0)
+        prefill(runner, 0, tuple(range(20)), 0, True, GREEDY, 0)
 
 
 def test_batch_buckets():
@@ -118,3 +122,28 @@ def test_decode_across_a_kv_bucket_boundary(shard):
     prompt = [(7 * i) % 900 + 20 for i in range(250)]
     want = reference(shard.model, prompt, 12)
     assert generate(make_runner(shard, max_len=600), 0, prompt, 12) == want
+
+
+def test_prefill_of_several_sequences_in_one_step(shard):
+    """Chunks of different sequences, lengths and start positions in one padded forward pass give each the
+    tokens it gets alone."""
+    alone = [generate(make_runner(shard), 0, p, 6) for p in PROMPTS]
+    runner = make_runner(shard)
+    # sequence 2 is already half prefilled; 0 and 1 start now
+    prefill(runner, 3, PROMPTS[2][:30], 0, False, GREEDY, 0)
+    first = runner.prefill([PrefillChunk(0, tuple(PROMPTS[0]), 0, True, GREEDY, 0),
+                            PrefillChunk(1, tuple(PROMPTS[1][:2]), 0, False, GREEDY, 0),
+                            PrefillChunk(3, tuple(PROMPTS[2][30:]), 30, True, GREEDY, 0)])
+    assert first[1] == -1
+    second = prefill(runner, 1, PROMPTS[1][2:], 2, True, GREEDY, 0)
+    got = {0: [first[0]], 1: [second], 3: [first[2]]}
+    for _ in range(5):
+        for slot, tok in zip((0, 1, 3), runner.decode((0, 1, 3))):
+            got[slot].append(tok)
+    assert [got[0], got[1], got[3]] == alone
+
+
+def test_one_chunk_per_slot_per_step(shard):
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        make_runner(shard).prefill([PrefillChunk(0, (1, 2), 0, False, GREEDY, 0),
+                                    PrefillChunk(0, (3,), 2, True, GREEDY, 0)])
