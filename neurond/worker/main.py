@@ -166,7 +166,9 @@ class Worker:
             return None, {}
         if isinstance(cmd, p.LoadShard):
             self.faults.fire("load")
-            return None, self.shard.load()
+            # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer.
+            report = lambda *counts: self.step_conn.send(p.LoadProgress(self.rank, *counts))  # noqa: E731
+            return None, self.shard.load(progress=report)
         raise TypeError(f"unknown step command {type(cmd).__name__}")
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
