@@ -18,8 +18,11 @@ Configuration is read in one place, lowest precedence first: built-in defaults, 
 
 
 def _parser() -> argparse.ArgumentParser:
+    from neurond import version
+
     parser = argparse.ArgumentParser(prog="neurond", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"neurond {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -53,6 +56,31 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(audit)
 
+    status = sub.add_parser(
+        "status",
+        help="the running daemon at a glance: state, model, uptime, incidents, last transition, load progress",
+        description="Ask the running daemon over its admin socket (admin_socket and admin_token_file in the "
+        "configuration). Exit code: 0 healthy, 1 not serving (loading, repairing, unloaded), 2 cannot ask (not "
+        "configured, token unreadable or refused), 3 no daemon answers on the socket.",
+    )
+    from neurond.status import add_arguments as status_arguments
+
+    status_arguments(status)
+
+    system = sub.add_parser(
+        "install-system-files",
+        help="install the systemd unit, journal catalog, saved queries, sysusers/tmpfiles entries and a default "
+        "configuration (for pip installs; the Debian package ships them)",
+        description="Install the files that make neurond a system service. Into / (the default) it also creates "
+        "the neurond user and directories, rebuilds the journal catalog, writes a random admin token to "
+        "/etc/neurond/admin.token once and runs systemctl daemon-reload. An existing /etc/neurond/neurond.toml is "
+        "never overwritten.",
+    )
+    from neurond.sysfiles import add_arguments as system_arguments
+
+    system_arguments(system)
+    sub.add_parser("default-config", help="print the commented default configuration (every setting)")
+
     model = sub.add_parser("builtin-model", help="write the built-in model and print its directory")
     model.add_argument("--cache-dir", dest="cache_dir", help="where to write it")
     model.add_argument("--config", help="TOML file")
@@ -70,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         from neurond.observe.audit import main as audit
 
         return audit(args)
+    if args.command == "status":  # reads the configuration itself, to find the admin socket
+        from neurond.status import main as status
+
+        return status(args)
+    if args.command == "install-system-files":
+        from neurond.sysfiles import main as install_system_files
+
+        return install_system_files(args)
+    if args.command == "default-config":
+        from neurond.sysfiles import installed_config
+
+        print(installed_config(), end="")
+        return 0
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:

@@ -211,26 +211,43 @@ def load_config(
     return Config(**values).validate()
 
 
-def describe_settings() -> str:
-    """One line per setting for `--help`: name, default and the comment above it in this file."""
-    import inspect
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One field of Config as documented in this file: the `#:` comment above it and its `# --- section ---`."""
 
-    lines = []
-    source = inspect.getsource(Config).splitlines()
-    comments: dict[str, str] = {}
-    pending: list[str] = []
-    for line in source:
+    name: str
+    default: Any
+    section: str
+    comment: str
+
+
+def settings() -> list[Setting]:
+    """Every setting, in the order of Config, with the comments written above it in this file: the one source
+    of `--help`, the default /etc/neurond/neurond.toml and the option table of docs/operator-guide.md."""
+    import inspect
+    import re
+
+    comments: dict[str, tuple[str, str]] = {}
+    section, pending = "", []
+    for line in inspect.getsource(Config).splitlines():
         stripped = line.strip()
-        if stripped.startswith("#:"):
+        heading = re.fullmatch(r"# --- (.+?) ---", stripped)
+        if heading:
+            section, pending = heading.group(1), []
+        elif stripped.startswith("#:"):
             pending.append(stripped[2:].strip())
-        elif ":" in stripped and not stripped.startswith(("#", "def", "@", "class", "return", "if", "raise")):
-            comments[stripped.split(":", 1)[0]] = " ".join(pending)
+        elif re.match(r"[a-z_]+: ", stripped):
+            comments[stripped.split(":", 1)[0]] = (section, " ".join(pending))
             pending = []
         else:
             pending = []
-    for name, f in _fields().items():
-        lines.append(f"  {name} = {f.default!r}  {comments.get(name, '')}".rstrip())
-    return "\n".join(lines)
+    return [Setting(f.name, f.default, *comments.get(f.name, ("", "")))
+            for f in dataclasses.fields(Config)]
 
 
-__all__ = ["Config", "ConfigError", "load_config", "describe_settings", "DEFAULT_CONFIG_PATH"]
+def describe_settings() -> str:
+    """One line per setting for `--help`: name, default and the comment above it in this file."""
+    return "\n".join(f"  {s.name} = {s.default!r}  {s.comment}".rstrip() for s in settings())
+
+
+__all__ = ["Config", "ConfigError", "Setting", "load_config", "settings", "describe_settings", "DEFAULT_CONFIG_PATH"]

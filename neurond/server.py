@@ -104,6 +104,7 @@ class Server:
         self.exit_code = EXIT_OK
         self.notifier = Notifier()
         self.status = LifecycleStatus(self.notifier, config.model_name(), config.tp_size)
+        self.started_at = time.time()  # for the uptime in /admin/status
         self._tasks: list[asyncio.Task] = []
 
     async def run(self) -> int:
@@ -132,14 +133,16 @@ class Server:
         except OSError as exc:
             log.error("HTTP server failed: cannot listen on %s:%d: %s", c.host, c.port, exc)
             return EXIT_SERVE_FAILED
-        self.metrics = MetricsSink()
-        # The journal and the metrics see the same events. (The audit judges rungs by the TP implementation too.)
-        events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics)
+        self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size, tp_impl=c.tp_impl)
+        # The journal, the metrics and STATUS= see the same events. (The audit judges rungs by the TP
+        # implementation too.)
+        events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics, self.status)
         # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
         model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
         self.supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,
                                      context_len=model.context_len)
         self.status.incidents = lambda: self.supervisor.incidents
+        self.status.progress = lambda: self.supervisor.load_progress
         deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
         self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
                              metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
@@ -225,7 +228,7 @@ class Server:
 
         c = self.config
         token = Path(c.admin_token_file).read_text().strip()
-        admin = AdminAPI(self.supervisor, token, engine=self.engine)
+        admin = AdminAPI(self.supervisor, token, engine=self.engine, started_at=self.started_at)
         hc = HypercornConfig()
         hc.bind = [f"unix:{c.admin_socket}"]
         hc.errorlog = logging.getLogger("neurond.admin")

@@ -6,6 +6,10 @@ needs the admin bearer token, read from a file. Fault injection additionally nee
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
+
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,14 +17,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from neurond.api.errors import APIError
+from neurond import version
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.pool.faults import PoolFault
 
+TRANSITION_FIELDS = ("event", "from", "to", "reason", "tier", "at")  # one entry of Supervisor.history
 
 
 class AdminAPI:
-    def __init__(self, supervisor, token: str, engine=None) -> None:
+    def __init__(self, supervisor, token: str, engine=None, started_at: float | None = None) -> None:
         self.engine = engine
+        self.started_at = time.time() if started_at is None else started_at
         if not token:
             raise ValueError("the admin token must not be empty")
         self.supervisor = supervisor
@@ -46,15 +53,30 @@ class AdminAPI:
             raise APIError(401, "admin token missing or wrong", code="unauthorized")
 
     async def status(self, request: Request) -> Response:
+        """Everything `neurond status` shows (docs/api.md lists the fields)."""
         self._auth(request)
         sup = self.supervisor
         cause = sup.lifecycle.last_cause
         pool = sup.pool
+        now = time.time()
+        last = dict(zip(TRANSITION_FIELDS, sup.history[-1])) if sup.history else None
         return _json({
             "state": sup.state,
-            "incidents": sup.incidents,
+            "state_since": last["at"] if last else self.started_at,
+            "model": sup.config.model_name(),
+            "model_dir": sup.model_dir,
             "tp_size": sup.config.tp_size,
+            "tp_impl": sup.config.tp_impl,
+            "version": version(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime_s": round(now - self.started_at, 3),
+            "incidents": sup.incidents,
+            "current_incident": sup.current_incident,
             "pids": {str(rank): pid for rank, pid in pool.pids().items()} if pool else {},
+            "load_progress": {str(rank): dataclasses.asdict(report)
+                              for rank, report in sorted(sup.load_progress.items())},
+            "last_transition": last,
             "last_cause": None if cause is None else {
                 "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
                 "request_id": cause.request_id, "tier": cause.tier, "attempt": cause.attempt, "detail": cause.detail},

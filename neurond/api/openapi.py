@@ -46,15 +46,28 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
             },
         }
     }
-    simple = {"description": "JSON", "content": {"application/json": {"schema": {"type": "object"}}}}
+    def simple(description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
     spec = {
         "openapi": "3.1.0",
         "info": {"title": "neurond", "version": "1", "description": "OpenAI-compatible chat completions"},
         "paths": {
             "/v1/chat/completions": chat,
-            "/v1/models": {"get": {"operationId": "listModels", "responses": {"200": simple, "401": _error("token")}}},
-            "/health": {"get": {"operationId": "health", "responses": {"200": simple}}},
-            "/ready": {"get": {"operationId": "ready", "responses": {"200": simple, "503": simple}}},
+            "/v1/models": {"get": {"operationId": "listModels", "summary": "The one served model",
+                                   "responses": {"200": simple("a list holding the served model"),
+                                                 "401": _error("missing or wrong API token")}}},
+            "/health": {"get": {"operationId": "health", "summary": "Liveness: the leader process answers",
+                                "responses": {"200": simple('{"status": "ok"} while the leader is alive')}}},
+            "/ready": {"get": {"operationId": "ready", "summary": "Readiness: the model can serve now",
+                               "responses": {"200": simple("ready: state healthy and the model's name"),
+                                             "503": simple("not ready: the lifecycle state, the reason and its "
+                                                           "detail, with Retry-After")}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
+                                 "responses": {"200": {"description": "every metric (docs/operator-guide.md)",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This description",
+                                      "responses": {"200": simple("the OpenAPI 3.1 description")}}},
         },
         "components": {"schemas": components},
     }

@@ -125,6 +125,16 @@ error code @NEUROND_CAUSE@ and Retry-After (incident @NEUROND_INCIDENT@). Client
 
 Nothing to do beyond the incident itself; many such entries per incident mean clients were not told to
 back off (check that they honour Retry-After)."""),
+    Message(Event.LOAD_PROGRESS, "ea493c1d73014a738199268f50e1bd0d", INFO,
+            "neurond rank @NEUROND_RANK@ loaded @NEUROND_FILES_DONE@ of @NEUROND_FILES_TOTAL@ checkpoint files",
+            """Rank @NEUROND_RANK@ is loading its shard of the model: @NEUROND_DONE_BYTES@ of @NEUROND_TOTAL_BYTES@ bytes
+of the checkpoint files read, @NEUROND_FILES_DONE@ of @NEUROND_FILES_TOTAL@ files (every rank reads its slices
+of every file). The journal gets the first and the last report of each rank's load and one every 10 s in
+between; `systemctl status neurond` (STATUS=) and `neurond status` show the latest one.
+
+Nothing to do. A load that stops making progress ends after load_timeout_s with a rank_timeout fault. A
+slow one points at the disk or the filesystem the checkpoint is on (a cold page cache, a network mount):
+compare the time between the first and the last entry of a rank with the checkpoint's size."""),
 )}
 
 BY_ID: dict[str, Message] = {m.message_id: m for m in MESSAGES.values()}

@@ -26,6 +26,7 @@ class Event(str, enum.Enum):
     RECOVERY_FINISHED = "recovery_finished"
     GAVE_UP = "gave_up"
     REQUEST_FAILED = "request_failed"  # a request ended by a rank fault
+    LOAD_PROGRESS = "load_progress"  # a rank read more of its checkpoint (rank, done/total bytes and files)
 
 
 class EventSink:

@@ -21,12 +21,14 @@ import logging
 import os
 import re
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 from neurond.observe.catalog import MESSAGES, priority_of
 from neurond.observe.events import Event, EventSink
 from neurond.observe.incident import judge_recovery
+from neurond.observe.progress import rank_text
 
 try:
     from systemd import journal as _journal
@@ -38,6 +40,10 @@ IDENTIFIER = "neurond"
 LEVEL_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 _failures = 0  # journald sends that raised (a stale socket); the first one is reported on stderr
+
+# A slow load reports every second per rank: the journal keeps each rank's first and last report and one
+# every this many seconds in between (a 10-minute load of 8 ranks: ~500 entries, not ~5000).
+LOAD_PROGRESS_EVERY_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------- transport
@@ -154,6 +160,8 @@ def message_text(event: Event, f: dict) -> str:
         Event.GAVE_UP: lambda: f"recovery gave up ({g('detail', '')}); model unloaded",
         Event.REQUEST_FAILED: lambda: f"request {g('request_id')} failed with {g('status')} {g('cause')}"
                                       + (f" (rank {f['rank']})" if "rank" in f else ""),
+        Event.LOAD_PROGRESS: lambda: f"rank {g('rank')} loaded " + rank_text(
+            f.get("done_bytes"), f.get("total_bytes"), f.get("files_done"), f.get("files_total")),
     }[event]()
     return f"{MESSAGES[event].prefix} {text}{inc}"
 
@@ -183,13 +191,25 @@ class JournalSink(EventSink):
         self.errors = 0
         self.sent = 0
         self._incidents: OrderedDict[str, dict] = OrderedDict()
+        self._progress_logged: dict[object, float] = {}  # rank -> monotonic time of its last load_progress entry
 
     def event(self, name: Event, **fields) -> None:
         fields = {k: v for k, v in {**self.static, **fields}.items() if v is not None and v != ""}
+        if name is Event.LOAD_PROGRESS and not self._progress_due(fields):
+            return
         self._judge(name, fields)
         entry = entry_for(name, fields, call_site())
         if write(entry, structured_line(entry)):
             self.sent += 1
+
+    def _progress_due(self, f: dict) -> bool:
+        """The first and last report of a rank's load, and one every LOAD_PROGRESS_EVERY_S in between."""
+        now, rank = time.monotonic(), f.get("rank")
+        edge = f.get("files_done") in (0, f.get("files_total"))
+        if edge or now - self._progress_logged.get(rank, float("-inf")) >= LOAD_PROGRESS_EVERY_S:
+            self._progress_logged[rank] = now
+            return True
+        return False
 
     def _judge(self, name: Event, f: dict) -> None:
         key = f.get("incident")

@@ -1,11 +1,14 @@
 """Prometheus metrics, fed by the same events as the journal (one source of truth), served at GET /metrics.
 
-A private CollectorRegistry per daemon (no process-global default registry), so tests can run several.
+A private CollectorRegistry per daemon (no process-global default registry), so tests can run several. The
+process collector adds process_start_time_seconds (uptime), CPU and memory of the leader. Tokens per second
+is `rate(neurond_generated_tokens_total[1m])`: a counter, so no rate is lost between two scrapes.
+docs/operator-guide.md lists every metric; a test keeps the list and this file in step.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neurond.observe.events import Event, EventSink
@@ -13,11 +16,19 @@ from neurond.observe.events import Event, EventSink
 STATES = ("loading", "healthy", "poisoned", "aborting", "reloading", "unloaded", "stopped")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _RECOVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+# Detection is the step deadline for a hang (floor 5 s, ceiling 60 s by default) and milliseconds otherwise.
+_DETECTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
 class MetricsSink(EventSink):
-    def __init__(self) -> None:
+    def __init__(self, model: str = "", tp_size: int = 1, tp_impl: str = "") -> None:
+        from neurond import version
+
         self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        self.info = Gauge("neurond_info", "What this daemon serves (always 1)", ["model", "tp_size", "tp_impl",
+                          "version"], registry=r)
+        self.info.labels(model, str(tp_size), tp_impl, version()).set(1)
         self.state = Gauge("neurond_lifecycle_state", "1 for the current lifecycle state", ["state"], registry=r)
         self.transitions = Counter("neurond_transitions_total", "Lifecycle transitions",
                                    ["event", "cause", "tier"], registry=r)
@@ -25,6 +36,10 @@ class MetricsSink(EventSink):
                                   ["cause", "tier"], registry=r)
         self.gave_up = Counter("neurond_gave_up_total", "Times recovery gave up (-> unloaded)", registry=r)
         self.faults = Counter("neurond_faults_total", "Faults detected by cause", ["cause"], registry=r)
+        self.detection_seconds = Histogram(
+            "neurond_fault_detection_seconds", "How long the failed step had run when its fault was detected: the "
+            "step deadline for a hang, about the step time otherwise (faults between steps are seen at once and "
+            "not observed)", ["cause"], buckets=_DETECTION_BUCKETS, registry=r)
         self.recovery_seconds = Histogram("neurond_recovery_seconds", "Fault detected to healthy again",
                                           ["tier"], buckets=_RECOVERY_BUCKETS, registry=r)
         self.abort_seconds = Histogram("neurond_abort_seconds", "Communicator abort on all live ranks",
@@ -33,6 +48,8 @@ class MetricsSink(EventSink):
                                       ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("neurond_generated_tokens_total", "Completion tokens generated", registry=r)
         self.requests = Counter("neurond_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.load_progress = Gauge("neurond_load_progress_ratio", "Share of its checkpoint files a rank has read in "
+                                   "the latest load (1 when loaded)", ["rank"], registry=r)
         for state in STATES:
             self.state.labels(state).set(1 if state == "loading" else 0)
 
@@ -44,6 +61,11 @@ class MetricsSink(EventSink):
             self.transitions.labels(f.get("lifecycle_event") or "", f.get("cause") or "", f.get("tier") or "").inc()
         elif name is Event.FAULT_DETECTED:
             self.faults.labels(f.get("cause") or "").inc()
+            if f.get("detect_ms") is not None:
+                self.detection_seconds.labels(f.get("cause") or "").observe(f["detect_ms"] / 1000)
+        elif name is Event.LOAD_PROGRESS:
+            if f.get("total_bytes"):
+                self.load_progress.labels(str(f.get("rank"))).set(f.get("done_bytes", 0) / f["total_bytes"])
         elif name is Event.RECOVERY_FINISHED:
             self.recoveries.labels(f.get("cause") or "", f.get("tier") or "").inc()
             if f.get("duration_ms") is not None:

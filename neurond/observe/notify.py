@@ -18,7 +18,10 @@ import logging
 import os
 import socket
 import time
-from typing import Callable
+from typing import Callable, Mapping
+
+from neurond.observe.events import Event, EventSink
+from neurond.observe.progress import in_progress, summary
 
 log = logging.getLogger("neurond.notify")
 
@@ -102,22 +105,32 @@ async def watchdog(notifier: Notifier, responsive: Callable[[], str | None]) -> 
         await asyncio.sleep(interval)
 
 
-class LifecycleStatus:
+class LifecycleStatus(EventSink):
     """A lifecycle listener that keeps systemd's STATUS= current at every transition and knows how long the
-    current state has lasted (for the watchdog's responsiveness check)."""
+    current state has lasted (for the watchdog's responsiveness check). As an event sink it also refreshes
+    STATUS= at each load_progress report, so a long load shows how far it got."""
 
     def __init__(self, notifier: Notifier, model: str, tp_size: int) -> None:
         self.notifier = notifier
         self.model = model
         self.tp_size = tp_size
         self.incidents: Callable[[], int] = lambda: 0
+        self.progress: Callable[[], Mapping] = dict  # rank -> LoadProgress of the pool being loaded
         self.state = "loading"
         self.since = time.monotonic()
         self.reason = ""
 
     def line(self) -> str:
         why = f" ({self.reason})" if self.reason and self.state != "healthy" else ""
-        return f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.incidents()}"
+        text = f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.incidents()}"
+        progress = self.progress()
+        if self.state in ("loading", "reloading") and progress and in_progress(progress, self.tp_size):
+            text += "; " + summary(progress, self.tp_size)
+        return text
+
+    def event(self, name: Event, **fields) -> None:
+        if name is Event.LOAD_PROGRESS:
+            self.notifier.status(self.line())
 
     def after_transition(self, event, source, target, cause=None) -> None:
         try:

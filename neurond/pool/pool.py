@@ -55,8 +55,10 @@ class RankPool:
         load_timeout_s: float = 600.0,
         spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
         on_spawn: Callable[[int, int | None], None] | None = None,
+        on_progress: Callable[[p.LoadProgress], None] | None = None,
     ) -> None:
         self.on_spawn = on_spawn
+        self.on_progress = on_progress  # a rank's load progress, passed on as it arrives
         self.specs = specs
         self.world_size = len(specs)
         self.ranks: dict[int, RankProcess] = {}
@@ -165,6 +167,10 @@ class RankPool:
             fut = self._started.get(rank)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
+            return
+        if isinstance(reply, p.LoadProgress):  # answers no call
+            if self.on_progress is not None:
+                self.on_progress(reply)
             return
         call = self._calls.get(getattr(reply, "call_id", -1))
         if call is None or call.future.done():

@@ -193,7 +193,20 @@ class Aborted:
     message: str = ""
 
 
-Reply = Started | StoreOpened | Done | StepFailed | Pong | Aborted
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """Sent unprompted on the step channel while LoadShard runs (as checkpoint files finish, rate-limited): how
+    much of the checkpoint this rank has read. Bytes are of the files, not of the slices this rank keeps (every
+    rank reads its slices of every file). Answers no call: the leader only shows it."""
+
+    rank: int
+    done_bytes: int
+    total_bytes: int
+    files_done: int
+    files_total: int
+
+
+Reply = Started | StoreOpened | Done | StepFailed | Pong | Aborted | LoadProgress
 
 
 # ---------------------------------------------------------------- what the leader gives each worker at spawn

@@ -52,7 +52,9 @@ class Supervisor:
         self._fault_at: float | None = None
         self.config = config
         self.model_dir = model_dir
-        self.history: deque[tuple[str, str, str, str, str | None]] = deque(maxlen=256)
+        # (event, from, to, reason, tier, wall-clock time) of recent transitions, for /admin/status and the tests
+        self.history: deque[tuple[str, str, str, str, str | None, float]] = deque(maxlen=256)
+        self.load_progress: dict[int, p.LoadProgress] = {}  # the latest report of each rank of the current pool
         self.healthy = asyncio.Event()  # set exactly while the state is `healthy`
         self.lifecycle = Lifecycle(listeners=[self, *(listeners or [])])
         self.pool: RankPool | None = None
@@ -81,8 +83,8 @@ class Supervisor:
         self.lifecycle.send(event, cause=cause)
 
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
-        """(event, from, to, reason, tier) of recent transitions, for /admin/status and the tests."""
-        self.history.append((str(event), source.id, target.id, cause.reason if cause else "", cause.tier if cause else None))
+        self.history.append((str(event), source.id, target.id, cause.reason if cause else "",
+                             cause.tier if cause else None, time.time()))
         if target.id == "healthy":
             self.healthy.set()
         else:
@@ -122,8 +124,14 @@ class Supervisor:
         ]
 
     def _new_pool(self) -> RankPool:
+        self.load_progress = {}
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
-                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn)
+                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn, on_progress=self._on_load_progress)
+
+    def _on_load_progress(self, progress: p.LoadProgress) -> None:
+        self.load_progress[progress.rank] = progress
+        self._emit(Event.LOAD_PROGRESS, incident=self._incident, rank=progress.rank, done_bytes=progress.done_bytes,
+                   total_bytes=progress.total_bytes, files_done=progress.files_done, files_total=progress.files_total)
 
     def _on_spawn(self, rank: int, pid: int | None) -> None:
         self._emit(Event.RANK_SPAWNED, Cause("spawn", self._incident or "", rank), pid=pid)
@@ -171,11 +179,12 @@ class Supervisor:
         pool = self.pool
         if not self.serving or pool is None:
             raise PoolUnavailable(None, f"model is {self.state}")
+        t0 = time.monotonic()
         try:
             return await pool.call_all(make, deadline_s, what)
         except PoolFault as fault:
             if self.pool is pool and self.state == "healthy":
-                self._fault(fault, request_id)
+                self._fault(fault, request_id, detect_ms=_ms_since(t0))
             raise
 
     def _on_pool_fault(self, fault: PoolFault) -> None:
@@ -184,14 +193,16 @@ class Supervisor:
             self._fault(fault, None)
 
     # ------------------------------------------------------------------ faults and recovery
-    def _fault(self, fault: PoolFault, request_id: str | None) -> None:
+    def _fault(self, fault: PoolFault, request_id: str | None, detect_ms: int | None = None) -> None:
+        """`detect_ms`: how long the failed call had been running when its fault was known (for a hang, the
+        step deadline); None for faults outside a call (a death between steps is seen at once, by pidfd)."""
         if self._incident is None:
             self._incident = new_incident_id()
             self.incidents += 1
         cause = Cause(fault.cause, self._incident, fault.rank, request_id, detail=fault.message)
         log.error("fault: %s (rank %s, request %s)", fault.message, fault.rank, request_id)
         self._fault_at = time.monotonic()
-        self._emit(Event.FAULT_DETECTED, cause)
+        self._emit(Event.FAULT_DETECTED, cause, detect_ms=detect_ms)
         self._send("fault", cause)
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.get_running_loop().create_task(self._recover(fault, cause))
@@ -346,6 +357,7 @@ class Supervisor:
         """Respawn only the victims; survivors keep their processes and weights and join a new communicator."""
         pool = self.pool
         for rank in sorted(victims):
+            self.load_progress.pop(rank, None)
             pool.spawn(rank)
         await pool.wait_started(sorted(victims))
         t0 = time.monotonic()

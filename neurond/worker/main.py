@@ -170,7 +170,9 @@ class Worker:
     def _load(self) -> dict:
         from neurond.worker.runner import ModelRunner
 
-        info = self.shard.load()
+        # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer.
+        report = lambda *counts: self.step_conn.send(p.LoadProgress(self.rank, *counts))  # noqa: E731
+        info = self.shard.load(progress=report)
         spec = self.spec
         self.runner = ModelRunner(
             self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,

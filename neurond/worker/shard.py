@@ -54,7 +54,9 @@ class Shard:
         self.model = None
 
     # ------------------------------------------------------------------ load
-    def load(self) -> dict:
+    def load(self, progress=None) -> dict:
+        """`progress(done_bytes, total_bytes, files_done, files_total)` as checkpoint files are read (neurond's
+        own sharding only; transformers' loader reports nothing)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -62,7 +64,7 @@ class Shard:
             from neurond.worker.tp import load_shard
 
             model = load_shard(self.model_dir, self.device, _dtype(self.dtype, self.device), self.rank,
-                               self.world_size, self.guard)
+                               self.world_size, self.guard, progress)
         else:
             kwargs: dict = {"dtype": _dtype(self.dtype, self.device)}
             if self.world_size > 1:

@@ -25,6 +25,9 @@ from pathlib import Path
 
 log = logging.getLogger("neurond.worker")
 
+# A slow load reports at most this often (the leader turns reports into STATUS= and journal entries).
+PROGRESS_INTERVAL_S = 1.0
+
 
 class CollectiveGuard:
     """Marks when this rank is inside a collective; the control thread reports it in Pong, so the leader can
@@ -61,7 +64,12 @@ def _style(plan: dict[str, str], module_name: str) -> str | None:
     return None
 
 
-def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard: CollectiveGuard):
+def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard: CollectiveGuard, progress=None):
+    """This rank's shard of the checkpoint as a model. `progress(done_bytes, total_bytes, files_done, files_total)`,
+    when given, is called on this thread at the start, as files finish (at most every PROGRESS_INTERVAL_S) and
+    at the end."""
+    import time
+
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -100,11 +108,20 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
                 out.append((key, tensor.to(device=device, dtype=dtype)))
         return out
 
+    sizes = [file.stat().st_size for file in files]
+    done_bytes, reported = 0, time.monotonic()
+    if progress is not None:
+        progress(0, sum(sizes), 0, len(files))
     # One thread per file: page-cache reads and host-to-device copies release the GIL and overlap. (One
     # synchronous copy at a time from a device-side safe_open took 10.6 s for an 8B checkpoint on an H200,
     # from a CPU-side one 7.4 s, where transformers' own loader takes 2.5-2.8 s.)
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        for results in pool.map(load_file, files):
+        for index, results in enumerate(pool.map(load_file, files)):
+            done_bytes += sizes[index]
+            last = index + 1 == len(files)
+            if progress is not None and (last or time.monotonic() - reported >= PROGRESS_INTERVAL_S):
+                reported = time.monotonic()
+                progress(done_bytes, sum(sizes), index + 1, len(files))
             for key, tensor in results:
                 module_name, _, param_name = key.rpartition(".")
                 modules[module_name]._parameters[param_name] = torch.nn.Parameter(tensor, requires_grad=False)

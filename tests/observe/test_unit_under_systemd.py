@@ -40,7 +40,8 @@ WatchdogSec=2s
 RestartSec=200ms
 TimeoutAbortSec=2s
 # The interpreter here lives under /root (mode 700): run as root and let it be read.
-DynamicUser=no
+User=
+Group=
 ProtectHome=read-only
 # /etc is the real one inside the test namespaces: create nothing there.
 ConfigurationDirectory=
