@@ -151,10 +151,11 @@ def test_render_shows_a_load_in_progress():
 
 
 def test_a_repair_shows_in_status_metrics_and_journal(daemon):
-    """Last: it leaves an incident behind. Rank 1 is killed mid-decode: rank_died, replace_ranks."""
+    """Last: it leaves an incident behind. Rank 1 is killed mid-decode: rank_died, replace_ranks (the request
+    is replayed after the repair and completes)."""
     assert daemon.admin.inject(1, "sigkill", "decode").status_code == 200
     status, _, body = daemon.chat(chat_body(max_tokens=8))
-    assert (status, body["error"]["code"]) == (503, "rank_died")
+    assert status == 200, body
     wait_ready(daemon)
     proc = neurond("status", "--config", daemon.conf)
     assert proc.returncode == 0, proc.stderr
