@@ -129,6 +129,9 @@ class Config:
             raise ConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if self.admin_socket and not os.path.isabs(self.admin_socket):
+            raise ConfigError(f"admin_socket must be the absolute path of a unix socket (the admin API never "
+                              f"listens on TCP), got {self.admin_socket!r}")
         if self.admin_socket and not self.admin_token_file:
             raise ConfigError("admin_socket needs admin_token_file (the admin API always requires a token)")
         if self.fault_injection and not self.admin_socket:

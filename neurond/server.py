@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -86,8 +87,24 @@ def _read_token(path: str) -> str | None:
         return None
     token = Path(path).read_text().strip()
     if not token:
-        raise FileNotFoundError(f"token file {path} is empty")
+        raise ValueError(f"token file {path} is empty")
     return token
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    api: str | None  # bearer token of the public API; None: no authentication
+    admin: str | None  # bearer token of the admin socket; None: no admin API
+
+
+def read_tokens(config: Config) -> Tokens:
+    """Both tokens, read before anything starts. The admin token must not also open the public API: whoever
+    holds the API token must never be able to reload the model or inject faults."""
+    admin = _read_token(config.admin_token_file) if config.admin_socket else None
+    tokens = Tokens(_read_token(config.api_token_file), admin)
+    if tokens.admin is not None and tokens.admin == tokens.api:
+        raise ValueError("the admin token must differ from the API token (admin_token_file, api_token_file)")
+    return tokens
 
 
 def _read_json(path: Path) -> dict:
@@ -95,8 +112,9 @@ def _read_json(path: Path) -> dict:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, tokens: Tokens | None = None) -> None:
         self.config = config
+        self.tokens = tokens if tokens is not None else read_tokens(config)
         self.shutdown = asyncio.Event()
         self.hup = asyncio.Event()  # SIGHUP: reload the model (the handler only sets this)
         self.supervisor: Supervisor | None = None
@@ -148,8 +166,9 @@ class Server:
                              metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
                              prefill_chunk=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults)
         api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
-                  default_max_tokens=c.default_max_tokens, api_token=_read_token(c.api_token_file),
-                  max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s, metrics=self.metrics)
+                  default_max_tokens=c.default_max_tokens, api_token=self.tokens.api,
+                  max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
+                  max_header_bytes=c.max_header_bytes, metrics=self.metrics)
 
         hc = HypercornConfig()
         hc.bind = [f"fd://{listener.detach()}"]  # bound here, so READY can never be about someone else's port
@@ -227,8 +246,7 @@ class Server:
         from neurond.api.admin import AdminAPI
 
         c = self.config
-        token = Path(c.admin_token_file).read_text().strip()
-        admin = AdminAPI(self.supervisor, token, engine=self.engine, started_at=self.started_at)
+        admin = AdminAPI(self.supervisor, self.tokens.admin, engine=self.engine, started_at=self.started_at)
         hc = HypercornConfig()
         hc.bind = [f"unix:{c.admin_socket}"]
         hc.errorlog = logging.getLogger("neurond.admin")
@@ -286,4 +304,9 @@ async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
 
 
 def serve(config: Config) -> int:
-    return asyncio.run(Server(config).run())
+    try:
+        tokens = read_tokens(config)
+    except (OSError, ValueError) as exc:  # missing, unreadable, empty or shared token file
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    return asyncio.run(Server(config, tokens).run())

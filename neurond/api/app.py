@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from neurond.api.errors import APIError
+from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest
@@ -44,7 +44,7 @@ class ServedModel:
 class API:
     def __init__(self, model: ServedModel, engine, supervisor, *, max_body_bytes: int, default_max_tokens: int,
                  api_token: str | None = None, max_concurrent: int = 512, body_timeout_s: float = 30.0,
-                 metrics=None) -> None:
+                 max_header_bytes: int = 16384, metrics=None) -> None:
         self.metrics = metrics
         self.model = model
         self.engine = engine
@@ -54,6 +54,7 @@ class API:
         self.api_token = api_token.encode() if api_token else None
         self.max_concurrent = max_concurrent
         self.body_timeout_s = body_timeout_s
+        self.max_header_bytes = max_header_bytes
         self.in_flight = 0
 
     def app(self) -> Starlette:
@@ -80,13 +81,17 @@ class API:
         return self._guard(app)
 
     def _guard(self, app):
-        """ASGI wrapper for /v1/*: the bearer token (when configured) and the limit on concurrent requests.
-        Runs before routing, so a refused request costs no parsing."""
+        """ASGI wrapper: the size of the request head for every request; for /v1/*, the bearer token (when
+        configured) and the limit on concurrent requests. Runs before routing, so a refused request costs no
+        parsing."""
 
         async def guarded(scope, receive, send):
-            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            if scope["type"] != "http":
                 return await app(scope, receive, send)
-            error = self._check_token(scope)
+            error = self._check_head(scope)
+            if error is None and not scope["path"].startswith("/v1/"):
+                return await app(scope, receive, send)
+            error = error or self._check_token(scope)
             if error is None and self.in_flight >= self.max_concurrent:
                 error = APIError(429, f"more than {self.max_concurrent} concurrent requests", code="too_many_requests",
                                  retry_after_s=RETRY_AFTER_S)
@@ -99,6 +104,16 @@ class API:
                 self.in_flight -= 1
 
         return guarded
+
+    def _check_head(self, scope) -> APIError | None:
+        """hypercorn's h11 limit (h11_max_incomplete_size) holds only for a head that arrives in pieces: one
+        read of up to 64 KiB is parsed whole. The head's size is checked again here, whatever way it came."""
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if size <= self.max_header_bytes:
+            return None
+        return APIError(431, f"request head of about {size} bytes exceeds the limit of {self.max_header_bytes}",
+                        code="request_header_fields_too_large")
 
     def _check_token(self, scope) -> APIError | None:
         if self.api_token is None:
@@ -233,20 +248,24 @@ class API:
             raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
                            retry_after_s=RETRY_AFTER_S) from None
         if chat.stream:
-            return await self._stream(req, chat)
-        return await self._complete(req)
+            return await self._stream(req, chat, request)
+        return await self._complete(req, request)
 
-    async def _complete(self, req: GenerationRequest) -> Response:
+    async def _complete(self, req: GenerationRequest, request: Request) -> Response:
         parts: list[str] = []
         try:
-            while True:
-                event = await req.events.get()
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Failed):
-                    raise _api_error(event)
-                elif isinstance(event, Finished):
-                    return _json(self._completion_body(req, "".join(parts), event))
+            with _HangUpWatch(request, req):
+                while True:
+                    event = await req.events.get()
+                    if event is _HUNG_UP:
+                        return Response(status_code=499)  # nobody is left to read it
+                    if isinstance(event, TextDelta):
+                        parts.append(event.text)
+                    elif isinstance(event, Failed):
+                        raise _api_error(event, req.request_id)
+                    elif isinstance(event, Finished):
+                        return _json(self._completion_body(req, "".join(parts), event),
+                                     headers={REQUEST_ID_HEADER: req.request_id})
         except asyncio.CancelledError:
             req.cancelled = True
             raise
@@ -262,11 +281,15 @@ class API:
             "usage": _usage(fin),
         }
 
-    async def _stream(self, req: GenerationRequest, chat: ChatCompletionRequest) -> Response:
+    async def _stream(self, req: GenerationRequest, chat: ChatCompletionRequest, request: Request) -> Response:
         # Wait for the first event so that a request failing before its first token gets a real status code.
-        first = await req.events.get()
+        # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
+        with _HangUpWatch(request, req):
+            first = await req.events.get()
+        if first is _HUNG_UP:
+            return Response(status_code=499)
         if isinstance(first, Failed):
-            raise _api_error(first)
+            raise _api_error(first, req.request_id)
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         created = int(time.time())
 
@@ -286,7 +309,7 @@ class API:
                     if isinstance(event, TextDelta):
                         yield chunk({"content": event.text})
                     elif isinstance(event, Failed):
-                        yield b"data: " + orjson.dumps(_api_error(event).body()) + b"\n\n"
+                        yield b"data: " + orjson.dumps(_api_error(event, req.request_id).body()) + b"\n\n"
                         return
                     elif isinstance(event, Finished):
                         yield chunk({}, event.reason.value)
@@ -299,7 +322,8 @@ class API:
                 req.cancelled = True  # a client that went away stops the generation at the next step
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          REQUEST_ID_HEADER: req.request_id})
 
 
 def _usage(fin: Finished) -> dict:
@@ -307,5 +331,35 @@ def _usage(fin: Finished) -> dict:
             "total_tokens": fin.prompt_tokens + fin.completion_tokens}
 
 
-def _api_error(event: Failed) -> APIError:
-    return APIError(event.status, event.message, code=event.code, retry_after_s=event.retry_after_s)
+def _api_error(event: Failed, request_id: str) -> APIError:
+    return APIError(event.status, event.message, code=event.code, retry_after_s=event.retry_after_s,
+                    request_id=request_id)
+
+
+# Put into a request's event queue when its client hangs up before the response started.
+_HUNG_UP = object()
+
+
+class _HangUpWatch:
+    """While a handler waits on the engine with no response started, a client that hangs up cancels its
+    generation (the engine skips it in the queue, or stops it at the next step) and wakes the handler: nobody
+    keeps generating, or waiting, for a closed connection. (hypercorn says `http.disconnect` on receive().)"""
+
+    def __init__(self, request: Request, req: GenerationRequest) -> None:
+        self._receive = request.receive
+        self._req = req
+        self._task: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._req.cancelled = True
+        self._req.events.put_nowait(_HUNG_UP)
+
+    def __enter__(self) -> "_HangUpWatch":
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Cancelling a receive() loses no message: a disconnect still queued is read by whoever receives next.
+        self._task.cancel()

@@ -4,6 +4,7 @@ OpenAPI description is fuzzed with schemathesis, and the daemon keeps serving th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
@@ -11,6 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from tests.api.raw_http import exchange
 from tests.conftest import MODEL, chat_body, http
 
 
@@ -24,6 +26,11 @@ def _assert_4xx(result, status=None):
     if status is not None:
         assert got == status, body
     assert isinstance(body, dict) and body["error"]["message"], body
+
+
+def _with(field: bytes) -> bytes:
+    """A valid request body plus one raw JSON member (for what json.dumps cannot write)."""
+    return b'{"model": "neurond-builtin", "messages": [{"role": "user", "content": "x"}], ' + field + b"}"
 
 
 HOSTILE = [
@@ -43,6 +50,28 @@ HOSTILE = [
     ("many messages over the context", json.dumps(dict(chat_body(), messages=[{"role": "user", "content": "hello there"}] * 1500)).encode()),
     ("max_tokens far beyond the context", json.dumps(chat_body(max_tokens=900_000)).encode()),
     ("unknown nested field", json.dumps(dict(chat_body(), messages=[{"role": "user", "content": "x", "evil": 1}])).encode()),
+    # invalid text
+    ("invalid utf-8 in content", b'{"model": "neurond-builtin", "messages": [{"role": "user", "content": "\xc3\x28"}]}'),
+    ("lone surrogate escape", b'{"model": "neurond-builtin", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    # huge or negative numbers
+    ("number beyond a double", _with(b'"temperature": 1e400')),
+    ("100,000-digit number", _with(b'"max_tokens": ' + b"9" * 100_000)),
+    ("Infinity", _with(b'"temperature": Infinity')),
+    ("huge negative float max_tokens", json.dumps(chat_body(max_tokens=-1e30)).encode()),
+    ("seed beyond 64 bits", json.dumps(chat_body(seed=2**64)).encode()),
+    ("zero max_tokens", json.dumps(chat_body(max_tokens=0)).encode()),
+    ("negative temperature", json.dumps(chat_body(temperature=-1)).encode()),
+    ("huge temperature", json.dumps(chat_body(temperature=1e308)).encode()),
+    ("negative top_p", json.dumps(chat_body(top_p=-0.5)).encode()),
+    # deeply nested or enormous JSON (under max_body_bytes: over it is a 413, test_validation.py)
+    ("object nested 100,000 deep", _with(b'"metadata": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000)),
+    ("50,000 unknown fields", json.dumps(dict(chat_body(), **{f"k{i}": i for i in range(50_000)})).encode()),
+    ("900 KB prompt", json.dumps(chat_body("hello " * 150_000)).encode()),
+    ("200,000-entry stop list", json.dumps(chat_body(stop=[1] * 200_000)).encode()),
+    ("10,000-character name",
+     json.dumps(dict(chat_body(), messages=[{"role": "user", "content": "a", "name": "n" * 10_000}])).encode()),
+    ("100,000-character user", json.dumps(chat_body(user="u" * 100_000)).encode()),
+    ("5,000-character stop string", json.dumps(chat_body(stop=["x" * 5000])).encode()),
 ]
 
 
@@ -53,14 +82,101 @@ def test_hostile_body_gets_4xx(daemon_tp1, name, body):
 
 def test_wrong_content_types(daemon_tp1):
     body = json.dumps(chat_body()).encode()
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                  "application/jsonx", "application/octet-stream"):
         _assert_4xx(_post_raw(daemon_tp1, body, ctype), 415)
+    # The right type with a foreign encoding: not JSON (JSON is UTF-8).
+    utf16 = json.dumps(chat_body(max_tokens=2)).encode("utf-16")
+    _assert_4xx(_post_raw(daemon_tp1, utf16, "application/json; charset=utf-16"), 400)
 
 
-def test_slow_client_that_dribbles_bytes_is_cut_off(start_daemon, tmp_path):
-    conf = tmp_path / "neurond.toml"
+def _post_head(extra: bytes) -> bytes:
+    body = json.dumps(chat_body(max_tokens=2)).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_oversized_request_heads_get_431(daemon_tp1):
+    """max_header_bytes (16 KiB) holds however the head arrives: one write of 40 KB (parsed whole by h11, so
+    the daemon checks it itself), thousands of small headers, or 100 KB (refused by h11 while incomplete)."""
+    for extra in (b"X-Big: " + b"a" * 40_000 + b"\r\n",
+                  b"".join(b"X-H%d: v\r\n" % i for i in range(3000)),
+                  b"X-Huge: " + b"a" * 100_000 + b"\r\n"):
+        reply = exchange(daemon_tp1.port, _post_head(extra))
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert daemon_tp1.get("/health", timeout=10)[0] == 200
+    big_probe = http("GET", daemon_tp1.url("/ready"), headers={"X-Big": "a" * 20_000})
+    assert big_probe[0] == 431, big_probe  # every route, not only /v1
+    assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
+
+
+@pytest.mark.parametrize("name,data", [
+    ("Content-Length not a number", _post_head(b"").replace(b"Content-Length: ", b"Content-Length: x")),
+    ("negative Content-Length", _post_head(b"").replace(b"Content-Length: ", b"Content-Length: -")),
+    ("two different Content-Lengths", _post_head(b"Content-Length: 3\r\n")),
+    ("NUL in a header", _post_head(b"X-Bad: a\x00b\r\n")),
+    ("a request line that is not HTTP", b"GARBAGE\r\n\r\n"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_malformed_http_gets_400(daemon_tp1, name, data):
+    """Refused by the HTTP server itself (h11) before the app sees it: a bare 400, and the daemon serves on."""
+    reply = exchange(daemon_tp1.port, data)
+    assert reply.startswith(b"HTTP/1.1 400"), (name, reply[:200])
+    assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
+
+
+def test_idle_and_slow_head_connections_are_closed_and_never_block_serving(daemon_tp1):
+    """Connections that send nothing, or dribble their request head, are closed by the server after hypercorn's
+    keep_alive_timeout (5 s); meanwhile every other client is served. (Their number is bounded only by the
+    leader's fd limit: see docs/chaos.md.)"""
+    leader = daemon_tp1.proc.pid
+    fds = len(os.listdir(f"/proc/{leader}/fd"))
+    idle = [socket.create_connection(("127.0.0.1", daemon_tp1.port), timeout=15) for _ in range(200)]
+    slow = socket.create_connection(("127.0.0.1", daemon_tp1.port), timeout=15)
+    t0 = time.monotonic()
+    try:
+        assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
+        closed_after = None
+        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" * 10:  # a byte every 0.2 s
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+            time.sleep(0.2)
+        assert closed_after is not None and closed_after < 10, closed_after
+        for s in idle:
+            assert s.recv(1) == b""  # closed by the server, not by us
+    finally:
+        for s in idle + [slow]:
+            s.close()
+    deadline = time.monotonic() + 5
+    while len(os.listdir(f"/proc/{leader}/fd")) > fds + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(f"/proc/{leader}/fd")) <= fds + 2
+    assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
+
+
+@pytest.fixture(scope="module")
+def impatient(start_daemon, tmp_path_factory):
+    """A daemon that gives a client 1 s for its body."""
+    conf = tmp_path_factory.mktemp("impatient") / "neurond.toml"
     conf.write_text("body_timeout_s = 1.0\n")
     d = start_daemon(1, ["--config", str(conf)])
+    yield d
+    d.stop()
+
+
+def test_body_that_never_ends_is_cut_off(impatient):
+    """Chunked transfer (which wins over the Content-Length sent with it) whose chunks never come: 408."""
+    t0 = time.monotonic()
+    reply = exchange(impatient.port, _post_head(b"Transfer-Encoding: chunked\r\n"))
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert time.monotonic() - t0 < 5
+    assert impatient.chat(chat_body(max_tokens=2))[0] == 200
+
+
+def test_slow_client_that_dribbles_bytes_is_cut_off(impatient):
+    d = impatient
     body = json.dumps(chat_body(max_tokens=2)).encode()
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -89,7 +205,6 @@ def test_slow_client_that_dribbles_bytes_is_cut_off(start_daemon, tmp_path):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert time.monotonic() - t0 < 5
     assert d.chat(chat_body(max_tokens=2))[0] == 200  # and it keeps serving
-    d.stop()
 
 
 def test_api_token_and_concurrency_limit(start_daemon, tmp_path):

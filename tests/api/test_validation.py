@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.api.raw_http import exchange
 from tests.conftest import MODEL, chat_body, http
 
 
@@ -64,42 +65,18 @@ def test_wrong_content_type_is_415(daemon_tp1):
                 {"Content-Type": "text/plain"}), 415)
 
 
-def _raw_exchange(port: int, head: bytes, chunks) -> bytes:
-    """Send a request head, then body chunks until the server answers or hangs up; return its response.
-    (The server may answer 413 and close before the body is sent: that is the point, not an error.)"""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(head)
-        try:
-            for chunk in chunks:
-                s.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        reply = b""
-        try:
-            while b"\r\n\r\n" not in reply or len(reply) < 200:
-                data = s.recv(65536)
-                if not data:
-                    break
-                reply += data
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return reply
-
-
 def test_body_too_large_is_413(daemon_tp1):
     # Declared too large: refused from the headers alone, before any body byte is read.
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 2000000\r\n\r\n")
-    reply = _raw_exchange(daemon_tp1.port, head, [])
+    reply = exchange(daemon_tp1.port, head, [])
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"request_too_large" in reply
     # Not declared (chunked): refused once the bytes read pass the limit.
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     chunk = b"x" * 65536
-    reply = _raw_exchange(daemon_tp1.port, head, (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(40)))
+    reply = exchange(daemon_tp1.port, head, (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(40)))
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
 

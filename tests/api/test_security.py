@@ -1,0 +1,233 @@
+"""Security (issue 7): the API token comes from a file; the admin API and fault injection are off unless
+configured, listen only on a private unix socket, need their own token, and are never reachable over the
+network; requests beyond the limits get 413 / 431 / 429 / 503 (body and head sizes: test_validation.py and
+test_hostile.py; concurrent requests: test_hostile.py; the queue: here); and no prompt text or token ids
+reach the daemon's logs or journal lines, faults included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from neurond.config import Config, ConfigError, load_config
+from tests.conftest import REPO, chat_body, http
+from tests.faults import Admin, wait_ready
+
+API_TOKEN = "api-token-7f3c"
+ADMIN_TOKEN = "admin-token-91d2"
+BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def locked(start_daemon, tmp_path_factory):
+    """A daemon with every lock on: API token, admin socket with its own token, fault injection (for the
+    log test), and room for one queued request only."""
+    tmp = tmp_path_factory.mktemp("locked")
+    (tmp / "api.token").write_text(API_TOKEN + "\n")
+    (tmp / "admin.token").write_text(ADMIN_TOKEN + "\n")
+    settings = {"api_token_file": str(tmp / "api.token"), "admin_socket": str(tmp / "admin.sock"),
+                "admin_token_file": str(tmp / "admin.token"), "fault_injection": "true", "max_queued_requests": "1",
+                "step_deadline_floor_s": "1.0", "kill_grace_s": "2.0", "unloaded_exit_s": "0"}
+    conf = tmp / "neurond.toml"
+    conf.write_text("".join(f'{k} = {v if v[0].isdigit() or v == "true" else json.dumps(v)}\n'
+                            for k, v in settings.items()))
+    d = start_daemon(1, ["--config", str(conf)])
+    d.socket_path = settings["admin_socket"]
+    d.admin = Admin(d.socket_path, ADMIN_TOKEN)
+    yield d
+    d.stop()
+
+
+def _chat(d, body: dict, token: str | None = API_TOKEN, scheme: str = "Bearer", timeout: float = 120):
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    return d.chat(body, headers=headers, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def test_tokens_come_from_files_never_from_the_command_line(locked):
+    secret_fields = [f.name for f in dataclasses.fields(Config) if "token" in f.name and "tokens" not in f.name]
+    assert secret_fields and all(name.endswith("_file") for name in secret_fields), secret_fields
+    proc = subprocess.run([sys.executable, "-m", "neurond", "serve", "--api-token", "x"], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "unrecognized arguments: --api-token" in proc.stderr
+    for name in ("cmdline", "environ"):
+        with open(f"/proc/{locked.proc.pid}/{name}", "rb") as f:
+            data = f.read()
+        assert API_TOKEN.encode() not in data and ADMIN_TOKEN.encode() not in data
+
+
+def test_api_token_guards_every_v1_route_and_only_the_exact_token_passes(locked):
+    body = chat_body(max_tokens=2)
+    for token, scheme in ((None, "Bearer"), ("", "Bearer"), (API_TOKEN, "Basic"), (API_TOKEN[:-1], "Bearer"),
+                          (API_TOKEN + "x", "Bearer"), (ADMIN_TOKEN, "Bearer")):
+        status, _, err = _chat(locked, body, token, scheme)
+        assert (status, err["error"]["code"]) == (401, "invalid_api_key"), (token, scheme)
+    assert http("GET", locked.url("/v1/models"))[0] == 401
+    assert _chat(locked, body, API_TOKEN, "bearer")[0] == 200  # the scheme is case-insensitive (RFC 7235)
+    assert http("GET", locked.url("/v1/models"), headers=BEARER)[0] == 200
+    for probe in ("/health", "/ready"):  # load balancers and systemd probe without a token
+        assert locked.get(probe)[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------- admin API
+def _listening(pid: int) -> tuple[set[int], set[str]]:
+    """(TCP ports, unix socket paths) the process listens on, from /proc/net: nothing else is bound."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    paths = set()
+    with open(f"/proc/{pid}/net/unix") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 8 and cols[6] in inodes and int(cols[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                paths.add(cols[7])
+    return ports, paths
+
+
+def test_admin_api_is_off_unless_configured(daemon_tp1):
+    for method, path in (("GET", "/admin/status"), ("POST", "/admin/faults"), ("POST", "/admin/reload"),
+                         ("POST", "/admin/load"), ("POST", "/admin/unload")):
+        assert http(method, daemon_tp1.url(path), b"{}")[0] == 404, path
+    assert _listening(daemon_tp1.proc.pid) == ({daemon_tp1.port}, set())  # the API port, nothing else
+
+
+def test_admin_listens_only_on_its_private_unix_socket(locked):
+    assert _listening(locked.proc.pid) == ({locked.port}, {locked.socket_path})
+    mode = os.stat(locked.socket_path).st_mode
+    assert stat.S_ISSOCK(mode) and mode & 0o077 == 0, oct(mode)  # the service user's only
+    # Fault injection is on, and still nothing of the admin API answers on the network port.
+    for token in (ADMIN_TOKEN, API_TOKEN):
+        fault = json.dumps({"rank": 0, "kind": "raise", "phase": "decode"}).encode()
+        reply = http("POST", locked.url("/admin/faults"), fault,
+                     {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert reply[0] == 404, reply
+
+
+def test_admin_needs_its_own_token(locked):
+    no_token = Admin(locked.socket_path).client.get("/admin/status", headers={"Authorization": ""})
+    assert no_token.status_code == 401
+    assert Admin(locked.socket_path, token=API_TOKEN).client.get("/admin/status").status_code == 401
+    assert Admin(locked.socket_path, token=API_TOKEN).inject(0, "raise", "decode").status_code == 401
+    assert locked.admin.client.get("/admin/status").status_code == 200
+
+
+def _serve_exit(tmp_path, settings: dict) -> subprocess.CompletedProcess:
+    conf = tmp_path / "neurond.toml"
+    conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    return subprocess.run([sys.executable, "-m", "neurond", "serve", "--config", str(conf), "--device", "cpu",
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+
+
+def test_unsafe_admin_setups_are_refused_at_start(tmp_path):
+    """Exit code 2 before anything loads: fault injection without the admin socket, an admin socket without a
+    token, one that is not an absolute unix socket path (a "host:port" would silently become a file name), a
+    token shared with the public API, an empty token file."""
+    with pytest.raises(ConfigError, match="fault_injection needs admin_socket"):
+        load_config(None, env={}, overrides={"fault_injection": True})
+    with pytest.raises(ConfigError, match="admin_socket needs admin_token_file"):
+        load_config(None, env={}, overrides={"admin_socket": "/run/neurond/admin.sock"})
+    for where in ("0.0.0.0:9000", "admin.sock"):
+        with pytest.raises(ConfigError, match="absolute path of a unix socket"):
+            load_config(None, env={}, overrides={"admin_socket": where, "admin_token_file": "/x"})
+    shared = tmp_path / "shared.token"
+    shared.write_text("same\n")
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    admin = {"admin_socket": str(tmp_path / "a.sock"), "fault_injection": True}
+    for settings, says in (({**admin, "admin_token_file": str(shared), "api_token_file": str(shared)},
+                            "must differ"),
+                           ({**admin, "admin_token_file": str(empty)}, "is empty"),
+                           ({**admin, "admin_token_file": str(tmp_path / "missing")}, "No such file")):
+        t0 = time.monotonic()
+        proc = _serve_exit(tmp_path, settings)
+        assert proc.returncode == 2 and says in proc.stderr, (settings, proc.returncode, proc.stderr[-2000:])
+        assert time.monotonic() - t0 < 30 and not (tmp_path / "a.sock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- limits
+def test_requests_beyond_the_queue_get_503_with_retry_after(locked):
+    """max_queued_requests = 1: one request generating, one waiting; the others are refused at once."""
+    long_body = chat_body("a long answer please", max_tokens=1500, temperature=1.0, seed=8)
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(_chat(locked, long_body)))
+    first.start()
+    time.sleep(0.3)  # generating
+    more = [threading.Thread(target=lambda: results.append(_chat(locked, chat_body(max_tokens=2))))
+            for _ in range(4)]
+    for t in more:
+        t.start()
+    for t in [first, *more]:
+        t.join(120)
+    refused = [(s, h, b) for s, h, b in results if s != 200]
+    assert refused and all(s == 503 and b["error"]["code"] == "server_overloaded" and "retry-after" in h
+                           for s, h, b in refused), refused
+    assert len(results) - len(refused) >= 2  # the generating one and the queued one
+
+
+# ---------------------------------------------------------------------------------------------- privacy
+def test_no_prompt_text_or_token_ids_in_the_logs_even_on_faults(locked):
+    """A unique marker prompt goes through every path that logs: served, streamed, hung up mid-stream,
+    refused as invalid, failed by a rank raising, running out of memory and segfaulting (a respawn). Neither
+    the marker nor any run of its token ids may appear in the daemon's output (its journal lines included)."""
+    from neurond.engine.tokenizer import ChatTokenizer
+    from neurond.models.builtin import builtin_dir
+
+    marker = "zq" + os.urandom(6).hex() + "secret"
+    prompt = f"My password is {marker}, keep it safe"
+    body = chat_body(prompt, max_tokens=8, temperature=0)
+    assert _chat(locked, body)[0] == 200
+    assert _chat(locked, dict(body, stream=True))[0] == 200
+    with socket.create_connection(("127.0.0.1", locked.port), timeout=30) as s:  # hang up mid-stream
+        payload = json.dumps(dict(body, stream=True, max_tokens=200)).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {API_TOKEN}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert s.recv(100)
+    assert _chat(locked, dict(body, messages=[{"role": "wizard", "content": prompt}]))[0] == 400
+    assert _chat(locked, chat_body(prompt * 300))[0] == 400  # over the context window
+    for kind, phase, want in (("raise", "prefill", 500), ("oom", "decode", 503), ("segfault", "decode", 503)):
+        assert locked.admin.inject(0, kind, phase).status_code == 200
+        assert _chat(locked, body)[0] == want
+        wait_ready(locked)
+    assert _chat(locked, body)[0] == 200
+    time.sleep(0.5)  # let the last lines reach the log
+
+    log = locked.log()
+    assert log.count("NEUROND_EVENT=fault_detected") >= 3  # the faults were journaled
+    assert marker not in log and "My password" not in log
+    tokenizer = ChatTokenizer(builtin_dir(locked.log_path.parent))
+
+    def ids(text: str) -> list[int]:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    full, empty = ids(prompt), ids("")
+    head = next(i for i, (a, b) in enumerate(zip(full, empty + [None])) if a != b)
+    tail = next(i for i, (a, b) in enumerate(zip(reversed(full), reversed([None] + empty))) if a != b)
+    text_ids = [str(i) for i in full[head:len(full) - tail]]  # the prompt's own tokens, not the template's
+    assert len(text_ids) >= 8, text_ids
+    for sep in (", ", " ", ","):
+        for i in range(len(text_ids) - 3):
+            assert sep.join(text_ids[i:i + 4]) not in log, text_ids[i:i + 4]
