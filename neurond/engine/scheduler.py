@@ -127,9 +127,13 @@ class Engine:
         if prefilling:
             if not await self._step([r for r, _ in prefilling], self._prefill(prefilling)):
                 return
+        # Requests that were in a faulted step before decode alone (like their prefill), so a fault that
+        # follows one of them is its own and the clean batch takes no strike for it.
         decoding = [r for r in self._running if r.decoding]
-        if decoding:
-            await self._step(decoding, self._decode(decoding))
+        batches = [[r for r in decoding if not r.faults]] + [[r] for r in decoding if r.faults]
+        for batch in batches:
+            if batch and not await self._step(batch, self._decode(batch)):
+                return
 
     async def _step(self, members: list[GenerationRequest], step) -> bool:
         try:

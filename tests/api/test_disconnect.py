@@ -27,7 +27,8 @@ RSS_SLACK_BYTES = 8 * 2**20
 
 @pytest.fixture(scope="module")
 def daemon(start_daemon, tmp_path_factory):
-    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("disconnect"), 1)
+    # One KV cache slot: a request sent while another generates waits in the queue (what the tests need).
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("disconnect"), 1, max_batch_size=1)
     d.long_tokens = d.chat(LONG)[2]["usage"]["completion_tokens"]
     assert d.long_tokens > 1000, "the long answer is not long: pick another seed"
     yield d

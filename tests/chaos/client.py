@@ -22,10 +22,12 @@ from tests.chaos.workload import RequestPlan
 # imported from the engine: the test is the spec.
 ERROR_STATUS = {
     "rank_failed": 500, "cuda_error": 500, "out_of_memory": 503, "rank_died": 503, "rank_timeout": 504,
+    "request_quarantined": 500,
     "model_unavailable": 503, "server_overloaded": 503, "too_many_requests": 429,
 }
 # Codes of a request ended by a rank fault (the one whose step faulted, or one in flight with it).
-FAULT_CODES = frozenset({"rank_failed", "cuda_error", "out_of_memory", "rank_died", "rank_timeout"})
+FAULT_CODES = frozenset({"rank_failed", "cuda_error", "out_of_memory", "rank_died", "rank_timeout",
+                         "request_quarantined"})
 # An admitted request may also end in model_unavailable: it waited in the queue for a repair that did not come
 # within resume_wait_s. A refused one gets one of these three.
 REFUSAL_CODES = frozenset({"model_unavailable", "server_overloaded", "too_many_requests"})
