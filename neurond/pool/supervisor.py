@@ -318,6 +318,9 @@ class Supervisor:
         # Still busy after the grace: stuck for good. (Pings in the grace may also have found wedged ranks.)
         victims |= waiting | finishing
         await self._kill(victims, cause)  # kills only those still alive
+        # A rank that died on its own meanwhile (two deaths in one step: the second pidfd turns readable
+        # while the abort runs) is a victim too; else the rung would be chosen for the first death alone.
+        victims |= {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
         return victims
 
     async def _ping_busy(self, skip: set[int], wedged_out: set[int]) -> tuple[set[int], set[int]]:
