@@ -52,6 +52,9 @@ class Config:
     max_model_len: int = 4096
     #: Long prompts are prefilled in chunks of this many tokens, between decode steps of running requests.
     prefill_chunk_tokens: int = 512
+    #: Decode steps per call to the ranks while no request waits to be prefilled: the leader's round trip is
+    #: paid once per this many tokens (tokens then stream in bursts of this many). 1: a call per token.
+    decode_steps_per_call: int = 4
     #: Capture the decode step as CUDA graphs (GPU only; removes Python and kernel-launch overhead).
     cuda_graphs: bool = True
     #: Compile the decode step with torch.compile before capturing it (fuses the small kernels; costs compile
@@ -138,6 +141,8 @@ class Config:
             raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.prefill_chunk_tokens < 1:
             raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk_tokens >= 1")
+        if self.decode_steps_per_call < 1:
+            raise ConfigError("decode_steps_per_call must be >= 1")
         if self.max_request_faults < 1:
             raise ConfigError("max_request_faults must be >= 1")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:

@@ -49,7 +49,7 @@ class EngineBusy(Exception):
 class Engine:
     def __init__(self, supervisor, tokenizer, *, deadline: StepDeadline, max_queued: int, metrics=None,
                  resume_wait_s: float = 30.0, max_batch: int = 1, prefill_chunk: int = 512,
-                 max_request_faults: int = 2) -> None:
+                 max_request_faults: int = 2, decode_steps: int = 1) -> None:
         self.supervisor = supervisor
         self.tokenizer = tokenizer
         self.deadline = deadline
@@ -59,6 +59,7 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.max_request_faults = max_request_faults
+        self.decode_steps = decode_steps
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._wake = asyncio.Event()
@@ -200,17 +201,29 @@ class Engine:
                 self._accept(req, token)
 
     async def _decode(self, batch: list[GenerationRequest]) -> None:
+        """Decode steps for `batch`: several per call while nobody waits for a prefill (the round trip to the
+        ranks is paid once per call), never more than the batch's smallest remaining max_tokens. Tokens a
+        sequence draws after it finished (its end-of-text or stop string came earlier in the call) are
+        dropped; its slot went one step further, which the cache's trash column absorbs."""
         slots = tuple(r.slot for r in batch)
+        steps = 1
+        if not self._waiting and all(r.decoding for r in self._running):
+            steps = max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
         t0 = time.monotonic()
-        replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots), self.deadline.decode(), "decode",
+        replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots, steps),
+                                             self.deadline.decode() * steps, "decode",
                                              batch[0].request_id if len(batch) == 1 else None)
-        took = time.monotonic() - t0
+        took = (time.monotonic() - t0) / steps
         self.deadline.observe_decode(took)
         if self.metrics is not None:
-            self.metrics.step("decode", took)
-        for req, token in zip(batch, replies[0].tokens):
-            self._accept(req, token)
+            for _ in range(steps):
+                self.metrics.step("decode", took)
+        tokens = replies[0].tokens
+        for step in range(steps):
+            for i, req in enumerate(batch):
+                if req.slot is not None and req in self._running:  # not finished earlier in this call
+                    self._accept(req, tokens[step * len(batch) + i])
 
     def _accept(self, req: GenerationRequest, token: int) -> None:
         """A token drawn for `req`: stream it, and finish the request if it is done."""

@@ -88,11 +88,12 @@ class Prefill:
 
 @dataclass(frozen=True, slots=True)
 class Decode:
-    """One decode step for the sequences in `slots`, each fed its last drawn token (kept on the ranks); rank 0
-    reports the next token of each, in the order of `slots`."""
+    """`steps` decode steps for the sequences in `slots`, each fed its last drawn token (kept on the ranks);
+    rank 0 reports the tokens step by step, each step's in the order of `slots` (steps x len(slots) in all)."""
 
     call_id: int
     slots: tuple[int, ...]
+    steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)

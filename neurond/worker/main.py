@@ -151,7 +151,7 @@ class Worker:
     def _dispatch(self, cmd):
         if isinstance(cmd, p.Decode):
             self.faults.fire("decode")
-            return self.runner.decode(cmd.slots), {}
+            return [t for _ in range(cmd.steps) for t in self.runner.decode(cmd.slots)], {}
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
             return self.runner.prefill(cmd.chunks), {}

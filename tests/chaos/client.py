@@ -26,6 +26,7 @@ ERROR_STATUS = {
     "model_unavailable": 503, "server_overloaded": 503, "too_many_requests": 429,
 }
 # Codes of a request ended by a rank fault (the one whose step faulted, or one in flight with it).
+NOT_RETRIABLE = frozenset({"request_quarantined"})
 FAULT_CODES = frozenset({"rank_failed", "cuda_error", "out_of_memory", "rank_died", "rank_timeout",
                          "request_quarantined"})
 # An admitted request may also end in model_unavailable: it waited in the queue for a repair that did not come
@@ -96,8 +97,9 @@ def _judge_error(out: Outcome, headers, raw: bytes) -> None:
         wrong.append(f"not the OpenAI error shape: {body}")
     if ERROR_STATUS.get(out.code) != out.status:
         wrong.append(f"{out.status} with code {out.code!r}")
-    if "retry-after" not in headers:
-        wrong.append("no Retry-After")
+    # A quarantined request must not be retried: it alone carries no Retry-After.
+    if ("retry-after" in headers) != (out.code not in NOT_RETRIABLE):
+        wrong.append("no Retry-After" if out.code not in NOT_RETRIABLE else f"Retry-After on {out.code}")
     admitted = out.request_id is not None
     if admitted and out.code not in FAULT_CODES | {"model_unavailable"}:
         wrong.append(f"admitted request ended in {out.code!r}")

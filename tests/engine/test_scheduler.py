@@ -77,10 +77,11 @@ class FakeSupervisor:
             return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
         assert isinstance(cmd, p.Decode)
         out = []
-        for slot in cmd.slots:
-            ctx = self.slots[slot]
-            out.append(next_token(ctx))
-            ctx.append(out[-1])
+        for _ in range(cmd.steps):
+            for slot in cmd.slots:
+                ctx = self.slots[slot]
+                out.append(next_token(ctx))
+                ctx.append(out[-1])
         return {0: p.Done(cmd.call_id, 0, tuple(out))}
 
     def _repaired(self):
@@ -99,9 +100,9 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
     return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
 
 
-async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0):
+async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1):
     engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
-                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5)
+                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps)
     engine.start()
     for r in reqs:
         engine.submit(r)
@@ -281,3 +282,17 @@ def test_a_request_struck_before_is_prefilled_alone():
     for r in good:
         assert out[r.request_id][1] == text_of(expected(r.prompt_ids, 4))
     assert bad.faults == 1 and all(r.faults == 1 for r in good)  # one shared strike, then isolation
+
+
+def test_several_decode_steps_per_call_give_the_same_streams():
+    """With decode_steps=4 the leader calls the ranks once per 4 tokens while nobody waits for a prefill;
+    tokens past a request's end (max_tokens, here 6 and 9) are dropped, and every stream is exact."""
+    sup = FakeSupervisor()
+    reqs = [request("a", PROMPTS["a"], 6), request("b", PROMPTS["b"], 9)]
+    _, out = asyncio.run(run(sup, reqs, chunk=16, decode_steps=4))
+    assert out["a"][1] == text_of(expected(PROMPTS["a"], 6))
+    assert out["b"][1] == text_of(expected(PROMPTS["b"], 9))
+    steps = [c.steps for c in sup.calls if isinstance(c, p.Decode)]
+    assert max(steps) == 4 and sum(steps) < 9  # fewer calls than tokens
+    # never past the smallest remaining max_tokens of the batch: a's 5 decode tokens end a call exactly
+    assert steps[0] == 4 and steps[1] == 1
