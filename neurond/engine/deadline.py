@@ -25,10 +25,12 @@ class StepDeadline:
     def _clamp(self, seconds: float) -> float:
         return min(self.ceiling_s, max(self.floor_s, seconds))
 
-    def decode(self) -> float:
+    def decode(self, steps: int = 1) -> float:
+        """For a call of `steps` decode steps: the floor and ceiling bound the call, not each step (a wedge
+        is still detected at the floor)."""
         if not self._decode:
             return self.ceiling_s
-        return self._clamp(self.factor * max(self._decode))
+        return self._clamp(self.factor * max(self._decode) * steps)
 
     def prefill(self, tokens: int) -> float:
         if not self._prefill_per_token:

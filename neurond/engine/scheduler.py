@@ -212,7 +212,7 @@ class Engine:
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
         t0 = time.monotonic()
         replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots, steps),
-                                             self.deadline.decode() * steps, "decode",
+                                             self.deadline.decode(steps), "decode",
                                              batch[0].request_id if len(batch) == 1 else None)
         took = (time.monotonic() - t0) / steps
         self.deadline.observe_decode(took)

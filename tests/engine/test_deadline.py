@@ -1,3 +1,4 @@
+import pytest
 from neurond.engine.deadline import StepDeadline
 
 
@@ -19,3 +20,12 @@ def test_prefill_scales_with_prompt_tokens():
     assert d.prefill(5000) == 50.0
     d.reset()
     assert d.prefill(5000) == 120.0
+
+
+def test_a_call_of_several_decode_steps_keeps_the_floor():
+    """Found on the H200: a 4-step call multiplied the 5 s floor by 4, and a wedge took 20 s to detect."""
+    d = StepDeadline(5.0, 60.0, 20.0)
+    d.observe_decode(0.007)
+    assert d.decode(4) == 5.0
+    d.observe_decode(0.1)
+    assert d.decode(4) == pytest.approx(8.0) and d.decode(100) == 60.0
