@@ -79,7 +79,7 @@ class Shard:
         return self.memory_info()
 
     def memory_info(self) -> dict:
-        """What the leader's pre-flight memory guard needs: free bytes and the cost of one more token."""
+        """What the leader reports about a rank after loading: free bytes and the cost of one more token."""
         import torch
 
         cfg = self.model.config
