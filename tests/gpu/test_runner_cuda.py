@@ -1,0 +1,56 @@
+"""The runner on a real GPU (skipped without one; run on the device machine: `python3 -m pytest -m gpu`).
+
+The built-in model in bfloat16 on CUDA: graph-replayed decode steps give the tokens eager steps give, and a KV
+cache that cannot fit is refused at load with the numbers, not a CUDA out-of-memory later."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from neurond.pool.protocol import PrefillChunk, SamplingParams  # noqa: E402
+from neurond.worker.runner import ModelRunner  # noqa: E402
+from neurond.worker.shard import Shard  # noqa: E402
+from neurond.worker.tp import CollectiveGuard  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def shard(builtin_model):
+    s = Shard(str(builtin_model), "bfloat16", torch.device("cuda", 0), 0, 1, guard=CollectiveGuard())
+    s.load()
+    return s
+
+
+def _decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> dict[int, list[int]]:
+    first = runner.prefill([PrefillChunk(slot, tuple(p), 0, True, GREEDY, 0) for slot, p in prompts.items()])
+    out = {slot: [tok] for slot, tok in zip(prompts, first)}
+    slots = tuple(prompts)
+    for _ in range(steps):
+        for slot, tok in zip(slots, runner.decode(slots)):
+            out[slot].append(tok)
+    return out
+
+
+def test_graph_replay_gives_the_eager_tokens(shard):
+    prompts = {0: [5, 17, 300, 42, 7], 1: list(range(40, 300)), 3: [1, 2, 3]}  # slot 2 idle; one crosses 256
+    eager = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0), guard=CollectiveGuard(),
+                        world_size=1, use_graphs=False)
+    want = _decode(eager, prompts, 20)
+    graphs = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0),
+                         guard=CollectiveGuard(), world_size=1, use_graphs=True)
+    graphs.warm_up()
+    assert graphs.graphs is not None and len(graphs.graphs._graphs) == len(graphs.graphs.shapes())
+    assert _decode(graphs, prompts, 20) == want
+
+
+def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(MemoryError, match="lower max_batch_size or max_model_len"):
+        # 2 layers x 4 KV heads x 32 dims x 2 bytes x K and V = 1 KiB per token: this asks for 4x the free memory
+        ModelRunner(shard.model, slots=2048, max_len=int(2 * free / 512 / 2048) + 1, device=torch.device("cuda", 0),
+                    guard=CollectiveGuard(), world_size=1)
+    assert torch.cuda.mem_get_info()[0] > free * 0.9  # nothing was allocated for it
