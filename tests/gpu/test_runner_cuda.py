@@ -50,7 +50,8 @@ def test_graph_replay_gives_the_eager_tokens(shard):
 def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(MemoryError, match="lower max_batch_size or max_model_len"):
-        # 2 layers x 4 KV heads x 32 dims x 2 bytes x K and V = 1 KiB per token: this asks for 4x the free memory
-        ModelRunner(shard.model, slots=2048, max_len=int(2 * free / 512 / 2048) + 1, device=torch.device("cuda", 0),
-                    guard=CollectiveGuard(), world_size=1)
+        # 2 layers x 4 KV heads x 32 dims x 2 bytes x K and V = 1 KiB per token, 2049 positions per slot (the
+        # model's context + the trash column): this asks for about twice the free memory
+        ModelRunner(shard.model, slots=int(2 * free / 1024 / 2049) + 1, max_len=2049,
+                    device=torch.device("cuda", 0), guard=CollectiveGuard(), world_size=1)
     assert torch.cuda.mem_get_info()[0] > free * 0.9  # nothing was allocated for it
