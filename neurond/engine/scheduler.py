@@ -95,14 +95,6 @@ class Engine:
         self._running.clear()
         self._waiting.clear()
 
-    @property
-    def queued(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
         while True:
@@ -222,15 +214,13 @@ class Engine:
         tokens = replies[0].tokens
         for step in range(steps):
             for i, req in enumerate(batch):
-                if req.slot is not None and req in self._running:  # not finished earlier in this call
+                if req.slot is not None:  # not finished earlier in this call (a finished request has none)
                     self._accept(req, tokens[step * len(batch) + i])
 
     def _accept(self, req: GenerationRequest, token: int) -> None:
         """A token drawn for `req`: stream it, and finish the request if it is done."""
         if req.cancelled:
-            self._release(req)
-            self.stats["last_cancelled_tokens"] = len(req.generated)
-            self._outcome("cancelled", len(req.generated))
+            self._cancel(req)
             return
         if token in req.stop_token_ids:
             self._finish(req, FinishReason.STOP)
@@ -258,11 +248,15 @@ class Engine:
         req.slot = None
         req.decoding = False
 
+    def _cancel(self, req: GenerationRequest) -> None:
+        """The client went away: free the slot, count it."""
+        self._release(req)
+        self.stats["last_cancelled_tokens"] = len(req.generated)
+        self._outcome("cancelled", len(req.generated))
+
     def _drop_cancelled(self) -> None:
         for req in [r for r in self._running if r.cancelled]:
-            self._release(req)
-            self.stats["last_cancelled_tokens"] = len(req.generated)
-            self._outcome("cancelled", len(req.generated))
+            self._cancel(req)
         if any(r.cancelled for r in self._waiting):
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
 
@@ -300,10 +294,13 @@ class Engine:
                         500, "request_quarantined",
                         f"this request was in {req.faults} steps that failed ({fault.code}); it is not retried "
                         f"again"), fault)
-        # Everyone else who held a slot loses it (the repair may replace ranks and their caches): replay them
-        # first, in their order, ahead of requests that were only queued.
+        self._interrupt_running()
+
+    def _interrupt_running(self) -> None:
+        """Everyone who still holds a slot loses it (the repair may replace ranks and their caches): they are
+        replayed after the repair, first, in their order, ahead of requests that were only queued."""
         now = time.monotonic()
-        interrupted = [r for r in self._running]
+        interrupted = list(self._running)
         for req in interrupted:
             self._release(req)
             req.interrupted_at = now
@@ -316,13 +313,7 @@ class Engine:
     async def _wait_for_repair(self) -> None:
         """Wait (bounded) until the pool serves again; fail the requests whose wait is over, or all of them if
         recovery gave up."""
-        if self._running:  # a rank died between steps: the slots' caches may not survive the repair
-            now = time.monotonic()
-            for req in self._running:
-                req.interrupted_at, req.slot, req.decoding, req.prefilled = now, None, False, 0
-                self.stats["replayed"] += 1
-            self._waiting.extendleft(reversed(self._running))
-            self._running = []
+        self._interrupt_running()  # a rank died between steps: the slots' caches may not survive the repair
         while not self.supervisor.serving:
             gone = self.supervisor.state in ("unloaded", "stopped")
             now = time.monotonic()

@@ -28,20 +28,13 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
 
     def shapes(self) -> list[tuple[int, int]]:
-        from neurond.worker.runner import MIN_KV_BUCKET
+        """Every (batch, kv_len) a decode step can ask for: the values of the runner's bucket functions."""
+        from neurond.worker.runner import batch_bucket, kv_bucket
 
-        batches, b = [], 1
-        while b < self.runner.slots:
-            batches.append(b)
-            b *= 2
-        batches.append(self.runner.slots)
-        lengths, n, top = set(), MIN_KV_BUCKET, self.runner.cache.max_len
-        while True:  # every value kv_bucket() can return
-            lengths.add(min(n, top))
-            if n >= top:
-                break
-            n *= 2
-        return [(b, n) for b in batches for n in sorted(lengths)]
+        slots, top = self.runner.slots, self.runner.cache.max_len
+        batches = sorted({batch_bucket(n, slots) for n in range(1, slots + 1)})
+        lengths = sorted({kv_bucket(n, top) for n in range(1, top + 1)})
+        return [(b, n) for b in batches for n in lengths]
 
     def clear(self) -> None:
         self._graphs.clear()

@@ -104,10 +104,6 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self)
 
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
-
     def _mid_hook(self, module, args) -> None:
         if self.hooks_enabled:
             self._mid_forward()
@@ -192,7 +188,10 @@ class ModelRunner:
                     self.drawn[c.slot] = c.drawn
                 index = torch.tensor([c.slot for c in finished], device=self.device)
                 picked = logits.index_select(0, torch.tensor(done, device=self.device))
-                tokens = self._draw(picked, [c.slot for c in finished], index)
+                slots_done = [c.slot for c in finished]
+                tokens = self._sample(picked, slots_done, index).tolist()  # the step's one host sync
+                for slot in slots_done:
+                    self.drawn[slot] += 1
                 ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
                 self.seq_len.index_copy_(0, index, ends)
                 self.active[index] = True
@@ -221,9 +220,7 @@ class ModelRunner:
             sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
             if sampled:
                 index = torch.tensor(sampled, device=self.device)
-                drawn = sample(logits.index_select(0, index), [self.sampling[s] for s in sampled],
-                               [self.drawn[s] for s in sampled])
-                self.next_tok.index_copy_(0, index, drawn)
+                drawn = self._sample(logits.index_select(0, index), sampled, index)
                 tokens = tokens.clone().index_copy_(0, index, drawn)
             every = tokens.tolist()  # the step's one host sync
             for s in slots:
@@ -231,14 +228,12 @@ class ModelRunner:
                 self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
             return [every[s] for s in slots]
 
-    def _draw(self, logits, slots: list[int], index) -> list[int]:
-        """Sample each row, make the tokens the slots' next inputs, return them."""
+    def _sample(self, logits, slots: list[int], index):
+        """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
+        slot's next input. Returns the tokens on the device."""
         tokens = sample(logits, [self.sampling[s] for s in slots], [self.drawn[s] for s in slots])
         self.next_tok.index_copy_(0, index, tokens)
-        out = tokens.tolist()  # the step's one host sync
-        for s in slots:
-            self.drawn[s] += 1
-        return out
+        return tokens
 
     def reset(self) -> None:
         """After the communicator changed (its graphs hold the old one) or a failed step: nothing in flight."""

@@ -79,22 +79,10 @@ class Shard:
         return self.memory_info()
 
     def memory_info(self) -> dict:
-        """What the leader reports about a rank after loading: free bytes and the cost of one more token."""
+        """What a rank reports after loading: dtype and device memory (the KV cache's size is the runner's)."""
         import torch
 
-        cfg = self.model.config
-        elem = next(self.model.parameters()).element_size()
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        kv_local = max(1, kv_heads // self.world_size)
-        info = {
-            "dtype": str(next(self.model.parameters()).dtype),
-            # K and V, every layer, this rank's heads
-            "kv_bytes_per_token": 2 * cfg.num_hidden_layers * kv_local * head_dim * elem,
-            # transient activations of one token in a prefill (hidden states, MLP intermediates), generous
-            "act_bytes_per_token": (6 * cfg.hidden_size + 3 * cfg.intermediate_size // self.world_size) * elem,
-        }
+        info = {"dtype": str(next(self.model.parameters()).dtype)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
