@@ -231,4 +231,4 @@ class WorkerSpec:
     max_batch: int = 8  # KV cache slots: sequences decoded together at most
     max_len: int = 2048  # tokens per sequence at most (prompt + completion)
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)
-    torch_compile: bool = False  # compile the decode step first
+    torch_compile: bool = True  # compile the decoder's elementwise kernels (CUDA devices only)

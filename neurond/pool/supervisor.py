@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from typing import Callable
@@ -37,6 +38,14 @@ WEDGE_MIN_BUSY_S = 0.5
 
 # Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
 RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
+
+
+def _compile_cache_env(cache_dir: str) -> tuple[tuple[str, str], ...]:
+    """torch.compile's kernels under neurond's cache directory (kept across restarts; the default, /tmp, is
+    private to each start of the unit), unless the operator chose a place."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return ()
+    return (("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "torch-compile")),)
 
 
 def _ms_since(t0: float) -> int:
@@ -111,7 +120,7 @@ class Supervisor:
                 dtype=c.dtype,
                 device=c.device,
                 backend=c.backend,
-                env=RANK_ENV,
+                env=RANK_ENV + _compile_cache_env(c.cache_dir),
                 log_level=c.log_level,
                 fault_injection=c.fault_injection,
                 tp_impl=c.tp_impl,

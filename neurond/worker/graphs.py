@@ -64,11 +64,11 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):
-                    runner.decode_fn(batch, kv_len)
+                    runner.decode_forward(batch, kv_len)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                outputs = runner.decode_fn(batch, kv_len)
+                outputs = runner.decode_forward(batch, kv_len)
         finally:
             runner.hooks_enabled = True
             runner.active.copy_(saved)

@@ -41,8 +41,14 @@ class SlotKVCache:
         self._kv_len = kv_len
 
     def update(self, key, value, layer_idx: int, *args, **kwargs):
-        # key/value: [batch, kv_heads, tokens, head_dim]. Index tensors, not Python ints: graph-capturable.
+        """transformers' Cache interface. key/value: [batch, kv_heads, tokens, head_dim]."""
+        return self.write(layer_idx, key.transpose(1, 2), value.transpose(1, 2))
+
+    def write(self, layer_idx: int, key, value):
+        """key/value [batch, tokens, kv_heads, head_dim] into the bound positions; returns the bound rows' first
+        kv_len positions as [batch, kv_heads, kv_len, head_dim] views. Index tensors, not Python ints:
+        graph-capturable."""
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self._write_rows, :, self._write_pos] = key.transpose(1, 2)
-        v[self._write_rows, :, self._write_pos] = value.transpose(1, 2)
+        k[self._write_rows, :, self._write_pos] = key
+        v[self._write_rows, :, self._write_pos] = value
         return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]

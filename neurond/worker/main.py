@@ -151,7 +151,7 @@ class Worker:
     def _dispatch(self, cmd):
         if isinstance(cmd, p.Decode):
             self.faults.fire("decode")
-            return [t for _ in range(cmd.steps) for t in self.runner.decode(cmd.slots)], {}
+            return self.runner.decode(cmd.slots, cmd.steps), {}
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
             return self.runner.prefill(cmd.chunks), {}
@@ -176,7 +176,7 @@ class Worker:
         spec = self.spec
         self.runner = ModelRunner(
             self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
-            world_size=spec.world_size, use_graphs=spec.cuda_graphs, compile_decode=spec.torch_compile,
+            world_size=spec.world_size, use_graphs=spec.cuda_graphs, compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))

@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from neurond.pool.protocol import SamplingParams
-from neurond.worker import attention
+from neurond.worker import attention, decoder
 from neurond.worker.kv_cache import SlotKVCache
 from neurond.worker.sampler import MIN_TEMPERATURE, sample
 
@@ -51,7 +51,7 @@ def kv_bucket(longest: int, max_len: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, *, slots: int, max_len: int, device, guard, world_size: int,
-                 use_graphs: bool = False, compile_decode: bool = False,
+                 use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False) -> None:
         import torch
@@ -91,33 +91,44 @@ class ModelRunner:
         self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
         self._mid_forward = mid_forward
+        self._mid_layer = len(self.layers) // 2 if mid_forward is not None and len(self.layers) > 1 else -1
         self._eager_only = eager_only
         self.hooks_enabled = True
-        if mid_forward is not None and len(self.layers) > 1:
-            self.layers[len(self.layers) // 2].register_forward_pre_hook(self._mid_hook)
-        # The decode step as graphs capture it: compiled (fused kernels, shapes symbolic so one compile serves
-        # every bucket) or plain.
-        self.decode_fn = torch.compile(self.decode_forward, dynamic=True) if compile_decode else self.decode_forward
+        # neurond's own layer forward (decoder.py) where the model allows it; transformers' layers otherwise.
+        why_not = decoder.supported(model) if own_layers else "own_layers=False"
+        kernels = decoder.Kernels(compiled=compile_kernels and not why_not)
+        self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, kernels) for layer in self.layers]
+        if why_not and own_layers:
+            log.info("using transformers' decoder layers: %s", why_not)
         self.graphs = None
         if use_graphs and device.type == "cuda":
             from neurond.worker.graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
 
-    def _mid_hook(self, module, args) -> None:
-        if self.hooks_enabled:
-            self._mid_forward()
-
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):
         """ids/positions [B, T], mask [B, 1, T, L] -> float32 logits [B, V] of each row's last position (or of
         position last_index[b] of row b)."""
         h = self.embed(ids)
-        position_embeddings = self.rotary(h, positions)
-        for layer in self.layers:
-            out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                        position_embeddings=position_embeddings)
-            h = out[0] if isinstance(out, tuple) else out
+        cos, sin = self.rotary(h, positions)
+        if self.own is not None:
+            batch, tokens = ids.shape
+            cos, sin = cos.view(-1, 1, cos.shape[-1]), decoder.signed_sin(sin).view(-1, 1, sin.shape[-1])
+            bias = decoder.additive_mask(mask, h.dtype)
+            h, delta = h.view(batch * tokens, -1), None
+            for i, layer in enumerate(self.own):
+                if i == self._mid_layer and self.hooks_enabled:
+                    self._mid_forward()  # fault injection inside the forward (between collectives at TP>1)
+                h, delta = layer(h, delta, self.cache, i, cos, sin, bias, batch, tokens)
+            h = (h + delta).view(batch, tokens, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                if i == self._mid_layer and self.hooks_enabled:
+                    self._mid_forward()
+                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, position_embeddings=(cos, sin))
+                h = out[0] if isinstance(out, tuple) else out
         if last_index is None:
             h = h[:, -1]
         else:
@@ -200,33 +211,40 @@ class ModelRunner:
                     out[r] = t
             return out
 
-    def decode(self, slots: tuple[int, ...]) -> list[int]:
-        """One step for the sequences in `slots` (each feeds its last token). Returns their next tokens."""
+    def decode(self, slots: tuple[int, ...], steps: int = 1) -> list[int]:
+        """`steps` steps for the sequences in `slots` (each feeds its last token). Returns their next tokens,
+        step by step ([step 0's for each slot, step 1's, ...]).
+
+        The steps are queued back to back and read with one host sync at the end: the device advances each
+        row's input and length itself, so the host has nothing to wait for in between (a sync per step left the
+        GPU idle while Python bookkept and launched the next graph)."""
         import torch
 
         if not slots:
             return []
         batch = batch_bucket(max(slots) + 1, self.slots)
-        kv_len = kv_bucket(max(self.lengths[s] for s in slots) + 1, self.cache.max_len)
+        sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
         with torch.inference_mode():
             self._active_host.zero_()
             self._active_host[list(slots)] = True
             self.active.copy_(self._active_host, non_blocking=True)
-            if self.graphs is not None and not self._eager_only():
-                with self.guard.region(self.world_size > 1):  # a rank waiting inside the graph waits on peers
-                    logits, tokens = self.graphs.run(batch, kv_len)
-            else:
-                logits, tokens = self.decode_fn(batch, kv_len)
-            sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
-            if sampled:
-                index = torch.tensor(sampled, device=self.device)
-                drawn = self._sample(logits.index_select(0, index), sampled, index)
-                tokens = tokens.clone().index_copy_(0, index, drawn)
-            every = tokens.tolist()  # the step's one host sync
-            for s in slots:
-                self.drawn[s] += 1
-                self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
-            return [every[s] for s in slots]
+            index = torch.tensor(sampled, device=self.device) if sampled else None
+            out = torch.empty(steps, batch, dtype=torch.long, device=self.device)
+            for step in range(steps):
+                kv_len = kv_bucket(max(self.lengths[s] for s in slots) + 1, self.cache.max_len)
+                if self.graphs is not None and not self._eager_only():
+                    with self.guard.region(self.world_size > 1):  # a rank waiting inside the graph waits on peers
+                        logits, tokens = self.graphs.run(batch, kv_len)
+                else:
+                    logits, tokens = self.decode_forward(batch, kv_len)
+                out[step].copy_(tokens)  # a graph's outputs are overwritten by its next replay
+                if sampled:
+                    out[step].index_copy_(0, index, self._sample(logits.index_select(0, index), sampled, index))
+                for s in slots:
+                    self.drawn[s] += 1
+                    self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
+            every = out.tolist()  # the call's one host sync
+        return [row[s] for row in every for s in slots]
 
     def _sample(self, logits, slots: list[int], index):
         """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
@@ -242,15 +260,24 @@ class ModelRunner:
             self.graphs.clear()
 
     def warm_up(self) -> float:
-        """Capture the decode graphs now (at load), so the first requests do not pay for it."""
+        """Compile and capture now (at load), so the first requests do not pay for it: a two-token prefill
+        compiles the kernels for many rows (decode of one row compiles at the first capture), then the decode
+        graphs."""
+        from neurond.pool.protocol import PrefillChunk
+
         t0 = time.monotonic()
+        if self.own is not None and self.own[0].k.compiled:
+            self.prefill([PrefillChunk(0, (0, 0), 0, True, SamplingParams(temperature=0.0), 0)])
+            self.decode((0,))
+            self.active.zero_()
         if self.graphs is not None:
             self.graphs.capture_all()
         return time.monotonic() - t0
 
     def info(self) -> dict:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
-                "cuda_graphs": self.graphs is not None, "compiled": self.decode_fn is not self.decode_forward}
+                "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
+                "compiled_kernels": self.own is not None and self.own[0].k.compiled}
 
 
 # Of the device memory left after the weights, what the KV cache may take; the rest is for prefill activations,

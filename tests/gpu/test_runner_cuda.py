@@ -55,3 +55,22 @@ def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
         ModelRunner(shard.model, slots=int(2 * free / 1024 / 2049) + 1, max_len=2049,
                     device=torch.device("cuda", 0), guard=CollectiveGuard(), world_size=1)
     assert torch.cuda.mem_get_info()[0] > free * 0.9  # nothing was allocated for it
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_own_compiled_layers_in_graphs_give_transformers_tokens(model_type):
+    """neurond's layers with torch.compile'd kernels, replayed as CUDA graphs, against transformers' layers run
+    eagerly (float32, so the comparison is about the math, not bfloat16 rounding)."""
+    from tests.worker.test_decoder import run, tiny
+
+    dev = torch.device("cuda", 0)
+    model = tiny(model_type).to(dev)
+    eager = ModelRunner(model, slots=4, max_len=300, device=dev, guard=CollectiveGuard(), world_size=1,
+                        own_layers=False)
+    theirs = run(eager)
+    del eager
+    ours = ModelRunner(model, slots=4, max_len=300, device=dev, guard=CollectiveGuard(), world_size=1,
+                       use_graphs=True, compile_kernels=True)
+    ours.warm_up()
+    assert ours.info()["compiled_kernels"] and ours.info()["cuda_graphs"]
+    assert run(ours) == theirs
