@@ -96,8 +96,9 @@ class ModelRunner:
         self.hooks_enabled = True
         # neurond's own layer forward (decoder.py) where the model allows it; transformers' layers otherwise.
         why_not = decoder.supported(model) if own_layers else "own_layers=False"
-        kernels = decoder.Kernels(compiled=compile_kernels and not why_not)
-        self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, kernels) for layer in self.layers]
+        self.compiled_kernels = compile_kernels and not why_not
+        kernels = decoder.Kernels(compiled=self.compiled_kernels), decoder.Kernels(compiled=False)
+        self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, *kernels) for layer in self.layers]
         if why_not and own_layers:
             log.info("using transformers' decoder layers: %s", why_not)
         self.graphs = None
@@ -260,15 +261,16 @@ class ModelRunner:
             self.graphs.clear()
 
     def warm_up(self) -> float:
-        """Compile and capture now (at load), so the first requests do not pay for it: a two-token prefill
-        compiles the kernels for many rows (decode of one row compiles at the first capture), then the decode
-        graphs."""
+        """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
+        and of two compile the kernels (the two shapes they are compiled for), then the decode graphs."""
         from neurond.pool.protocol import PrefillChunk
 
         t0 = time.monotonic()
-        if self.own is not None and self.own[0].k.compiled:
-            self.prefill([PrefillChunk(0, (0, 0), 0, True, SamplingParams(temperature=0.0), 0)])
+        if self.compiled_kernels:
+            rows = tuple(range(min(2, self.slots)))
+            self.prefill([PrefillChunk(s, (0,), 0, True, SamplingParams(temperature=0.0), 0) for s in rows])
             self.decode((0,))
+            self.decode(rows)
             self.active.zero_()
         if self.graphs is not None:
             self.graphs.capture_all()
@@ -277,7 +279,7 @@ class ModelRunner:
     def info(self) -> dict:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
-                "compiled_kernels": self.own is not None and self.own[0].k.compiled}
+                "compiled_kernels": self.compiled_kernels}
 
 
 # Of the device memory left after the weights, what the KV cache may take; the rest is for prefill activations,
