@@ -211,7 +211,9 @@ def test_api_token_and_concurrency_limit(start_daemon, tmp_path):
     token = tmp_path / "api.token"
     token.write_text("s3cret\n")
     conf = tmp_path / "neurond.toml"
-    conf.write_text(f'api_token_file = "{token}"\nmax_concurrent_requests = 1\n')
+    # A call per token keeps the long request below running for seconds (8 steps per call finished it in
+    # under the 0.5 s this test waits).
+    conf.write_text(f'api_token_file = "{token}"\nmax_concurrent_requests = 1\ndecode_steps_per_call = 1\n')
     d = start_daemon(1, ["--config", str(conf)])
     _assert_4xx(d.chat(chat_body(max_tokens=2)), 401)
     _assert_4xx(d.chat(chat_body(max_tokens=2), headers={"Authorization": "Bearer wrong"}), 401)
