@@ -62,6 +62,9 @@ class Config:
     #: kernel each with torch.compile (CUDA devices only): ~1.25x batch-1 decode. Costs ~6 s at the first load
     #: on a machine; later loads (restarts, recoveries) reuse the compiled kernels from cache_dir.
     torch_compile: bool = True
+    #: Worker processes kept started ahead of need (torch and transformers imported, no device held), so a rank
+    #: replaced in a repair skips its imports (13-15 s of a full reload on an H200). 0: none.
+    spare_workers: int = 1
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---
@@ -149,6 +152,8 @@ class Config:
             raise ConfigError("decode_steps_per_call must be >= 1")
         if self.max_request_faults < 1:
             raise ConfigError("max_request_faults must be >= 1")
+        if self.spare_workers < 0:
+            raise ConfigError("spare_workers must be >= 0")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self

@@ -64,6 +64,11 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return status, hdrs, raw
 
 
+# Test daemons run without spare worker processes unless a test asks (tests/pool/test_spares.py): the tests that
+# count a daemon's child processes count its ranks.
+NO_SPARES = {"NEUROND_SPARE_WORKERS": "0"}
+
+
 class Daemon:
     def __init__(self, cache_dir: Path, tp_size: int, extra: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
@@ -73,7 +78,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
              "--device", "cpu", "--cache-dir", str(cache_dir), *(extra or [])],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **{**NO_SPARES, **(env or {})}),
         )
 
     def url(self, path: str) -> str:

@@ -74,6 +74,7 @@ class AdminAPI:
             "incidents": sup.incidents,
             "current_incident": sup.current_incident,
             "pids": {str(rank): pid for rank, pid in pool.pids().items()} if pool else {},
+            "spare_pids": sup.spares.pids(),
             "load_progress": {str(rank): dataclasses.asdict(report)
                               for rank, report in sorted(sup.load_progress.items())},
             "last_transition": last,

@@ -56,7 +56,9 @@ class RankPool:
         spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
         on_spawn: Callable[[int, int | None], None] | None = None,
         on_progress: Callable[[p.LoadProgress], None] | None = None,
+        spares=None,
     ) -> None:
+        self.spares = spares  # SpareWorkers: processes with their imports done, taken before starting fresh ones
         self.on_spawn = on_spawn
         self.on_progress = on_progress  # a rank's load progress, passed on as it arrives
         self.specs = specs
@@ -77,10 +79,21 @@ class RankPool:
     def spawn(self, rank: int) -> RankProcess:
         loop = asyncio.get_running_loop()
         spec = self.specs[rank]
-        proc = RankProcess(self.spec_hook(spec) if self.spec_hook else spec)
+        spec = self.spec_hook(spec) if self.spec_hook else spec
+        proc = self.spares.take(spec.env) if self.spares is not None else None
+        if proc is not None:
+            proc.assign(spec)
+            try:
+                proc.start(loop, self._on_reply, self._on_exit)
+            except OSError:  # the spare died after it was taken: start a fresh process
+                log.warning("rank %d: spare pid %s was gone; starting a fresh process", rank, proc.pid)
+                proc.close()
+                proc = None
+        if proc is None:
+            proc = RankProcess(spec)
+            proc.start(loop, self._on_reply, self._on_exit)
         self._started[rank] = loop.create_future()
         self.ranks[rank] = proc
-        proc.start(loop, self._on_reply, self._on_exit)
         log.info("rank %d: spawned pid %s", rank, proc.pid)
         if self.on_spawn is not None:
             self.on_spawn(rank, proc.pid)

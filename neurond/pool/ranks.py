@@ -29,9 +29,10 @@ _DIRECT_SEND_LIMIT = 16 * 1024  # bytes; well under the 64 KiB pipe buffer
 class RankProcess:
     """A spawned worker. `on_reply(rank, reply)` and `on_exit(rank, exitcode)` run on the event loop."""
 
-    def __init__(self, spec: p.WorkerSpec) -> None:
+    def __init__(self, spec: p.WorkerSpec | None) -> None:
         self.spec = spec
-        self.rank = spec.rank
+        self.rank = spec.rank if spec is not None else -1
+        self.env: dict[str, str] = {}
         self.process: subprocess.Popen | None = None
         self._pidfd: int | None = None
         self.step_conn = None
@@ -49,26 +50,45 @@ class RankProcess:
     def alive(self) -> bool:
         return self.process is not None and self.exitcode is None
 
+    @classmethod
+    def spare(cls, env: tuple[tuple[str, str], ...]) -> "RankProcess":
+        """A worker process started before it is needed: it imports torch and transformers, then waits for
+        the WorkerSpec that makes it a rank (`assign`). It holds no device until then."""
+        proc = cls(None)
+        proc._popen(env)
+        return proc
+
+    def _popen(self, env: tuple[tuple[str, str], ...]) -> None:
+        # A fresh interpreter running `python -m neurond.worker`, not multiprocessing's spawn: spawn re-imports
+        # the leader's __main__ in the child, and the worker should carry nothing of the leader.
+        step_parent, step_child = multiprocessing.Pipe(duplex=True)
+        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
+        fds = (step_child.fileno(), ctrl_child.fileno())
+        self.env = dict(env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, **self.env),
+        )
+        step_child.close()
+        ctrl_child.close()
+        self.step_conn, self.ctrl_conn = step_parent, ctrl_parent
+
+    def assign(self, spec: p.WorkerSpec) -> None:
+        """Make a spare this rank (before `start`)."""
+        self.spec = spec
+        self.rank = spec.rank
+
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
         on_reply: Callable[[int, object], None],
         on_exit: Callable[[int, int | None], None],
     ) -> None:
-        # A fresh interpreter running `python -m neurond.worker`, not multiprocessing's spawn: spawn re-imports
-        # the leader's __main__ in the child, and the worker should carry nothing of the leader.
-        step_parent, step_child = multiprocessing.Pipe(duplex=True)
-        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
-        fds = (step_child.fileno(), ctrl_child.fileno())
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, **dict(self.spec.env)),
-        )
-        step_child.close()
-        ctrl_child.close()
-        self.step_conn, self.ctrl_conn = step_parent, ctrl_parent
+        """Start the process (or take over a spare's) and send it its spec. Raises OSError when a spare died."""
+        if self.process is None:
+            self._popen(self.spec.env)
         self.step_conn.send(self.spec)
         # A pidfd becomes readable when the process exits: death is an event, not something to poll for.
         self._pidfd = os.pidfd_open(self.process.pid)

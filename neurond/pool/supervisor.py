@@ -29,6 +29,7 @@ from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied, StepTimeou
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.lifecycle import Cause, Lifecycle, new_incident_id
 from neurond.pool.pool import RankPool
+from neurond.pool.spares import SpareWorkers
 
 log = logging.getLogger("neurond.supervisor")
 
@@ -74,6 +75,8 @@ class Supervisor:
         self._stopping = False
         self._load_faults: dict[int, list[str]] = {}
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
+        # Started each time the model is healthy (not while ranks load: they would compete for the CPU).
+        self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_cache_env(config.cache_dir))
 
     # ------------------------------------------------------------------ state for readers
     @property
@@ -96,6 +99,8 @@ class Supervisor:
                              cause.tier if cause else None, time.time()))
         if target.id == "healthy":
             self.healthy.set()
+            if not self._stopping:
+                self.spares.fill()
         else:
             self.healthy.clear()
         self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
@@ -120,7 +125,7 @@ class Supervisor:
                 dtype=c.dtype,
                 device=c.device,
                 backend=c.backend,
-                env=RANK_ENV + _compile_cache_env(c.cache_dir),
+                env=self.spares.env,
                 log_level=c.log_level,
                 fault_injection=c.fault_injection,
                 tp_impl=c.tp_impl,
@@ -135,7 +140,8 @@ class Supervisor:
     def _new_pool(self) -> RankPool:
         self.load_progress = {}
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
-                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn, on_progress=self._on_load_progress)
+                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
+                        spares=self.spares)
 
     def _on_load_progress(self, progress: p.LoadProgress) -> None:
         self.load_progress[progress.rank] = progress
@@ -426,5 +432,6 @@ class Supervisor:
                 pass
         if self.state != "stopped":
             self._send("stop", Cause("shutdown"))
+        self.spares.close()
         await self._stop_pool()
 

@@ -1,18 +1,38 @@
 """`python -m neurond.worker STEP_FD CONTROL_FD`: started by the leader, never by hand.
 
-The first message on the step pipe is the WorkerSpec.
+The first message on the step pipe is the WorkerSpec. Before reading it the process imports what every rank
+needs (torch, transformers' model classes, safetensors): most of a rank's start, done here so that a spare
+(`pool/spares.py`), started ahead of need, has it behind it when a spec arrives. No device is touched before
+the spec says which.
 """
 
+import signal
 import sys
 from multiprocessing.connection import Connection
 
-from neurond.worker.main import run_worker
+
+def preimport() -> None:
+    import safetensors  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401 - the slow part: model classes
+
+    import neurond.worker.runner  # noqa: F401
 
 
 def main() -> None:
+    from neurond.worker.main import _die_with_parent
+
+    _die_with_parent()  # a spare waits for a spec that may never come: it must not outlive the leader
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     step_conn = Connection(int(sys.argv[1]))
     ctrl_conn = Connection(int(sys.argv[2]))
-    spec = step_conn.recv()
+    preimport()
+    try:
+        spec = step_conn.recv()
+    except (EOFError, OSError):  # the leader went away (or closed an unused spare)
+        sys.exit(0)
+    from neurond.worker.main import run_worker
+
     run_worker(spec, step_conn, ctrl_conn)
 
 
