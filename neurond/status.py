@@ -74,6 +74,8 @@ def render(status: dict, now: float | None = None) -> str:
         ("ranks", "  ".join(f"{rank}: pid {pid}" for rank, pid in sorted(status.get("pids", {}).items(),
                                                                           key=lambda kv: int(kv[0]))) or "none"),
     ]
+    if status.get("spare_pids"):
+        rows.append(("spares", "  ".join(f"pid {pid}" for pid in status["spare_pids"])))
     requests = status.get("requests") or {}
     if requests:
         rows.append(("requests", ", ".join(f"{requests.get(k, 0)} {k}" for k in ("completed", "failed", "cancelled"))))
