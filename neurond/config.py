@@ -78,6 +78,10 @@ class Config:
     api_token_file: str = ""
     #: Concurrent /v1 requests at most; beyond this, 429 with Retry-After.
     max_concurrent_requests: int = 512
+    #: Open connections to the API port at most, idle keep-alive and half-sent ones included; one more gets 503
+    #: and is closed. More than max_concurrent_requests (probes and scrapes still get in); the leader raises its
+    #: open-file limit to fit, or refuses to start.
+    max_connections: int = 1024
     #: Seconds a client gets to send its whole request body (408 beyond).
     body_timeout_s: float = 30.0
     #: Largest request head (request line + headers), in bytes.
@@ -154,6 +158,12 @@ class Config:
             raise ConfigError("max_request_faults must be >= 1")
         if self.spare_workers < 0:
             raise ConfigError("spare_workers must be >= 0")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError("max_concurrent_requests must be >= 1")
+        if self.max_connections <= self.max_concurrent_requests:
+            raise ConfigError(f"max_connections ({self.max_connections}) must exceed max_concurrent_requests "
+                              f"({self.max_concurrent_requests}): with every request slot taken, health probes and "
+                              f"metrics scrapes still need a connection")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self

@@ -29,10 +29,11 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from statemachine.exceptions import TransitionNotAllowed
 
+from neurond.api import connections
 from neurond.api.app import API, ServedModel
-from neurond.config import Config
+from neurond.config import Config, ConfigError
 from neurond.engine.deadline import StepDeadline
-from neurond.engine.scheduler import Engine
+from neurond.engine.scheduler import RETRY_AFTER_S, Engine
 from neurond.observe.events import TeeSink
 from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
@@ -171,14 +172,16 @@ class Server:
                   max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
                   max_header_bytes=c.max_header_bytes, metrics=self.metrics)
 
+        # Bound here, so READY can never be about someone else's port; accepted through the cap.
+        cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics)
+        listener = cap.listener(listener)
         hc = HypercornConfig()
-        hc.bind = [f"fd://{listener.detach()}"]  # bound here, so READY can never be about someone else's port
         hc.errorlog = logging.getLogger("neurond.http")
         hc.accesslog = None
         hc.h11_max_incomplete_size = c.max_header_bytes  # a request head larger than this is refused
         hc.graceful_timeout = 5.0
 
-        servers = [hypercorn_serve(api.app(), hc, shutdown_trigger=self.shutdown.wait)]
+        servers = [connections.serve(api.app(), hc, listener, shutdown_trigger=self.shutdown.wait)]
         if c.admin_socket:
             servers.append(self._admin_server())
         self.supervisor.on_gave_up.append(self._gave_up)
@@ -308,6 +311,11 @@ def serve(config: Config) -> int:
     try:
         tokens = read_tokens(config)
     except (OSError, ValueError) as exc:  # missing, unreadable, empty or shared token file
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    try:
+        connections.ensure_fd_limit(config.max_connections, config.tp_size)
+    except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG
     return asyncio.run(Server(config, tokens).run())

@@ -29,6 +29,11 @@ from neurond.pool.faults import PoolUnavailable
 from neurond.pool.protocol import SamplingParams
 
 
+# Besides /v1/*, what needs the API token when api_token_file is set. /health and /ready stay open: load
+# balancers' and systemd's probes cannot carry a token. (Any other path is a 404 either way.)
+TOKEN_PATHS = frozenset({"/metrics", "/openapi.json"})
+
+
 @dataclass(slots=True)
 class ServedModel:
     """What the API needs to know of the model; all of it read in the leader without touching CUDA."""
@@ -81,17 +86,20 @@ class API:
         return self._guard(app)
 
     def _guard(self, app):
-        """ASGI wrapper: the size of the request head for every request; for /v1/*, the bearer token (when
-        configured) and the limit on concurrent requests. Runs before routing, so a refused request costs no
-        parsing."""
+        """ASGI wrapper: the size of the request head for every request; the bearer token (when configured)
+        for /v1/*, /metrics and /openapi.json; for /v1/*, the limit on concurrent requests. Runs before
+        routing, so a refused request costs no parsing."""
 
         async def guarded(scope, receive, send):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
+            path = scope["path"]
+            v1 = path.startswith("/v1/")
             error = self._check_head(scope)
-            if error is None and not scope["path"].startswith("/v1/"):
+            if error is None and (v1 or path in TOKEN_PATHS):
+                error = self._check_token(scope)
+            if error is None and not v1:
                 return await app(scope, receive, send)
-            error = error or self._check_token(scope)
             if error is None and self.in_flight >= self.max_concurrent:
                 error = APIError(429, f"more than {self.max_concurrent} concurrent requests", code="too_many_requests",
                                  retry_after_s=RETRY_AFTER_S)
@@ -187,7 +195,7 @@ class API:
             raise APIError(400, "n > 1 is not supported: ask for one choice per request", param="n",
                            code="unsupported_parameter")
         try:
-            return ChatCompletionRequest.model_validate(data)
+            chat = ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             param = ".".join(str(part) for part in first["loc"]) or None
@@ -199,6 +207,10 @@ class API:
                 message = f"{param}: {first['msg']}" if param else first["msg"]
                 code = "invalid_value" if first["loc"] else "invalid_request"
             raise APIError(400, message, param=param, code=code) from None
+        if chat.stream_options is not None and not chat.stream:  # as OpenAI answers it
+            raise APIError(400, "the 'stream_options' parameter is only allowed when 'stream' is true",
+                           param="stream_options", code="invalid_value")
+        return chat
 
     def _tokenize(self, chat: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in chat.messages]

@@ -41,7 +41,8 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
                 "415": _error("content type is not application/json"),
                 "429": _error("too many concurrent requests"),
                 "500": _error("a rank failed while serving this request (retriable)"),
-                "503": _error("model not ready, recovering, or overloaded (Retry-After)"),
+                "503": _error("model not ready, recovering, or overloaded; or too many open connections "
+                              "(Retry-After)"),
                 "504": _error("a rank stopped answering while serving this request (retriable)"),
             },
         }
@@ -65,15 +66,17 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
                                                            "detail, with Retry-After")}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
                                  "responses": {"200": {"description": "every metric (docs/operator-guide.md)",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               "401": _error("missing or wrong API token")}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This description",
-                                      "responses": {"200": simple("the OpenAPI 3.1 description")}}},
+                                      "responses": {"200": simple("the OpenAPI 3.1 description"),
+                                                    "401": _error("missing or wrong API token")}}},
         },
         "components": {"schemas": components},
     }
     if with_auth:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for path in ("/v1/chat/completions", "/v1/models"):
+        for path in ("/v1/chat/completions", "/v1/models", "/metrics", "/openapi.json"):
             for op in spec["paths"][path].values():
                 op["security"] = [{"bearer": []}]
     return spec

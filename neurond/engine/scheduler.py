@@ -65,8 +65,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         #: Outcomes since start, for the admin status (and `neurond status`).
+        #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
         self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
-                      "last_cancelled_tokens": None, "max_batch_seen": 0}
+                      "repair_wait_expired": 0, "last_cancelled_tokens": None, "max_batch_seen": 0}
 
     # ------------------------------------------------------------------ public
     def submit(self, req: GenerationRequest) -> None:
@@ -321,6 +322,9 @@ class Engine:
                 since = req.interrupted_at if req.interrupted_at is not None else req.queued_at
                 if gone or now - since >= self.resume_wait_s:
                     self._waiting.remove(req)
+                    if not gone:
+                        # Its own count: how often repairs outlast resume_wait_s is what tunes that setting.
+                        self._outcome("repair_wait_expired", 0)
                     self._fail(req, Failed(
                         503, "model_unavailable",
                         f"model is {self.supervisor.state}: not repaired within {self.resume_wait_s:.0f}s"

@@ -47,7 +47,14 @@ class MetricsSink(EventSink):
         self.step_seconds = Histogram("neurond_step_seconds", "Prefill/decode step latency as the leader sees it",
                                       ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("neurond_generated_tokens_total", "Completion tokens generated", registry=r)
-        self.requests = Counter("neurond_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("neurond_requests_total", "Requests by outcome: completed, cancelled, failed (of "
+                                "those, failed_by_fault and repair_wait_expired are also counted on their own), "
+                                "rejected_NNN (its 4xx status)", ["outcome"], registry=r)
+        self.http_connections = Gauge("neurond_http_connections", "Open connections to the API port, idle and "
+                                      "half-sent ones included (at most max_connections)", registry=r)
+        self.http_connections_refused = Counter("neurond_http_connections_refused_total", "Connections refused "
+                                                "with 503 too_many_connections: max_connections were open",
+                                                registry=r)
         self.load_progress = Gauge("neurond_load_progress_ratio", "Share of its checkpoint files a rank has read in "
                                    "the latest load (1 when loaded)", ["rank"], registry=r)
         for state in STATES:

@@ -44,11 +44,16 @@ class FaultPlan:
         self._armed: list[ArmedFault] = []
         self._lock = threading.Lock()  # armed from the control thread, fired on the compute thread
 
-    def arm(self, kind: str, phase: str, count: int = 1) -> None:
+    def arm(self, kind: str, phase: str, count: int = 1, acknowledge=None) -> None:
+        """`acknowledge()` runs before the fault can fire. A fault that ends the process (exit, sigkill,
+        segfault) could otherwise fire on a step that starts that very moment and kill the rank before it said
+        it armed it: the leader would report the arming as failed (rank died) for a fault that did fire."""
         if kind not in KINDS or phase not in PHASES or count < 1:
             raise ValueError(f"bad fault {kind}/{phase}/{count}")
-        with self._lock:
+        with self._lock:  # fire() waits for it
             self._armed.append(ArmedFault(kind, phase, count))
+            if acknowledge is not None:
+                acknowledge()
 
     def armed(self, phase: str) -> bool:
         return any(f.phase == phase for f in self._armed)

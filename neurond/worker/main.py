@@ -97,8 +97,8 @@ class Worker:
                                                  "fault injection is disabled"))
                     continue
                 try:
-                    self.faults.arm(cmd.kind, cmd.phase, cmd.count)
-                    self._send_ctrl(p.Done(cmd.call_id, self.rank))
+                    self.faults.arm(cmd.kind, cmd.phase, cmd.count,
+                                    acknowledge=lambda: self._send_ctrl(p.Done(cmd.call_id, self.rank)))
                 except ValueError as exc:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))
             elif isinstance(cmd, p.AbortComm):

@@ -126,8 +126,8 @@ def test_malformed_http_gets_400(daemon_tp1, name, data):
 
 def test_idle_and_slow_head_connections_are_closed_and_never_block_serving(daemon_tp1):
     """Connections that send nothing, or dribble their request head, are closed by the server after hypercorn's
-    keep_alive_timeout (5 s); meanwhile every other client is served. (Their number is bounded only by the
-    leader's fd limit: see docs/chaos.md.)"""
+    keep_alive_timeout (5 s); meanwhile every other client is served. (Their number is bounded by
+    max_connections: test_connections.py.)"""
     leader = daemon_tp1.proc.pid
     fds = len(os.listdir(f"/proc/{leader}/fd"))
     idle = [socket.create_connection(("127.0.0.1", daemon_tp1.port), timeout=15) for _ in range(200)]

@@ -79,6 +79,26 @@ def test_api_token_guards_every_v1_route_and_only_the_exact_token_passes(locked)
         assert locked.get(probe)[0] == 200
 
 
+def test_api_token_guards_the_metrics_and_the_openapi_description(locked):
+    """What the metrics say (model, load, incidents) and the API's description are for the token's holders
+    too: a clear 401 without the token, the content with it."""
+    for path in ("/metrics", "/openapi.json"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+            status, hdrs, err = http("GET", locked.url(path), headers=headers)
+            assert (status, err["error"]["code"], err["error"]["type"]) == \
+                (401, "invalid_api_key", "authentication_error"), (path, headers, status)
+            assert "x-request-id" not in hdrs
+    status, _, text = http("GET", locked.url("/metrics"), headers=BEARER)
+    assert status == 200 and b"neurond_requests_total" in text
+    status, _, spec = http("GET", locked.url("/openapi.json"), headers=BEARER)
+    assert status == 200 and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path in ("/v1/chat/completions", "/v1/models", "/metrics", "/openapi.json"):
+        assert all(op.get("security") == [{"bearer": []}] for op in spec["paths"][path].values()), path
+    for path in ("/health", "/ready"):
+        assert all("security" not in op for op in spec["paths"][path].values()), path
+    assert http("GET", locked.url("/no/such/path"))[0] == 404  # an unknown path stays a 404
+
+
 # ---------------------------------------------------------------------------------------------- admin API
 def _listening(pid: int) -> tuple[set[int], set[str]]:
     """(TCP ports, unix socket paths) the process listens on, from /proc/net: nothing else is bound."""

@@ -47,6 +47,20 @@ def test_bad_request_gets_400(daemon_tp1, name, body, status, code, param):
     _error(daemon_tp1.chat(body), status, code, param)
 
 
+def test_stream_options_need_stream(daemon_tp1):
+    """As OpenAI answers it: stream_options with stream false or absent is a 400 naming the parameter."""
+    for body in (chat_body(max_tokens=2, stream_options={"include_usage": True}),
+                 chat_body(max_tokens=2, stream=False, stream_options={"include_usage": False})):
+        err = _error(daemon_tp1.chat(body), 400, "invalid_value", "stream_options")
+        assert err["type"] == "invalid_request_error" and "stream" in err["message"], err
+    assert daemon_tp1.chat(chat_body(max_tokens=2, stream_options=None))[0] == 200  # null is no option at all
+    status, _, events = http("POST", daemon_tp1.url("/v1/chat/completions"),
+                             json.dumps(chat_body(max_tokens=2, stream=True,
+                                                  stream_options={"include_usage": True})).encode(),
+                             {"Content-Type": "application/json"})
+    assert status == 200 and b'"usage":{"prompt_tokens"' in events and events.endswith(b"data: [DONE]\n\n")
+
+
 def test_context_error_names_the_numbers(daemon_tp1):
     err = _error(daemon_tp1.chat(chat_body(max_tokens=100_000)), 400, "context_length_exceeded")
     assert "100000" in err["message"] and "2048" in err["message"]

@@ -11,6 +11,7 @@ from neurond.engine.deadline import StepDeadline
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import Engine
 from neurond.observe.events import Event, EventSink
+from neurond.observe.metrics import MetricsSink
 from neurond.pool import protocol as p
 from neurond.pool.faults import RankDied, RankFailed, StepTimeout
 
@@ -247,19 +248,28 @@ def test_interrupted_requests_wait_at_most_resume_wait(gone):
     sup = FakeSupervisor({2: RankDied(0, -9)})
     sup._repaired = (lambda: setattr(sup, "state", "unloaded")) if gone else (lambda: None)
 
+    metrics = MetricsSink()
+
     async def go():
         engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
-                        resume_wait_s=0.3)
+                        resume_wait_s=0.3, metrics=metrics)
         engine.start()
         r = request("a", [5, 6], 8)
         engine.submit(r)
         while not isinstance(ev := await asyncio.wait_for(r.events.get(), 5), Failed):
             pass
         await engine.stop()
-        return ev
+        return engine, ev
 
-    ev = asyncio.run(go())
+    engine, ev = asyncio.run(go())
     assert ev.status == 503 and ev.code == "model_unavailable" and ev.retry_after_s
+    # Counted like every other ending: a failure, and (unless recovery gave up) one of its own kind, which is
+    # what says resume_wait_s is shorter than the repairs.
+    expired = 0 if gone else 1
+    assert (engine.stats["failed"], engine.stats["repair_wait_expired"]) == (1, expired), engine.stats
+    counts = {s.labels["outcome"]: s.value for s in metrics.requests.collect()[0].samples
+              if s.name == "neurond_requests_total"}
+    assert counts.get("failed") == 1 and counts.get("repair_wait_expired", 0) == expired, counts
 
 
 def test_a_request_struck_before_is_prefilled_alone():
