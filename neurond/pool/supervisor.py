@@ -75,7 +75,8 @@ class Supervisor:
         self._stopping = False
         self._load_faults: dict[int, list[str]] = {}
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
-        # Started each time the model is healthy (not while ranks load: they would compete for the CPU).
+        # Started when the model is first healthy (not while the first ranks load and import), and again
+        # whenever the pool takes one, so the next is importing while the replaced rank loads.
         self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_cache_env(config.cache_dir))
 
     # ------------------------------------------------------------------ state for readers
