@@ -107,7 +107,7 @@ class Injector:
 
     async def _fire(self, volley: Volley) -> VolleyRecord:
         status = await self.admin.status()
-        self.tracker.note(status["pids"].values())
+        self.tracker.note([*status["pids"].values(), *status.get("spare_pids", [])])
         record = VolleyRecord(volley, time.monotonic(), status["incidents"])
         self.records.append(record)
         armed = [f for f in volley.faults if f.phase == "load"]  # first: the death that needs them comes after
@@ -136,7 +136,7 @@ class Injector:
         settle_until = None
         while True:
             status = await self.admin.status()
-            self.tracker.note(status["pids"].values())
+            self.tracker.note([*status["pids"].values(), *status.get("spare_pids", [])])
             seen = status["incidents"] - record.incidents_before
             now = time.monotonic()
             if seen >= v.min_incidents and status["state"] == "healthy":

@@ -93,7 +93,7 @@ class SoakReport:
     fds_after: int = 0
     rss_before: int = 0
     rss_after: int = 0
-    stray_processes: dict[int, str] = field(default_factory=dict)  # leader descendants not in the pool
+    stray_processes: dict[int, str] = field(default_factory=dict)  # leader descendants not ranks or spares
     survivors: list[int] = field(default_factory=list)  # replaced workers still running while healthy
     orphans: list[int] = field(default_factory=list)  # workers still running after the daemon stopped
     pool_size_at_end: int = 0
@@ -160,7 +160,7 @@ class SoakReport:
             problems.append(f"leader RSS {self.rss_before / 2**20:.1f} -> {self.rss_after / 2**20:.1f} MiB "
                             f"(slack {RSS_SLACK_BYTES / 2**20:.0f} MiB)")
         if self.stray_processes:
-            problems.append(f"leader descendants that are not pool ranks: {self.stray_processes}")
+            problems.append(f"leader descendants that are not pool ranks or spares: {self.stray_processes}")
         if self.survivors:
             problems.append(f"replaced workers still running: {self.survivors}")
         if self.orphans:
@@ -243,7 +243,8 @@ async def _soak(report: SoakReport, daemon, admin_socket: str, token: str, track
     leader = daemon.proc.pid
     workload, think, faults = (random.Random(f"{report.seed}/{what}") for what in ("workload", "think", "faults"))
     admin = AsyncAdmin(admin_socket, token)
-    tracker.note((await admin.status())["pids"].values())
+    first = await admin.status()
+    tracker.note([*first["pids"].values(), *first.get("spare_pids", [])])
     report.fds_before, report.rss_before = probes.fd_count(leader), probes.rss_bytes(leader)
 
     http = httpx.AsyncClient(base_url=daemon.base, timeout=None,
@@ -293,8 +294,9 @@ async def _soak(report: SoakReport, daemon, admin_socket: str, token: str, track
         await http.aclose()
     status = await admin.status()
     pool = {int(pid) for pid in status["pids"].values() if pid is not None}
-    tracker.note(pool)
     report.pool_size_at_end = len(pool)
+    pool |= set(status.get("spare_pids", []))  # spares are the pool's too (and must be gone after stop)
+    tracker.note(pool)
     report.engine_stats = status.get("requests", {})
     report.stray_processes = {pid: state for pid, state in probes.descendants(leader).items() if pid not in pool}
     report.survivors = tracker.running(exclude=pool)
@@ -375,5 +377,6 @@ def start_daemon_for_soak(start_daemon, workdir):
     """A TP=2 daemon on the built-in model with the admin API and fault injection: (daemon, socket, token)."""
     from tests.faults import TOKEN, fault_daemon
 
-    daemon = fault_daemon(start_daemon, workdir, 2, **DAEMON_SETTINGS)
+    # With a spare worker, as the daemon runs by default: repairs take it, and it must not leak either.
+    daemon = fault_daemon(start_daemon, workdir, 2, env={"NEUROND_SPARE_WORKERS": "1"}, **DAEMON_SETTINGS)
     return daemon, str(workdir / "admin.sock"), TOKEN
