@@ -141,7 +141,7 @@ class Supervisor:
     def _new_pool(self) -> RankPool:
         self.load_progress = {}
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
-                        spec_hook=self._arm_load_faults, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
+                        spec_hook=self._at_spawn, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
                         spares=self.spares)
 
     def _on_load_progress(self, progress: p.LoadProgress) -> None:
@@ -170,6 +170,13 @@ class Supervisor:
         if pool is None or not self.serving:
             raise PoolUnavailable(None, f"model is {self.state}")
         await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count), 5.0, "inject fault")
+
+    def _at_spawn(self, spec: p.WorkerSpec) -> p.WorkerSpec:
+        """The last word on a rank's spec as it is spawned: armed load faults; and a rank started by a repair
+        captures its decode graphs as they are first used, not all before it says it is loaded."""
+        if self._incident is not None:
+            spec = dataclasses.replace(spec, capture_at_load=False)
+        return self._arm_load_faults(spec)
 
     def _arm_load_faults(self, spec: p.WorkerSpec) -> p.WorkerSpec:
         pending = self._load_faults.get(spec.rank)

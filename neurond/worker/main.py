@@ -181,7 +181,7 @@ class Worker:
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
         info.update(self.runner.info())
-        info["graph_capture_s"] = round(self.runner.warm_up(), 3)
+        info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load), 3)
         return info
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:

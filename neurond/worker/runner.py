@@ -260,9 +260,10 @@ class ModelRunner:
         if self.graphs is not None and self.world_size > 1:
             self.graphs.clear()
 
-    def warm_up(self) -> float:
+    def warm_up(self, capture_graphs: bool = True) -> float:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
-        and of two compile the kernels (the two shapes they are compiled for), then the decode graphs."""
+        and of two compile the kernels (the two shapes they are compiled for), then the decode graphs (unless
+        `capture_graphs` is false: each is then captured on its first use)."""
         from neurond.pool.protocol import PrefillChunk
 
         t0 = time.monotonic()
@@ -272,7 +273,7 @@ class ModelRunner:
             self.decode((0,))
             self.decode(rows)
             self.active.zero_()
-        if self.graphs is not None:
+        if self.graphs is not None and capture_graphs:
             self.graphs.capture_all()
         return time.monotonic() - t0
 
