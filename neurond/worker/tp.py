@@ -89,6 +89,9 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if heads % world_size or kv_heads % world_size:
             raise ValueError(f"{heads} attention / {kv_heads} KV heads do not split over {world_size} ranks")
+        inter = getattr(config, "intermediate_size", 0) or 0
+        if inter % world_size:  # a column split would silently drop the remainder's rows
+            raise ValueError(f"intermediate_size {inter} does not split over {world_size} ranks")
 
     modules = dict(model.named_modules())
     wanted = {name for name, _ in model.named_parameters()}
