@@ -16,13 +16,14 @@ GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
 
 
-def tiny(model_type: str):
+def tiny(model_type: str, **extra):
+    """A tiny random GQA model (4 query heads, 2 KV heads); `extra` overrides its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        initializer_range=0.3, tie_word_embeddings=False)
+    settings = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.3,
+                    tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(model_type, **{**settings, **extra})
     torch.manual_seed(11)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # biases and norm weights start at 0 and 1; make them matter

@@ -32,20 +32,10 @@ TIMEOUT_S = 120
 
 
 def write_checkpoint(path, model_type: str, extra: dict) -> None:
-    """A tiny random checkpoint (config of test_decoder.tiny, updated with `extra`) as safetensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """test_decoder's tiny random model (its config updated with `extra`) as a safetensors checkpoint."""
+    from tests.worker.test_decoder import tiny
 
-    kwargs = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.3,
-                  tie_word_embeddings=False)
-    cfg = AutoConfig.for_model(model_type, **{**kwargs, **extra})
-    torch.manual_seed(11)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # biases and norm weights start at 0 and 1; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(path, safe_serialization=True)
+    tiny(model_type, **extra).save_pretrained(path, safe_serialization=True)
 
 
 def run(model_dir: str, rank: int, world_size: int) -> dict:
