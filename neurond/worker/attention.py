@@ -1,8 +1,10 @@
-"""Attention over the slot KV cache, registered with transformers' AttentionInterface.
+"""Attention over the slot KV cache (`attend`), for neurond's own decoder layers (decoder.py) and, registered
+with transformers' AttentionInterface, for transformers' layers.
 
 transformers' attention modules compute q/k/v, apply rotary embeddings and call the cache, then hand the
 attention itself to the registered function; the model code stays theirs. The mask is neurond's (built by the
-runner from each row's position) and is passed through the decoder layers unchanged: True = may attend.
+runner from each row's position) and is passed through the decoder layers unchanged: True (or 0.0 in an
+additive float mask) = may attend.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ from __future__ import annotations
 NAME = "neurond_slots"
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, Hq, T, D]; key/value [B, Hkv, L, D] (views into the cache); attention_mask bool [B, 1, T, L].
-    Returns ([B, T, Hq, D], None) as transformers' attention functions do."""
+def attend(query, key, value, mask, scale: float):
+    """query [B, Hq, T, D]; key/value [B, Hkv, L, D] (views into the cache); mask [B, 1, T, L], bool or
+    additive. Returns [B, Hq, T, D]."""
     import torch
 
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim**-0.5
     if tokens == 1:
         # Decode: one query per row. The query heads that share a KV head become that head's "query positions"
         # (all with the row's mask), so one fused SDPA kernel reads each cached key and value once: no copy of
@@ -26,12 +27,16 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         group = q_heads // kv_heads
         q = query.view(batch, kv_heads, group, dim)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, key, value, attn_mask=attention_mask.view(batch, 1, 1, -1), scale=scale)
-        out = out.reshape(batch, q_heads, 1, dim)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=q_heads != kv_heads)
-    return out.transpose(1, 2).contiguous(), None
+            q, key, value, attn_mask=mask.view(batch, 1, 1, -1), scale=scale)
+        return out.reshape(batch, q_heads, 1, dim)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=q_heads != kv_heads)
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`attend` as transformers' attention functions are called. Returns ([B, T, Hq, D], None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
 
 
 def register(model) -> None:
@@ -46,13 +51,17 @@ def register(model) -> None:
             cfg._attn_implementation = NAME
 
 
+def norm_eps(module) -> float:
+    """An RMSNorm module's epsilon (Llama-style modules call it variance_epsilon, others eps)."""
+    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6))
+
+
 def fused_rms_norm(module, hidden_states):
     """RMSNorm in one call (torch's fused kernel on CUDA) instead of the seven elementwise kernels of
     transformers' module; same math, computed in float32."""
     import torch
 
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), module.weight, eps)
+    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), module.weight, norm_eps(module))
 
 
 def use_fused_norms(model) -> int:

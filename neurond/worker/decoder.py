@@ -18,6 +18,8 @@ activations other than SiLU) are not `supported`; the runner then uses transform
 
 from __future__ import annotations
 
+from neurond.worker import attention
+
 
 def supported(model) -> str | None:
     """Why `model`'s layers cannot run here, or None when they can."""
@@ -123,18 +125,15 @@ class Kernels:
         self.silu_mul = wrap(silu_mul)
 
 
-def _eps(norm) -> float:
-    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
-
-
 class DecoderLayer:
     def __init__(self, layer, head_dim: int, decode_kernels: Kernels, prefill_kernels: Kernels) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.decode_kernels = decode_kernels
         self.prefill_kernels = prefill_kernels
         self.in_norm = layer.input_layernorm
-        self.in_w, self.in_eps = layer.input_layernorm.weight, _eps(layer.input_layernorm)
-        self.post_w, self.post_eps = layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
+        post_norm = layer.post_attention_layernorm
+        self.in_w, self.in_eps = self.in_norm.weight, attention.norm_eps(self.in_norm)
+        self.post_w, self.post_eps = post_norm.weight, attention.norm_eps(post_norm)
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3: RMSNorm of each head before the rotation
         self.k_norm = getattr(attn, "k_norm", None)
         self.o_proj = attn.o_proj
@@ -165,15 +164,8 @@ class DecoderLayer:
         qk = k.rotate(qk, cos, sin_signed)
         keys, values = cache.write(layer_idx, qk[:, hq:].view(batch, tokens, hkv, dim),
                                    qkv[:, hq + hkv :].view(batch, tokens, hkv, dim))
-        if tokens == 1:
-            # Decode: the query heads sharing a KV head are that head's "query positions" (see attention.py).
-            q = qk[:, :hq].reshape(batch, hkv, hq // hkv, dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        else:
-            q = qk[:, :hq].reshape(batch, tokens, hq, dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=hq != hkv)
-            out = out.transpose(1, 2)
+        q = qk[:, :hq].reshape(batch, tokens, hq, dim).transpose(1, 2)
+        out = attention.attend(q, keys, values, mask, self.scale).transpose(1, 2)
         h, x = k.add_rms_norm(h, self.o_proj(out.reshape(batch * tokens, hq * dim)), self.post_w, self.post_eps)
         gate_up = F.linear(x, self.gate_up_w, self.gate_up_b)
         return h, self.down_proj(k.silu_mul(gate_up, self.inter))
