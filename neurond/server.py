@@ -31,7 +31,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from neurond.api import connections
 from neurond.api.app import API, ServedModel
-from neurond.config import Config, ConfigError
+from neurond.config import Config
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.scheduler import RETRY_AFTER_S, Engine
 from neurond.observe.events import TeeSink
@@ -309,13 +309,9 @@ async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
 
 def serve(config: Config) -> int:
     try:
-        tokens = read_tokens(config)
-    except (OSError, ValueError) as exc:  # missing, unreadable, empty or shared token file
-        log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
-    try:
-        connections.ensure_fd_limit(config.max_connections, config.tp_size)
-    except ConfigError as exc:
+        tokens = read_tokens(config)  # OSError, ValueError: missing, unreadable, empty or shared token file
+        connections.ensure_fd_limit(config.max_connections, config.tp_size)  # ConfigError: hard limit too low
+    except (OSError, ValueError) as exc:  # (ConfigError is a ValueError)
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG
     return asyncio.run(Server(config, tokens).run())

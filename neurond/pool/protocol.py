@@ -221,7 +221,8 @@ class WorkerSpec:
     dtype: str  # "auto" | "bfloat16" | "float16" | "float32"
     device: str  # "auto" | "cpu" | "cuda"
     backend: str  # "auto" | "nccl" | "gloo"
-    #: Environment set in the worker before torch is imported (NCCL settings and the like).
+    #: Environment the worker process is started with (NCCL settings and the like; a spare is started with it
+    #: before its spec exists, so every rank's is the same).
     env: tuple[tuple[str, str], ...] = ()
     log_level: str = "info"
     #: Faults armed before the process starts (kind, phase, count): how a load-phase fault is injected.

@@ -229,11 +229,8 @@ def cuda_context_ok(device) -> bool:
 
 
 def run_worker(spec: p.WorkerSpec, step_conn, ctrl_conn) -> None:
-    """Target of the spawned process."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
-    for key, value in spec.env:
-        os.environ[key] = value
+    """Target of the spawned process, once it has its spec (`__main__` has set up the process: death with
+    the leader, SIGINT ignored; its environment, spec.env, was given when it was started)."""
     from neurond.observe.journal import setup_logging
 
     setup_logging(spec.log_level, rank=spec.rank)  # journald entries with NEUROND_RANK, or stderr lines
