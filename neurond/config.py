@@ -103,6 +103,9 @@ class Config:
     step_deadline_factor: float = 20.0
     #: Seconds the control threads get to abort their communicators before the ranks are killed.
     abort_timeout_s: float = 5.0
+    #: Seconds forming a communicator may take (rendezvous, NCCL init and its first collective; ~0.2-0.6 s at
+    #: TP=2 on NVLink) before the ranks that did not join count as failed.
+    comm_timeout_s: float = 30.0
     # --- crash-loop breaker: give up (state `unloaded`) after this many recoveries within the window ---
     #: Failed recovery attempts within the window that make the daemon give up (state `unloaded`).
     breaker_max_failures: int = 5

@@ -11,7 +11,8 @@ from tests.conftest import chat_body
 TOKEN = "test-admin-token"
 
 
-def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, **settings):
+def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, extra: list[str] | None = None,
+                 **settings):
     token = tmp_path / "admin.token"
     token.write_text(TOKEN + "\n")
     values = {
@@ -29,7 +30,7 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
     }
     conf = tmp_path / "neurond.toml"
     conf.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
-    d = start_daemon(tp_size, ["--config", str(conf)], **({"env": env} if env else {}))
+    d = start_daemon(tp_size, ["--config", str(conf), *(extra or [])], **({"env": env} if env else {}))
     d.admin = Admin(values["admin_socket"])
     # Warm up so the step deadline has observations (before any, it is the ceiling).
     assert d.chat(chat_body(max_tokens=8, temperature=0))[0] == 200

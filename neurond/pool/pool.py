@@ -31,6 +31,10 @@ _SECONDARY = ("connection closed by peer", "connection reset by peer", "read err
               "remote process exited", "communicator was aborted", "socket closed")
 
 
+# How long a rank gets to write its stacks (SIGUSR1) before it is killed.
+STACK_DUMP_S = 0.1
+
+
 def _is_secondary(failure: RankFailed) -> bool:
     text = failure.message.lower()
     return any(marker in text for marker in _SECONDARY)
@@ -53,6 +57,7 @@ class RankPool:
         *,
         on_fault: Callable[[PoolFault], None] | None = None,
         load_timeout_s: float = 600.0,
+        comm_timeout_s: float = 30.0,
         spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
         on_spawn: Callable[[int, int | None], None] | None = None,
         on_progress: Callable[[p.LoadProgress], None] | None = None,
@@ -66,6 +71,7 @@ class RankPool:
         self.ranks: dict[int, RankProcess] = {}
         self.on_fault = on_fault
         self.load_timeout_s = load_timeout_s
+        self.comm_timeout_s = comm_timeout_s
         self.spec_hook = spec_hook  # last word on a rank's spec at each spawn (arms load-phase faults)
         self._ids = itertools.count(1)
         self._comm_ids = itertools.count(1)
@@ -117,9 +123,10 @@ class RankPool:
         for fut in done:
             fut.result()  # raises RankDied
 
-    async def form_comm(self, timeout_s: float | None = None) -> int:
-        """A new communicator among the current processes, on a fresh store opened by rank 0."""
-        timeout_s = timeout_s or min(self.load_timeout_s, 120.0)
+    async def form_comm(self) -> int:
+        """A new communicator among the current processes, on a fresh store opened by rank 0, its first
+        collective included. Each of the two calls has the communicator deadline."""
+        timeout_s = self.comm_timeout_s
         opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
         port = opened[0].port
         comm_id = next(self._comm_ids)
@@ -237,8 +244,15 @@ class RankPool:
         return [rank for rank, proc in self.ranks.items() if proc.alive]
 
     # ------------------------------------------------------------------ stopping
-    async def kill_ranks(self, ranks, timeout_s: float = 10.0) -> None:
-        """SIGKILL the ranks and wait until each is reaped."""
+    async def kill_ranks(self, ranks, timeout_s: float = 10.0, dump_stacks: bool = False) -> None:
+        """SIGKILL the ranks and wait until each is reaped. `dump_stacks`: first SIGUSR1, on which a worker
+        writes every thread's Python stack to stderr (the journal), and a moment for it to do so."""
+        if dump_stacks:
+            alive = [self.ranks[r] for r in ranks if self.ranks.get(r) is not None and self.ranks[r].alive]
+            for proc in alive:
+                proc.signal(signal.SIGUSR1)
+            if alive:
+                await asyncio.sleep(STACK_DUMP_S)
         for rank in ranks:
             proc = self.ranks.get(rank)
             if proc is not None:

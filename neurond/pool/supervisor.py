@@ -37,8 +37,21 @@ log = logging.getLogger("neurond.supervisor")
 # returned), after a step failed or timed out, is wedged.
 WEDGE_MIN_BUSY_S = 0.5
 
-# Environment every rank gets; NVLink multicast stays off (it can take shared GPUs out of service).
-RANK_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
+# Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
+RANK_ENV = (
+    # NVLink multicast stays off: it can take the host's shared GPUs out of service.
+    ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
+    # torch's NCCL watchdog must not act on an error: its default (3) ends the process on any NCCL or CUDA
+    # error it sees, so a survivor could die for its peer's fault and lose weights it could have kept. The
+    # leader decides: it aborts the communicator and replaces only the ranks that must go.
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"),
+    # Nor end the process when the watchdog thread looks stuck (after 480 s): the leader's own deadlines are
+    # seconds, and a rank it gave up on is killed by it.
+    ("TORCH_NCCL_ENABLE_MONITORING", "0"),
+    # No flight-recorder dumps into /tmp on a timeout: the leader's journal entry and the rank's stack dump
+    # (SIGUSR1 before a kill) say what happened.
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "0"),
+)
 
 
 def _compile_cache_env(cache_dir: str) -> tuple[tuple[str, str], ...]:
@@ -141,6 +154,7 @@ class Supervisor:
     def _new_pool(self) -> RankPool:
         self.load_progress = {}
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
+                        comm_timeout_s=self.config.comm_timeout_s,
                         spec_hook=self._at_spawn, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
                         spares=self.spares)
 
@@ -374,7 +388,7 @@ class Supervisor:
 
     async def _kill(self, ranks: set[int], cause: Cause | None) -> None:
         alive = [r for r in sorted(ranks) if self.pool.ranks.get(r) is not None and self.pool.ranks[r].alive]
-        await self.pool.kill_ranks(sorted(ranks), timeout_s=10.0)
+        await self.pool.kill_ranks(sorted(ranks), timeout_s=10.0, dump_stacks=True)
         for rank in alive:
             self._emit(Event.RANK_KILLED, (cause or Cause("recovery", self._incident or "")).with_(rank=rank),
                        detail="SIGKILL: wedged, stuck in a collective, or device context ruined")

@@ -6,6 +6,7 @@ needs (torch, transformers' model classes, safetensors): most of a rank's start,
 the spec says which.
 """
 
+import faulthandler
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -23,6 +24,9 @@ def main() -> None:
     from neurond.worker.main import _die_with_parent
 
     _die_with_parent()  # a spare waits for a spec that may never come: it must not outlive the leader
+    # SIGUSR1 dumps every thread's Python stack to stderr (the journal): the leader sends it to a rank it is about
+    # to kill for not answering, so the operator sees where it was stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     step_conn = Connection(int(sys.argv[1]))
     ctrl_conn = Connection(int(sys.argv[2]))

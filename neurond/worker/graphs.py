@@ -7,8 +7,11 @@ only the runner's static device buffers (next_tok, seq_len, active), advances th
 greedy tokens to static outputs.
 
 Abortability: at TP>1 the graph holds NCCL all-reduces on the communicator it was captured with. They stay
-ordinary NCCL kernels, so aborting the communicator unblocks them like any other; after a new communicator
-is formed the graphs are dropped (`clear`) and captured again on first use.
+ordinary NCCL kernels, so aborting the communicator unblocks them like any other. But NCCL's abort also waits
+until every graph holding the communicator's collectives is destroyed (NCCL >= 2.26, `commDestroySync`): the
+control thread drops them all first (`release`) and none may be replayed or captured again until the compute
+thread has a new communicator (`clear`). A replay under way keeps its graph alive until it returns, which
+the abort brings about. After a new communicator is formed the graphs are captured again on first use.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import time
 log = logging.getLogger("neurond.worker")
 
 
+class GraphsReleased(RuntimeError):
+    """A decode graph was asked for after `release`: the communicator is being aborted."""
+
+
 class DecodeGraphs:
     def __init__(self, runner) -> None:
         import torch
@@ -26,6 +33,7 @@ class DecodeGraphs:
         self.runner = runner
         self._graphs: dict[tuple[int, int], tuple[object, object]] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._released = False
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, kv_len) a decode step can ask for: the values of the runner's bucket functions."""
@@ -37,13 +45,26 @@ class DecodeGraphs:
         return [(b, n) for b in batches for n in lengths]
 
     def clear(self) -> None:
-        self._graphs.clear()
+        """Compute thread: drop every graph; new ones may be captured (for a new communicator)."""
+        import torch
+
+        self._graphs = {}
+        self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one's graphs may still be in flight
+        self._released = False
+
+    def release(self) -> None:
+        """Control thread: drop every graph, and capture or replay none until `clear`. (Rebinding the dict,
+        not clearing it under the compute thread's feet; dropping the last reference destroys the graph.)"""
+        self._released = True
+        self._graphs = {}
 
     def capture_all(self) -> None:
         for shape in sorted(self.shapes(), reverse=True):  # largest first: the pool fits the rest
             self._capture(*shape)
 
     def run(self, batch: int, kv_len: int):
+        if self._released:
+            raise GraphsReleased("decode graphs released: the communicator is being aborted")
         entry = self._graphs.get((batch, kv_len))
         if entry is None:
             entry = self._capture(batch, kv_len)
@@ -72,6 +93,9 @@ class DecodeGraphs:
         finally:
             runner.hooks_enabled = True
             runner.active.copy_(saved)
+        if self._released:  # released while capturing: this graph holds the aborted communicator too
+            del graph, outputs
+            raise GraphsReleased("decode graphs released during capture: the communicator is being aborted")
         self._graphs[(batch, kv_len)] = (graph, outputs)
         log.debug("captured the decode graph for batch %d, kv_len %d in %.0f ms", batch, kv_len,
                   (time.monotonic() - t0) * 1000)

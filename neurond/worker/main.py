@@ -12,6 +12,7 @@ SIGKILL if the leader dies without closing them.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -23,6 +24,10 @@ import traceback
 from neurond.pool import protocol as p
 
 log = logging.getLogger("neurond.worker")
+
+# An abort normally returns in ~0.5 s (NCCL, H100). One still running after this many seconds dumps every
+# thread's Python stack to stderr (the journal), so a rank that never confirms shows where it is stuck.
+ABORT_DUMP_AFTER_S = 2.0
 
 
 def _die_with_parent() -> None:
@@ -102,11 +107,22 @@ class Worker:
                 except ValueError as exc:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))
             elif isinstance(cmd, p.AbortComm):
-                t0 = time.monotonic()
-                ok, message = self.comm.abort()
-                self._send_ctrl(p.Aborted(cmd.call_id, self.rank, ok, time.monotonic() - t0, message))
+                self._send_ctrl(self._abort(cmd))
             else:
                 log.error("rank %d: unknown control command %r", self.rank, cmd)
+
+    def _abort(self, cmd: p.AbortComm) -> p.Aborted:
+        """Control thread: abort the communicator under whatever the compute thread is doing. The decode graphs
+        go first: NCCL's abort does not return while a CUDA graph holding the communicator's collectives lives."""
+        t0 = time.monotonic()
+        faulthandler.dump_traceback_later(ABORT_DUMP_AFTER_S, repeat=False, file=sys.stderr)
+        try:
+            if self.runner is not None:
+                self.runner.release_graphs()
+            ok, message = self.comm.abort()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        return p.Aborted(cmd.call_id, self.rank, ok, time.monotonic() - t0, message)
 
     def _send_ctrl(self, reply) -> None:
         with self._send_lock:
@@ -130,19 +146,24 @@ class Worker:
     def _run(self, cmd) -> p.Done | p.StepFailed | p.StoreOpened:
         mark = self.comm.abort_count()
         self._busy_since = time.monotonic()
+        failed = None
         try:
             result = self._dispatch(cmd)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply, never a dead worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            return self._failure(cmd, exc)
+            failed = self._failure(cmd, exc)
         finally:
             duration = time.monotonic() - self._busy_since
             self._busy_since = 0.0
-        if self.comm.aborted_since(mark) and isinstance(cmd, (p.Prefill, p.Decode, p.JoinComm)):
-            # The communicator was aborted under this call: on NCCL the collective returns normally, so
-            # whatever it computed is garbage.
+        if self.comm.aborted_since(mark) and isinstance(cmd, (p.Prefill, p.Decode, p.JoinComm, p.LoadShard)):
+            # The communicator was aborted under this call: on NCCL the collective returns normally, so whatever
+            # it computed is garbage; an error it raised (graphs released, a collective failed) is the abort's.
+            if failed is not None and not failed.context_ok:
+                return failed  # a ruined device context must still be reported: the rank has to be replaced
             return p.StepFailed(cmd.call_id, self.rank, p.FaultKind.COMM_ABORTED, "communicator aborted during call")
+        if failed is not None:
+            return failed
         if isinstance(result, p.StoreOpened):
             return result
         tokens, info = result

@@ -120,13 +120,15 @@ class ModelRunner:
             h, delta = h.view(batch * tokens, -1), None
             for i, layer in enumerate(self.own):
                 if i == self._mid_layer and self.hooks_enabled:
-                    self._mid_forward()  # fault injection inside the forward (between collectives at TP>1)
+                    with self.guard.own_work():
+                        self._mid_forward()  # fault injection inside the forward (between collectives at TP>1)
                 h, delta = layer(h, delta, self.cache, i, cos, sin, bias, batch, tokens)
             h = (h + delta).view(batch, tokens, -1)
         else:
             for i, layer in enumerate(self.layers):
                 if i == self._mid_layer and self.hooks_enabled:
-                    self._mid_forward()
+                    with self.guard.own_work():
+                        self._mid_forward()
                 out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                             use_cache=True, position_embeddings=(cos, sin))
                 h = out[0] if isinstance(out, tuple) else out
@@ -183,7 +185,8 @@ class ModelRunner:
             raise ValueError("one prefill step may hold one chunk per slot")
         kv_len = max(c.start + len(c.token_ids) for c in chunks)
         slots = torch.tensor([c.slot for c in chunks], device=self.device)
-        with torch.inference_mode():
+        # At TP>1 the whole step waits on peers: its collectives are queued, and the token read-back waits for them.
+        with torch.inference_mode(), self.guard.region(self.world_size > 1):
             self.active[slots] = False
             ids, positions = ids.to(self.device), positions.to(self.device)
             mask = (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, width, 1))
@@ -212,9 +215,9 @@ class ModelRunner:
                     out[r] = t
             return out
 
-    def decode(self, slots: tuple[int, ...], steps: int = 1) -> list[int]:
+    def decode(self, slots: tuple[int, ...], steps: int = 1, eager: bool = False) -> list[int]:
         """`steps` steps for the sequences in `slots` (each feeds its last token). Returns their next tokens,
-        step by step ([step 0's for each slot, step 1's, ...]).
+        step by step ([step 0's for each slot, step 1's, ...]). `eager`: no CUDA graph, even where there are.
 
         The steps are queued back to back and read with one host sync at the end: the device advances each
         row's input and length itself, so the host has nothing to wait for in between (a sync per step left the
@@ -225,7 +228,9 @@ class ModelRunner:
             return []
         batch = batch_bucket(max(slots) + 1, self.slots)
         sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
-        with torch.inference_mode():
+        graphs = None if eager or self._eager_only() else self.graphs
+        # At TP>1 the whole call waits on peers: replays and collectives are queued, and `tolist` waits for them.
+        with torch.inference_mode(), self.guard.region(self.world_size > 1):
             self._active_host.zero_()
             self._active_host[list(slots)] = True
             self.active.copy_(self._active_host, non_blocking=True)
@@ -233,9 +238,8 @@ class ModelRunner:
             out = torch.empty(steps, batch, dtype=torch.long, device=self.device)
             for step in range(steps):
                 kv_len = kv_bucket(max(self.lengths[s] for s in slots) + 1, self.cache.max_len)
-                if self.graphs is not None and not self._eager_only():
-                    with self.guard.region(self.world_size > 1):  # a rank waiting inside the graph waits on peers
-                        logits, tokens = self.graphs.run(batch, kv_len)
+                if graphs is not None:
+                    logits, tokens = graphs.run(batch, kv_len)
                 else:
                     logits, tokens = self.decode_forward(batch, kv_len)
                 out[step].copy_(tokens)  # a graph's outputs are overwritten by its next replay
@@ -260,6 +264,15 @@ class ModelRunner:
         if self.graphs is not None and self.world_size > 1:
             self.graphs.clear()
 
+    def release_graphs(self) -> None:
+        """Called from the control thread just before the communicator is aborted: drop every decode graph and
+        refuse to replay or capture one until `reset`. NCCL's abort waits until every CUDA graph that captured
+        the communicator's collectives is destroyed (commDestroySync polls its graph references), so a rank
+        holding its graphs never confirms the abort. A graph the compute thread is replaying right now goes
+        when that replay returns, which the abort itself brings about."""
+        if self.graphs is not None and self.world_size > 1:
+            self.graphs.release()
+
     def warm_up(self, capture_graphs: bool = True) -> float:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
         and of two compile the kernels (the two shapes they are compiled for), then the decode graphs (unless
@@ -268,10 +281,13 @@ class ModelRunner:
 
         t0 = time.monotonic()
         if self.compiled_kernels:
+            # Alone: no collective (a rank replaced alone warms up while its peers wait for the next command),
+            # and eagerly: a graph captured here would lack its all-reduces.
             rows = tuple(range(min(2, self.slots)))
-            self.prefill([PrefillChunk(s, (0,), 0, True, SamplingParams(temperature=0.0), 0) for s in rows])
-            self.decode((0,))
-            self.decode(rows)
+            with self.guard.local():
+                self.prefill([PrefillChunk(s, (0,), 0, True, SamplingParams(temperature=0.0), 0) for s in rows])
+                self.decode((0,), eager=True)
+                self.decode(rows, eager=True)
             self.active.zero_()
         if self.graphs is not None and capture_graphs:
             self.graphs.capture_all()

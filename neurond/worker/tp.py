@@ -30,14 +30,26 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 class CollectiveGuard:
-    """Marks when this rank is inside a collective; the control thread reports it in Pong, so the leader can
-    tell a rank that is *waiting for its peers* from one that is wedged in its own work."""
+    """Marks when this rank is waiting on its peers; the control thread reports it in Pong, so the leader can
+    tell a rank that is *waiting for its peers* from one that is wedged in its own work.
+
+    Over NCCL a collective only enqueues a kernel: the host then waits for it at the step's next sync (a token
+    read back, `.tolist()`), not inside `all_reduce`. So at TP>1 a whole prefill or decode step counts as
+    waiting on peers (`region`), except code that is the rank's own business inside it (`own_work`: the
+    fault-injection hook). A rank truly stuck in its own kernel inside a step is then found after the abort:
+    the abort does not release it, and it is killed after a short grace.
+
+    `local()` makes `all_reduce` a no-op: a rank warming up alone (compiling kernels after it was replaced)
+    must not call into a collective its peers are not in. Its results are garbage and are thrown away."""
 
     def __init__(self) -> None:
         self.inside = False
-        self.left_at = 0.0  # monotonic time the last collective returned (or raised)
+        self.left_at = 0.0  # monotonic time the rank last stopped waiting on peers
+        self._local = False
 
     def all_reduce(self, tensor) -> None:
+        if self._local:
+            return
         import torch.distributed as dist
 
         with self.region():
@@ -45,7 +57,8 @@ class CollectiveGuard:
 
     @contextlib.contextmanager
     def region(self, collective: bool = True):
-        """Everything inside counts as waiting in a collective (e.g. replaying a CUDA graph that holds them)."""
+        """Everything inside counts as waiting on peers (a collective, a graph replay that holds them, the
+        host sync that waits for queued collectives)."""
         if not collective or self.inside:
             yield
             return
@@ -55,6 +68,25 @@ class CollectiveGuard:
         finally:
             self.inside = False
             self.left_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def own_work(self):
+        """Inside a region: this part is the rank's own work, not waiting on peers."""
+        was = self.inside
+        self.inside = False
+        self.left_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self.inside = was
+
+    @contextlib.contextmanager
+    def local(self):
+        self._local = True
+        try:
+            yield
+        finally:
+            self._local = False
 
 
 def _style(plan: dict[str, str], module_name: str) -> str | None:
