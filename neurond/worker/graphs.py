@@ -8,15 +8,19 @@ greedy tokens to static outputs.
 
 Abortability: at TP>1 the graph holds NCCL all-reduces on the communicator it was captured with. They stay
 ordinary NCCL kernels, so aborting the communicator unblocks them like any other. But NCCL's abort also waits
-until every graph holding the communicator's collectives is destroyed (NCCL >= 2.26, `commDestroySync`): the
-control thread drops them all first (`release`) and none may be replayed or captured again until the compute
-thread has a new communicator (`clear`). A replay under way keeps its graph alive until it returns, which
-the abort brings about. After a new communicator is formed the graphs are captured again on first use.
+until every graph holding the communicator's collectives is destroyed (NCCL >= 2.26, `commDestroySync` polls
+its graph references), and destroying a graph whose replay is in flight waits for that replay to end (seen on
+an H100: the control thread stuck in the destructor while the replay waited on a peer). So the abort goes in
+this order (worker/main.py): `release` takes every graph out of use (none is replayed or captured again until
+the compute thread has a new communicator: `clear`), the abort starts on a thread of its own (its first act
+releases the stuck kernels), and the control thread resets the taken graphs meanwhile (`CUDAGraph.reset`
+drops the GIL while it waits), which lets the abort return. The graphs are captured again on first use.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger("neurond.worker")
@@ -34,6 +38,9 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[object, object]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._released = False
+        # Held while a replay is launched, and while `release` takes the graphs: once `release` returns, no
+        # replay is being launched and none will be (a graph must not be reset under a launch of it).
+        self._launch = threading.Lock()
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, kv_len) a decode step can ask for: the values of the runner's bucket functions."""
@@ -52,11 +59,14 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one's graphs may still be in flight
         self._released = False
 
-    def release(self) -> None:
-        """Control thread: drop every graph, and capture or replay none until `clear`. (Rebinding the dict,
-        not clearing it under the compute thread's feet; dropping the last reference destroys the graph.)"""
-        self._released = True
-        self._graphs = {}
+    def release(self) -> list:
+        """Control thread: take every graph out of use (none is captured or replayed until `clear`) and return
+        them, for the caller to reset once the abort is under way. The caller's references keep the compute
+        thread from destroying one, in flight, while it holds the GIL."""
+        with self._launch:
+            self._released = True
+            graphs, self._graphs = self._graphs, {}
+        return [graph for graph, _outputs in graphs.values()]
 
     def capture_all(self) -> None:
         for shape in sorted(self.shapes(), reverse=True):  # largest first: the pool fits the rest
@@ -69,7 +79,10 @@ class DecodeGraphs:
         if entry is None:
             entry = self._capture(batch, kv_len)
         graph, outputs = entry
-        graph.replay()
+        with self._launch:  # a launch only queues the graph: never held while waiting on the GPU
+            if self._released:
+                raise GraphsReleased("decode graphs released: the communicator is being aborted")
+            graph.replay()
         return outputs
 
     def _capture(self, batch: int, kv_len: int):

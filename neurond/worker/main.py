@@ -28,6 +28,8 @@ log = logging.getLogger("neurond.worker")
 # An abort normally returns in ~0.5 s (NCCL, H100). One still running after this many seconds dumps every
 # thread's Python stack to stderr (the journal), so a rank that never confirms shows where it is stuck.
 ABORT_DUMP_AFTER_S = 2.0
+# Past this the control thread stops waiting for the abort and says so (the leader's own deadline is shorter).
+ABORT_JOIN_S = 30.0
 
 
 def _die_with_parent() -> None:
@@ -112,17 +114,40 @@ class Worker:
                 log.error("rank %d: unknown control command %r", self.rank, cmd)
 
     def _abort(self, cmd: p.AbortComm) -> p.Aborted:
-        """Control thread: abort the communicator under whatever the compute thread is doing. The decode graphs
-        go first: NCCL's abort does not return while a CUDA graph holding the communicator's collectives lives."""
+        """Control thread: abort the communicator under whatever the compute thread is doing.
+
+        NCCL's abort does not return while a CUDA graph holding the communicator's collectives lives, and a graph
+        whose replay is stuck on a peer cannot be destroyed until the abort has released it. So: take the graphs
+        out of use, start the abort on a thread of its own, reset the graphs here meanwhile (each reset returns
+        once its replay has ended), then wait for the abort."""
         t0 = time.monotonic()
         faulthandler.dump_traceback_later(ABORT_DUMP_AFTER_S, repeat=False, file=sys.stderr)
         try:
-            if self.runner is not None:
-                self.runner.release_graphs()
-            ok, message = self.comm.abort()
+            self._on_device()  # CUDA's current device is per thread: without this, CUDA calls here would open
+            # a context on GPU 0 from every rank
+            graphs = self.runner.release_graphs() if self.runner is not None else []
+            outcome: list[tuple[bool, str]] = []
+
+            def abort() -> None:
+                self._on_device()
+                outcome.append(self.comm.abort())
+
+            aborter = threading.Thread(target=abort, name=f"rank{self.rank}-abort", daemon=True)
+            aborter.start()
+            for graph in graphs:
+                graph.reset()
+            del graphs
+            aborter.join(ABORT_JOIN_S)
+            ok, message = outcome[0] if outcome else (False, f"abort still running after {ABORT_JOIN_S:.0f} s")
         finally:
             faulthandler.cancel_dump_traceback_later()
         return p.Aborted(cmd.call_id, self.rank, ok, time.monotonic() - t0, message)
+
+    def _on_device(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.device)
 
     def _send_ctrl(self, reply) -> None:
         with self._send_lock:

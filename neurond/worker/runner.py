@@ -264,14 +264,12 @@ class ModelRunner:
         if self.graphs is not None and self.world_size > 1:
             self.graphs.clear()
 
-    def release_graphs(self) -> None:
-        """Called from the control thread just before the communicator is aborted: drop every decode graph and
-        refuse to replay or capture one until `reset`. NCCL's abort waits until every CUDA graph that captured
-        the communicator's collectives is destroyed (commDestroySync polls its graph references), so a rank
-        holding its graphs never confirms the abort. A graph the compute thread is replaying right now goes
-        when that replay returns, which the abort itself brings about."""
+    def release_graphs(self) -> list:
+        """Control thread, before the communicator is aborted: take the decode graphs out of use and return them
+        (graphs.py says why and in which order they go)."""
         if self.graphs is not None and self.world_size > 1:
-            self.graphs.release()
+            return self.graphs.release()
+        return []
 
     def warm_up(self, capture_graphs: bool = True) -> float:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
