@@ -13,14 +13,14 @@ its graph references), and destroying a graph whose replay is in flight waits fo
 an H100: the control thread stuck in the destructor while the replay waited on a peer). So the abort goes in
 this order (worker/main.py): `release` takes every graph out of use (none is replayed or captured again until
 the compute thread has a new communicator: `clear`), the abort starts on a thread of its own (its first act
-releases the stuck kernels), and the control thread resets the taken graphs meanwhile (`CUDAGraph.reset`
-drops the GIL while it waits), which lets the abort return. The graphs are captured again on first use.
+releases the stuck kernels), and the control thread waits for a launch under way to end (a launch itself can
+block on a stuck GPU), then resets the taken graphs (`CUDAGraph.reset` drops the GIL while it waits), which
+lets the abort return. The graphs are captured again on first use.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 log = logging.getLogger("neurond.worker")
@@ -38,9 +38,9 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[object, object]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._released = False
-        # Held while a replay is launched, and while `release` takes the graphs: once `release` returns, no
-        # replay is being launched and none will be (a graph must not be reset under a launch of it).
-        self._launch = threading.Lock()
+        # True while the compute thread launches a replay. A launch can block while the GPU is stuck on a peer
+        # (seen on an H100 with an 8B model), so no lock is held across it; `destroy` waits for it to end instead.
+        self._launching = False
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, kv_len) a decode step can ask for: the values of the runner's bucket functions."""
@@ -61,12 +61,22 @@ class DecodeGraphs:
 
     def release(self) -> list:
         """Control thread: take every graph out of use (none is captured or replayed until `clear`) and return
-        them, for the caller to reset once the abort is under way. The caller's references keep the compute
-        thread from destroying one, in flight, while it holds the GIL."""
-        with self._launch:
-            self._released = True
-            graphs, self._graphs = self._graphs, {}
+        them, for `destroy` once the abort is under way. The caller's references keep the compute thread from
+        destroying one, in flight, while it holds the GIL."""
+        self._released = True
+        graphs, self._graphs = self._graphs, {}
         return [graph for graph, _outputs in graphs.values()]
+
+    def destroy(self, graphs: list, timeout_s: float) -> None:
+        """Control thread, after `release` and once the abort has started: wait for a launch under way to end
+        (the abort ends it), then reset each graph (the GIL is dropped while a reset waits for its replay)."""
+        deadline = time.monotonic() + timeout_s
+        while self._launching and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._launching:
+            raise TimeoutError(f"a decode graph launch still running after {timeout_s:.0f} s")
+        for graph in graphs:
+            graph.reset()
 
     def capture_all(self) -> None:
         for shape in sorted(self.shapes(), reverse=True):  # largest first: the pool fits the rest
@@ -79,10 +89,13 @@ class DecodeGraphs:
         if entry is None:
             entry = self._capture(batch, kv_len)
         graph, outputs = entry
-        with self._launch:  # a launch only queues the graph: never held while waiting on the GPU
+        self._launching = True  # set before the check: `release` sets its flag before it looks at this one
+        try:
             if self._released:
                 raise GraphsReleased("decode graphs released: the communicator is being aborted")
             graph.replay()
+        finally:
+            self._launching = False
         return outputs
 
     def _capture(self, batch: int, kv_len: int):

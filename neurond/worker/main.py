@@ -117,14 +117,14 @@ class Worker:
         """Control thread: abort the communicator under whatever the compute thread is doing.
 
         NCCL's abort does not return while a CUDA graph holding the communicator's collectives lives, and a graph
-        whose replay is stuck on a peer cannot be destroyed until the abort has released it. So: take the graphs
-        out of use, start the abort on a thread of its own, reset the graphs here meanwhile (each reset returns
-        once its replay has ended), then wait for the abort."""
+        whose replay is stuck on a peer can be neither destroyed nor (at times) even finish launching until the
+        abort has released it. So: take the graphs out of use, start the abort on a thread of its own, destroy
+        the graphs here meanwhile (graphs.py), then wait for the abort."""
         t0 = time.monotonic()
         faulthandler.dump_traceback_later(ABORT_DUMP_AFTER_S, repeat=False, file=sys.stderr)
         try:
-            self._on_device()  # CUDA's current device is per thread: without this, CUDA calls here would open
-            # a context on GPU 0 from every rank
+            # CUDA's current device is per thread: without this, CUDA calls here would open a context on GPU 0.
+            self._on_device()
             graphs = self.runner.release_graphs() if self.runner is not None else []
             outcome: list[tuple[bool, str]] = []
 
@@ -134,11 +134,17 @@ class Worker:
 
             aborter = threading.Thread(target=abort, name=f"rank{self.rank}-abort", daemon=True)
             aborter.start()
-            for graph in graphs:
-                graph.reset()
-            del graphs
+            failed = ""
+            if graphs:
+                try:
+                    self.runner.destroy_graphs(graphs, ABORT_JOIN_S)
+                except Exception as exc:  # noqa: BLE001 - reported to the leader, which kills this rank
+                    failed = f"decode graphs not destroyed: {exc}"
+                del graphs
             aborter.join(ABORT_JOIN_S)
             ok, message = outcome[0] if outcome else (False, f"abort still running after {ABORT_JOIN_S:.0f} s")
+            if failed:
+                ok, message = False, failed
         finally:
             faulthandler.cancel_dump_traceback_later()
         return p.Aborted(cmd.call_id, self.rank, ok, time.monotonic() - t0, message)
