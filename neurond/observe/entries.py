@@ -1,0 +1,173 @@
+"""neurond's journal entries as the audit reads them: typed, each counted once, grouped by daemon instance.
+
+Identity of an entry. systemd-journal-upload resends what it is not sure the collector stored (after a network
+outage, or when it was stopped before saving its cursor), and systemd-journal-remote appends whatever it
+receives: one entry can be stored twice in one file, or once in an archived file and once in the active file
+after a rotation. journalctl skips a copy found in another file, not one in the same file. What a copy does not
+share is the collector's position (__CURSOR, and __SEQNUM where systemd exports it): it is new on every write.
+What it does share is what the sending host's journald stamped when the entry was first received, copied
+verbatim by upload and remote: _BOOT_ID, __MONOTONIC_TIMESTAMP, __REALTIME_TIMESTAMP, and the fields. So an
+entry is (host, boot, both timestamps, PID, MESSAGE_ID, MESSAGE): two copies are equal; two distinct entries
+would need one process to send the same text twice within one microsecond of both clocks.
+
+Instance. A daemon instance is one run of the leader process, the one that sends neurond's events: its host,
+its boot (_BOOT_ID) and its PID, from its first entry to the transition into `stopped` (a PID reused within one
+boot after a stop is a new instance). PIDs repeat across boots all the time on small systems, so the PID alone
+never says which daemon an entry came from.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+
+def value(entry: dict, name: str) -> str | None:
+    """A field of a `journalctl -o json` entry: a repeated field is a list, non-UTF-8 a list of byte values."""
+    v = entry.get(name)
+    if isinstance(v, list):
+        v = v[0] if v and not isinstance(v[0], int) else bytes(v).decode(errors="replace") if v else None
+    return v
+
+
+def _int(v: str | None) -> int | None:
+    try:
+        return int(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class EntryId:
+    """What every copy of one entry shares (see the module docstring)."""
+
+    host: str
+    boot: str
+    realtime_us: int
+    monotonic_us: int | None
+    pid: str
+    message_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One of neurond's event entries, with the fields the audit reads."""
+
+    id: EntryId
+    unit: str
+    event: str | None
+    incident: str | None
+    state_to: str | None
+    cause: str | None
+    rank: str | None
+    tier: str | None
+    attempt: int | None
+    duration_ms: int | None
+    tp_size: int | None
+    tp_impl: str | None
+    model: str | None
+    outcome: str | None  # NEUROND_OUTCOME, as the daemon judged its recovery
+
+    @property
+    def host(self) -> str:
+        return self.id.host
+
+    @property
+    def boot(self) -> str:
+        return self.id.boot
+
+    @property
+    def pid(self) -> str:
+        return self.id.pid
+
+    @property
+    def realtime_us(self) -> int:
+        return self.id.realtime_us
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Order within one boot: the monotonic clock (the realtime clock may be stepped), else realtime."""
+        return self.id.monotonic_us or 0, self.id.realtime_us
+
+    @property
+    def is_stop(self) -> bool:
+        return self.event == "transition" and self.state_to == "stopped"
+
+
+def parse(raw: dict) -> Entry:
+    """An entry of `journalctl -o json`."""
+    f = lambda name: value(raw, name)  # noqa: E731
+    return Entry(
+        id=EntryId(host=f("_HOSTNAME") or "?", boot=f("_BOOT_ID") or "", realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0,
+                   monotonic_us=_int(f("__MONOTONIC_TIMESTAMP")), pid=f("_PID") or "",
+                   message_id=f("MESSAGE_ID") or "", message=f("MESSAGE") or ""),
+        unit=f("_SYSTEMD_UNIT") or "", event=f("NEUROND_EVENT"), incident=f("NEUROND_INCIDENT") or None,
+        state_to=f("NEUROND_STATE_TO"), cause=f("NEUROND_CAUSE"), rank=f("NEUROND_RANK"), tier=f("NEUROND_TIER"),
+        attempt=_int(f("NEUROND_ATTEMPT")), duration_ms=_int(f("NEUROND_DURATION_MS")),
+        tp_size=_int(f("NEUROND_TP_SIZE")), tp_impl=f("NEUROND_TP_IMPL"), model=f("NEUROND_MODEL"),
+        outcome=f("NEUROND_OUTCOME"))
+
+
+def unique(raw_entries: list[dict]) -> list[Entry]:
+    """The entries, each once however many copies the journals hold (the first copy read is kept)."""
+    seen: dict[EntryId, Entry] = {}
+    for raw in raw_entries:
+        e = parse(raw)
+        seen.setdefault(e.id, e)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One run of the daemon (see the module docstring), and how it ended as far as the journal knows."""
+
+    host: str
+    unit: str
+    boot: str
+    pid: str
+    start_us: int  # realtime of its first entry
+    last_us: int  # realtime of its last entry
+    stopped_us: int | None  # its lifecycle reached `stopped`: stopped on request (or after a give-up)
+    # It never stopped, yet the same host's neurond unit started again after its last entry: it was killed
+    # (e.g. by the watchdog), crashed, or its host went down. The time is that next start.
+    died_us: int | None = None
+    rebooted: bool = False  # the next start was in another boot
+
+    @property
+    def ended(self) -> bool:
+        return self.stopped_us is not None or self.died_us is not None
+
+
+def instances(entries: list[Entry]) -> list[tuple[Instance, list[Entry]]]:
+    """Every daemon instance with its entries in order, oldest instance of each host first."""
+    by_process: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_process[(e.host, e.boot, e.pid)].append(e)
+    runs: list[list[Entry]] = []
+    for rows in by_process.values():
+        rows.sort(key=lambda e: e.order)
+        run: list[Entry] = []
+        for e in rows:
+            run.append(e)
+            if e.is_stop:  # whatever this PID sends next in this boot is another daemon
+                runs.append(run)
+                run = []
+        if run:
+            runs.append(run)
+    found = [(Instance(r[0].host, r[0].unit, r[0].boot, r[0].pid, min(e.realtime_us for e in r),
+                       max(e.realtime_us for e in r), r[-1].realtime_us if r[-1].is_stop else None), r) for r in runs]
+    found.sort(key=lambda pair: (pair[0].host, pair[0].start_us))
+    return [(_fate(inst, [i for i, _ in found]), rows) for inst, rows in found]
+
+
+def _fate(inst: Instance, every: list[Instance]) -> Instance:
+    """`inst` with died_us set when it never stopped and its unit started again on its host after it fell
+    silent. A later instance whose start overlaps `inst`'s entries is not its successor (two daemons at once)."""
+    if inst.stopped_us is not None:
+        return inst
+    later = [i for i in every if i.host == inst.host and i.unit == inst.unit and i.start_us > inst.last_us]
+    if not later:
+        return inst
+    nxt = min(later, key=lambda i: i.start_us)
+    return replace(inst, died_us=nxt.start_us, rebooted=nxt.boot != inst.boot)
