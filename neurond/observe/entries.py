@@ -11,9 +11,10 @@ entry is (host, boot, both timestamps, PID, MESSAGE_ID, MESSAGE): two copies are
 would need one process to send the same text twice within one microsecond of both clocks.
 
 Instance. A daemon instance is one run of the leader process, the one that sends neurond's events: its host,
-its boot (_BOOT_ID) and its PID, from its first entry to the transition into `stopped` (a PID reused within one
-boot after a stop is a new instance). PIDs repeat across boots all the time on small systems, so the PID alone
-never says which daemon an entry came from.
+its boot (_BOOT_ID) and its PID, from its start (the load that ends in the `startup` transition) to the
+transition into `stopped`. PIDs repeat across boots all the time on small systems, so the PID alone never says
+which daemon an entry came from; within one boot a PID given to a second daemon is told apart by the first
+one's stop, or by a second start.
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ class Entry:
     def is_stop(self) -> bool:
         return self.event == "transition" and self.state_to == "stopped"
 
+    @property
+    def is_startup(self) -> bool:
+        """The daemon's first load finished: sent once per daemon run (Supervisor.start at serve)."""
+        return self.event == "transition" and self.state_to == "healthy" and self.cause == "startup"
+
+    @property
+    def is_loading(self) -> bool:
+        """A step of a load outside any incident: what a starting daemon sends before its startup transition."""
+        return self.incident is None and self.event in ("rank_spawned", "load_progress")
+
 
 def parse(raw: dict) -> Entry:
     """An entry of `journalctl -o json`."""
@@ -147,18 +158,31 @@ def instances(entries: list[Entry]) -> list[tuple[Instance, list[Entry]]]:
     runs: list[list[Entry]] = []
     for rows in by_process.values():
         rows.sort(key=lambda e: e.order)
-        run: list[Entry] = []
-        for e in rows:
-            run.append(e)
-            if e.is_stop:  # whatever this PID sends next in this boot is another daemon
-                runs.append(run)
-                run = []
-        if run:
-            runs.append(run)
+        cuts = _starts(rows)
+        runs += [rows[a:b] for a, b in zip(cuts, cuts[1:] + [len(rows)])]
     found = [(Instance(r[0].host, r[0].unit, r[0].boot, r[0].pid, min(e.realtime_us for e in r),
                        max(e.realtime_us for e in r), r[-1].realtime_us if r[-1].is_stop else None), r) for r in runs]
     found.sort(key=lambda pair: (pair[0].host, pair[0].start_us))
     return [(_fate(inst, [i for i, _ in found]), rows) for inst, rows in found]
+
+
+def _starts(rows: list[Entry]) -> list[int]:
+    """Where each daemon that had this host, boot and PID begins in `rows` (in order): after a stop; and at a
+    second startup without a stop between (the first daemon was killed and another got its PID), from the
+    start of the load that led to it."""
+    starts, started = [0], False
+    for i, e in enumerate(rows):
+        if e.is_stop and i + 1 < len(rows):
+            starts.append(i + 1)
+            started = False
+        elif e.is_startup:
+            if started:
+                j = i
+                while j > starts[-1] + 1 and rows[j - 1].is_loading:
+                    j -= 1
+                starts.append(j)
+            started = True
+    return starts
 
 
 def _fate(inst: Instance, every: list[Instance]) -> Instance:
