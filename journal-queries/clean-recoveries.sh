@@ -19,5 +19,6 @@ lines=$(journalctl --no-pager -q -o short-iso-precise "$@" MESSAGE_ID=3e00fbab0c
 [ -z "$lines" ] || printf '%s\n' "$lines" |
   awk -v within_ms=900000 '
     /^[^ \t]/ { copy = seen[$0]++; slow = 0
-                if (match($0, /: healthy after [0-9]+ ms/)) slow = substr($0, RSTART + 16, RLENGTH - 19) + 0 > within_ms }
+                if (match($0, /: healthy after [0-9]+ ms/))
+                  slow = substr($0, RSTART + 16, RLENGTH - 19) + 0 > within_ms }
     !copy && !slow'

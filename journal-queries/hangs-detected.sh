@@ -10,5 +10,6 @@
 [ $# -gt 0 ] || set -- -u neurond
 # Each entry once: a copy resent by systemd-journal-upload prints the same line (time to the microsecond, host,
 #   pid, MESSAGE), so a repeated line is dropped (docs/journal.md, "Each entry counted once").
-lines=$(journalctl --no-pager -q -o short-iso-precise "$@" MESSAGE_ID=18a07326dabb4639935b64abb8614104 NEUROND_CAUSE=rank_timeout) || exit
+lines=$(journalctl --no-pager -q -o short-iso-precise "$@" MESSAGE_ID=18a07326dabb4639935b64abb8614104 \
+    NEUROND_CAUSE=rank_timeout) || exit
 [ -z "$lines" ] || printf '%s\n' "$lines" | awk '/^[^ \t]/ { copy = seen[$0]++ } !copy'

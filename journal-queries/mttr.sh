@@ -16,7 +16,8 @@ journalctl --no-pager -q -o export --output-fields=_HOSTNAME,_PID,MESSAGE,NEURON
        { key = ""; ms = ""
          for (i = 1; i <= NF; i++) {
            if ($i ~ /^NEUROND_DURATION_MS=/) ms = substr($i, 21)
-           else if ($i ~ /^(_BOOT_ID|__MONOTONIC_TIMESTAMP|__REALTIME_TIMESTAMP|_HOSTNAME|_PID|MESSAGE)=/) key = key SUBSEP $i
+           else if ($i ~ /^(_BOOT_ID|__MONOTONIC_TIMESTAMP|__REALTIME_TIMESTAMP|_HOSTNAME|_PID|MESSAGE)=/)
+             key = key SUBSEP $i
          }
          if (ms != "" && !seen[key]++) print ms }' | sort -n |
   awk '{ v[NR] = $1 }

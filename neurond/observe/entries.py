@@ -110,7 +110,8 @@ def parse(raw: dict) -> Entry:
     """An entry of `journalctl -o json`."""
     f = lambda name: value(raw, name)  # noqa: E731
     return Entry(
-        id=EntryId(host=f("_HOSTNAME") or "?", boot=f("_BOOT_ID") or "", realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0,
+        id=EntryId(host=f("_HOSTNAME") or "?", boot=f("_BOOT_ID") or "",
+                   realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0,
                    monotonic_us=_int(f("__MONOTONIC_TIMESTAMP")), pid=f("_PID") or "",
                    message_id=f("MESSAGE_ID") or "", message=f("MESSAGE") or ""),
         unit=f("_SYSTEMD_UNIT") or "", event=f("NEUROND_EVENT"), incident=f("NEUROND_INCIDENT") or None,
