@@ -6,9 +6,10 @@ receives: one entry can be stored twice in one file, or once in an archived file
 after a rotation. journalctl skips a copy found in another file, not one in the same file. What a copy does not
 share is the collector's position (__CURSOR, and __SEQNUM where systemd exports it): it is new on every write.
 What it does share is what the sending host's journald stamped when the entry was first received, copied
-verbatim by upload and remote: _BOOT_ID, __MONOTONIC_TIMESTAMP, __REALTIME_TIMESTAMP, and the fields. So an
-entry is (host, boot, both timestamps, PID, MESSAGE_ID, MESSAGE): two copies are equal; two distinct entries
-would need one process to send the same text twice within one microsecond of both clocks.
+verbatim by upload and remote: __REALTIME_TIMESTAMP, __MONOTONIC_TIMESTAMP and every field (_HOSTNAME,
+_BOOT_ID, _PID, MESSAGE_ID, MESSAGE, NEUROND_*, ...). So an entry is both timestamps and all its fields, the
+collector's position left out: two copies are equal; two distinct entries would need one process to send the
+same fields twice within one microsecond of both clocks.
 
 Instance. A daemon instance is one run of the leader process, the one that sends neurond's events: its host,
 its boot (_BOOT_ID) and its PID, from its start (the load that ends in the `startup` transition) to the
@@ -19,6 +20,7 @@ one's stop, or by a second start.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -38,27 +40,30 @@ def _int(v: str | None) -> int | None:
         return None
 
 
-@dataclass(frozen=True)
-class EntryId:
-    """What every copy of one entry shares (see the module docstring)."""
+# Address fields that are the collector's position, new on every copy; the timestamps are the sender's.
+_SENDERS_ADDRESS = ("__REALTIME_TIMESTAMP", "__MONOTONIC_TIMESTAMP")
 
-    host: str
-    boot: str
-    realtime_us: int
-    monotonic_us: int | None
-    pid: str
-    message_id: str
-    message: str
+
+def identity(raw: dict) -> tuple[tuple[str, str], ...]:
+    """What every copy of one entry shares (see the module docstring)."""
+    return tuple(sorted((k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in raw.items()
+                        if not k.startswith("__") or k in _SENDERS_ADDRESS))
 
 
 @dataclass(frozen=True)
 class Entry:
     """One of neurond's event entries, with the fields the audit reads."""
 
-    id: EntryId
+    host: str
+    boot: str
+    pid: str
+    realtime_us: int
+    monotonic_us: int | None
     unit: str
     event: str | None
     incident: str | None
+    lifecycle_event: str | None  # on transitions: NEUROND_LIFECYCLE_EVENT, NEUROND_STATE_FROM/_TO
+    state_from: str | None
     state_to: str | None
     cause: str | None
     rank: str | None
@@ -71,25 +76,9 @@ class Entry:
     outcome: str | None  # NEUROND_OUTCOME, as the daemon judged its recovery
 
     @property
-    def host(self) -> str:
-        return self.id.host
-
-    @property
-    def boot(self) -> str:
-        return self.id.boot
-
-    @property
-    def pid(self) -> str:
-        return self.id.pid
-
-    @property
-    def realtime_us(self) -> int:
-        return self.id.realtime_us
-
-    @property
     def order(self) -> tuple[int, int]:
         """Order within one boot: the monotonic clock (the realtime clock may be stepped), else realtime."""
-        return self.id.monotonic_us or 0, self.id.realtime_us
+        return self.monotonic_us or 0, self.realtime_us
 
     @property
     def is_stop(self) -> bool:
@@ -110,11 +99,10 @@ def parse(raw: dict) -> Entry:
     """An entry of `journalctl -o json`."""
     f = lambda name: value(raw, name)  # noqa: E731
     return Entry(
-        id=EntryId(host=f("_HOSTNAME") or "?", boot=f("_BOOT_ID") or "",
-                   realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0,
-                   monotonic_us=_int(f("__MONOTONIC_TIMESTAMP")), pid=f("_PID") or "",
-                   message_id=f("MESSAGE_ID") or "", message=f("MESSAGE") or ""),
+        host=f("_HOSTNAME") or "?", boot=f("_BOOT_ID") or "", pid=f("_PID") or "",
+        realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0, monotonic_us=_int(f("__MONOTONIC_TIMESTAMP")),
         unit=f("_SYSTEMD_UNIT") or "", event=f("NEUROND_EVENT"), incident=f("NEUROND_INCIDENT") or None,
+        lifecycle_event=f("NEUROND_LIFECYCLE_EVENT"), state_from=f("NEUROND_STATE_FROM"),
         state_to=f("NEUROND_STATE_TO"), cause=f("NEUROND_CAUSE"), rank=f("NEUROND_RANK"), tier=f("NEUROND_TIER"),
         attempt=_int(f("NEUROND_ATTEMPT")), duration_ms=_int(f("NEUROND_DURATION_MS")),
         tp_size=_int(f("NEUROND_TP_SIZE")), tp_impl=f("NEUROND_TP_IMPL"), model=f("NEUROND_MODEL"),
@@ -123,10 +111,11 @@ def parse(raw: dict) -> Entry:
 
 def unique(raw_entries: list[dict]) -> list[Entry]:
     """The entries, each once however many copies the journals hold (the first copy read is kept)."""
-    seen: dict[EntryId, Entry] = {}
+    seen: dict[tuple, Entry] = {}
     for raw in raw_entries:
-        e = parse(raw)
-        seen.setdefault(e.id, e)
+        key = identity(raw)
+        if key not in seen:
+            seen[key] = parse(raw)
     return list(seen.values())
 
 
