@@ -8,4 +8,8 @@
 #           --directory=DIR   journals gathered from many hosts by systemd-journal-remote (_HOSTNAME tells them apart)
 #           --file=GLOB       journal files (quote the glob; may repeat)
 [ $# -gt 0 ] || set -- -u neurond
-exec journalctl --no-pager -q -o short-iso "$@" MESSAGE_ID=15cc44d225bb459aae88a9247eeaf6d2 NEUROND_STATE_TO=unloaded
+# Each entry once: a copy resent by systemd-journal-upload prints the same line (time to the microsecond, host,
+#   pid, MESSAGE), so a repeated line is dropped (docs/journal.md, "Each entry counted once").
+lines=$(journalctl --no-pager -q -o short-iso-precise "$@" MESSAGE_ID=15cc44d225bb459aae88a9247eeaf6d2 \
+    NEUROND_STATE_TO=unloaded) || exit
+[ -z "$lines" ] || printf '%s\n' "$lines" | awk '/^[^ \t]/ { copy = seen[$0]++ } !copy'

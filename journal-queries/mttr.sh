@@ -8,9 +8,18 @@
 #           --directory=DIR   journals gathered from many hosts by systemd-journal-remote (_HOSTNAME tells them apart)
 #           --file=GLOB       journal files (quote the glob; may repeat)
 [ $# -gt 0 ] || set -- -u neurond
-journalctl --no-pager -q -o export --output-fields=NEUROND_DURATION_MS "$@" \
+# Each sample once: a copy of an entry resent by systemd-journal-upload has the same boot id, timestamps (both
+#   clocks), host, pid and MESSAGE as the original (docs/journal.md, "Each entry counted once").
+journalctl --no-pager -q -o export --output-fields=_HOSTNAME,_PID,MESSAGE,NEUROND_DURATION_MS "$@" \
     MESSAGE_ID=3e00fbab0cd245b9a899a1fffc06fcab |
-  awk -F= '$1 == "NEUROND_DURATION_MS" { print $2 }' | sort -n |
+  awk 'BEGIN { RS = ""; FS = "\n" }
+       { key = ""; ms = ""
+         for (i = 1; i <= NF; i++) {
+           if ($i ~ /^NEUROND_DURATION_MS=/) ms = substr($i, 21)
+           else if ($i ~ /^(_BOOT_ID|__MONOTONIC_TIMESTAMP|__REALTIME_TIMESTAMP|_HOSTNAME|_PID|MESSAGE)=/)
+             key = key SUBSEP $i
+         }
+         if (ms != "" && !seen[key]++) print ms }' | sort -n |
   awk '{ v[NR] = $1 }
        END { if (NR == 0) { print "recoveries 0"; exit }
              p50 = int(NR * 0.50); if (p50 < NR * 0.50) p50++

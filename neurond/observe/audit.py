@@ -2,7 +2,8 @@
 
 It reads neurond's event entries (by their MESSAGE_IDs) with journalctl from the local journal, a directory
 of journals gathered by systemd-journal-remote (`--directory`), or journal files (`--file`), rebuilds every
-incident per host (neurond/observe/incident.py), and answers the questions of journal-queries/: clean
+incident per daemon instance (neurond/observe/incident.py), each entry counted once however many copies the
+journals hold (neurond/observe/entries.py), and answers the questions of journal-queries/: clean
 recoveries, hangs, failed aborts and reloads, give-ups, failed requests, incidents per host, MTTR.
 
 Exit code, for cron and monitoring (the Nagios convention): 0 nothing needs an operator; 1 a degraded
@@ -22,10 +23,11 @@ import time
 from collections import Counter, defaultdict
 
 from neurond.observe.catalog import BY_ID
-from neurond.observe.incident import CLASSES, NEEDS_ACTION, Incident, rebuild, value
+from neurond.observe.entries import unique
+from neurond.observe.incident import CLASSES, CLEAN_WITHIN_S, NEEDS_ACTION, Incident, rebuild
 
 EXIT_UNREADABLE = 3
-DEFAULT_STUCK_AFTER_S = 900.0  # one repair attempt with default settings may take ~620 s (load_timeout_s 600)
+DEFAULT_STUCK_AFTER_S = CLEAN_WITHIN_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="only entries until")
     parser.add_argument("--stuck-after", dest="stuck_after", type=float, default=DEFAULT_STUCK_AFTER_S,
                         help="seconds after which an unrecovered incident is stuck "
-                             f"(default {DEFAULT_STUCK_AFTER_S:.0f})")
+                             f"(default {DEFAULT_STUCK_AFTER_S:.0f}; a recovery is clean only within "
+                             f"{CLEAN_WITHIN_S:.0f} s whatever this says)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -78,17 +81,15 @@ def percentiles(values: list[int]) -> dict:
     return {"count": len(v), "p50": rank(0.50), "p95": rank(0.95), "max": v[-1]}
 
 
-def report(entries: list[dict], source: list[str], stuck_after_s: float, now_us: int | None = None) -> dict:
+def report(raw_entries: list[dict], source: list[str], stuck_after_s: float, now_us: int | None = None) -> dict:
     now_us = now_us if now_us is not None else int(time.time() * 1e6)
+    entries = unique(raw_entries)  # a copy resent by journal-upload is no second incident, request or sample
     incidents = rebuild(entries, now_us, stuck_after_s)
-    hosts: dict[str, dict] = {}
-    for e in entries:
-        hosts.setdefault(value(e, "_HOSTNAME") or "?", {})
+    hosts: dict[str, dict] = {e.host: {} for e in entries}
     by_host: dict[str, list[Incident]] = defaultdict(list)
     for inc in incidents:
         by_host[inc.host].append(inc)
-    requests_failed = Counter(value(e, "_HOSTNAME") or "?" for e in entries
-                              if value(e, "NEUROND_EVENT") == "request_failed")
+    requests_failed = Counter(e.host for e in entries if e.event == "request_failed")
     for host in hosts:
         mine = by_host.get(host, [])
         counts = Counter(i.cls for i in mine)
@@ -143,7 +144,7 @@ def render(r: dict) -> str:
         out += ["", f"Needs an operator ({len(r['needs_action'])}):"]
         for i in r["needs_action"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["start_us"] / 1e6))
-            out.append(f"  {i['host']}  {i['class'].upper()}  incident {i['incident']} since {when}: "
+            out.append(f"  {i['host']}  {i['class'].upper()}  incident {i['incident']} since {when} (pid {i['pid']}): "
                        f"{i['cause'] or '?'} on rank {i['rank'] if i['rank'] is not None else '?'} -- {i['why']}")
             out.append(f"      {i['command']}")
     else:

@@ -103,7 +103,7 @@ Nothing to do."""),
 the rung @NEUROND_TIER@ on attempt @NEUROND_ATTEMPT@ (incident @NEUROND_INCIDENT@).
 
 NEUROND_OUTCOME is clean when the cheapest rung that fits the fault worked on the first attempt with a
-confirmed abort, and degraded otherwise (NEUROND_OUTCOME_WHY says why).
+confirmed abort, within 900 s of the fault, and degraded otherwise (NEUROND_OUTCOME_WHY says why).
 
 What to do: nothing for clean recoveries. Degraded ones cost more downtime than needed: look at the
 abort_failed and fault entries of the incident, and at the GPU named by NEUROND_RANK."""),

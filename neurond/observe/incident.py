@@ -1,23 +1,28 @@
 """One incident rebuilt from its journal entries, and how good its recovery was.
 
-An incident is every entry with one NEUROND_INCIDENT on one host: from the fault that poisoned the pool to
-the recovery, the give-up, or nothing. Classes:
+An incident is every entry with one NEUROND_INCIDENT sent by one daemon instance (host, boot, PID: see
+neurond/observe/entries.py): from the fault that poisoned the pool to the recovery, the give-up, or nothing.
+What happened next (a stop, a restart, a give-up) is looked up in that instance only. Classes:
   clean        recovered by the cheapest rung that fits the fault (needed_rung), on the first attempt, with
-               the communicator abort confirmed
+               the communicator abort confirmed, within CLEAN_WITHIN_S of the fault
   degraded     recovered, but by a costlier rung than needed, after more than one attempt, after a failed
-               abort, or later than the stuck bound
-  stuck        poisoned and neither recovered nor given up within the bound (also: the daemon was killed
-               mid-recovery, e.g. by the watchdog, and its incident never ended)
+               abort, or later than CLEAN_WITHIN_S
+  stuck        poisoned and neither recovered nor given up within the bound; also when its daemon ended
+               mid-recovery without stopping (killed, e.g. by the watchdog, crashed, or the host went down:
+               the unit started again on that host) -- such an incident can never end
   gave_up      the breaker opened: the model was unloaded
-  interrupted  the daemon was stopped on request during the recovery (within the bound)
+  interrupted  its daemon was stopped on request during the recovery (within the bound)
   open         still in progress, younger than the bound
-The daemon judges its own recoveries with the same rule (NEUROND_OUTCOME on recovery_finished), so the
-saved queries can select clean ones with one field match; the audit recomputes it from the entries.
+The daemon judges its own recoveries with the same function (NEUROND_OUTCOME on recovery_finished), so the
+saved queries select clean ones with one field match; the audit recomputes it from the entries, which gives
+the same answer (and the right one for journals of daemons that judged without the time bound).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from neurond.observe.entries import Entry, Instance, instances
 
 # Ladder rungs, cheapest first (docs/recovery.md, neurond/pool/supervisor.py).
 RUNGS = ("comm_rebuild", "replace_ranks", "full_reload", "give_up")
@@ -26,6 +31,10 @@ RUNGS = ("comm_rebuild", "replace_ranks", "full_reload", "give_up")
 PROCESS_INTACT = ("rank_failed", "out_of_memory")
 
 CLASSES = ("clean", "degraded", "stuck", "gave_up", "interrupted", "open")
+# A recovery slower than this is degraded, whatever rung did it. Fixed, not a setting: NEUROND_OUTCOME=clean
+# must mean the same in every journal. It is also the audit's default stuck bound: one repair attempt with the
+# default settings may take ~620 s (load_timeout_s 600).
+CLEAN_WITHIN_S = 900.0
 NEEDS_ACTION = {"degraded": 1, "stuck": 2, "gave_up": 2}  # class -> severity (exit code of `neurond audit`)
 
 
@@ -45,8 +54,9 @@ def rung_cost(tier: str | None) -> int:
 
 
 def judge_recovery(cause: str | None, tp_size: int | None, tier: str | None, attempt: int | None,
-                   abort_failed: bool, tp_impl: str | None = None) -> tuple[str, str]:
-    """("clean" | "degraded", why) for a finished recovery."""
+                   abort_failed: bool, tp_impl: str | None = None,
+                   duration_ms: int | None = None) -> tuple[str, str]:
+    """("clean" | "degraded", why) for a finished recovery that took `duration_ms` from the fault."""
     why = []
     need = needed_rung(cause, tp_size, tp_impl)
     if rung_cost(tier) > rung_cost(need):
@@ -55,15 +65,16 @@ def judge_recovery(cause: str | None, tp_size: int | None, tier: str | None, att
         why.append(f"{attempt} attempts")
     if abort_failed:
         why.append("abort failed")
+    if duration_ms is not None and duration_ms > CLEAN_WITHIN_S * 1000:
+        why.append(f"recovered only after {duration_ms / 1000:.0f} s")
     return ("degraded", "; ".join(why)) if why else ("clean", "")
 
 
 @dataclass
 class Incident:
-    host: str
+    instance: Instance
     incident: str
     start_us: int  # realtime of the first entry
-    pid: str = ""
     cause: str | None = None  # of the first fault
     rank: str | None = None
     tp_size: int | None = None
@@ -73,13 +84,18 @@ class Incident:
     attempts: int = 0
     abort_failed: bool = False
     end_us: int | None = None
-    end: str | None = None  # "recovered" | "gave_up" | "stopped"
+    end: str | None = None  # "recovered" | "gave_up" | "stopped" | "died"
     duration_ms: int | None = None
     requests_failed: int = 0
     state: str | None = None  # lifecycle state after its last transition
+    outcome: str | None = None  # NEUROND_OUTCOME: the daemon's own verdict on its recovery
     cls: str = "open"
     why: str = ""
-    entries: list[dict] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def host(self) -> str:
+        return self.instance.host
 
     @property
     def mttr_ms(self) -> int | None:
@@ -91,89 +107,78 @@ class Incident:
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in ("host", "incident", "cls", "why", "cause", "rank", "tier", "attempts",
-                                           "abort_failed", "end", "requests_failed", "tp_size", "model", "state")}
+                                           "abort_failed", "end", "requests_failed", "tp_size", "model", "state",
+                                           "outcome")}
         d["class"] = d.pop("cls")
+        d["boot_id"], d["pid"] = self.instance.boot, self.instance.pid
         d["start_us"], d["mttr_ms"] = self.start_us, self.mttr_ms
         return d
 
 
-def value(entry: dict, name: str) -> str | None:
-    """A field of a `journalctl -o json` entry: a repeated field is a list, non-UTF-8 a list of byte values."""
-    v = entry.get(name)
-    if isinstance(v, list):
-        v = v[0] if v and not isinstance(v[0], int) else bytes(v).decode(errors="replace") if v else None
-    return v
-
-
-def _int(v) -> int | None:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def rebuild(entries: list[dict], now_us: int, stuck_after_s: float) -> list[Incident]:
-    """Incidents, per host, from neurond's event entries (any order, any number of hosts), classified."""
+def rebuild(entries: list[Entry], now_us: int, stuck_after_s: float) -> list[Incident]:
+    """Incidents, per daemon instance, from neurond's event entries (each once: entries.unique; any order, any
+    number of hosts), classified."""
     bound_us = int(stuck_after_s * 1e6)
-    incidents: dict[tuple[str, str], Incident] = {}
-    stops: dict[tuple[str, str], list[int]] = {}  # (host, leader pid) -> times the lifecycle reached stopped
-    rows = sorted(entries, key=lambda e: _int(value(e, "__REALTIME_TIMESTAMP")) or 0)
-    for e in rows:
-        host = value(e, "_HOSTNAME") or "?"
-        pid = value(e, "_PID") or ""
-        ts = _int(value(e, "__REALTIME_TIMESTAMP")) or 0
-        event = value(e, "NEUROND_EVENT")
-        if event == "transition" and value(e, "NEUROND_STATE_TO") == "stopped":
-            stops.setdefault((host, pid), []).append(ts)
-        key = value(e, "NEUROND_INCIDENT")
-        if not key:
-            continue
-        inc = incidents.get((host, key))
-        if inc is None:
-            inc = incidents[(host, key)] = Incident(host, key, ts, pid)
-        inc.entries.append(e)
-        inc.attempts = max(inc.attempts, _int(value(e, "NEUROND_ATTEMPT")) or 0)
-        if inc.tp_size is None:
-            inc.tp_size, inc.model = _int(value(e, "NEUROND_TP_SIZE")), value(e, "NEUROND_MODEL")
-            inc.tp_impl = value(e, "NEUROND_TP_IMPL")
-        if event == "fault_detected" and inc.cause is None:
-            inc.cause, inc.rank = value(e, "NEUROND_CAUSE"), value(e, "NEUROND_RANK")
-        elif event == "transition":
-            inc.state = value(e, "NEUROND_STATE_TO")
-            if inc.cause is None and inc.state == "poisoned":
-                inc.cause, inc.rank = value(e, "NEUROND_CAUSE"), value(e, "NEUROND_RANK")
-        elif event == "abort_failed":
-            inc.abort_failed = True
-        elif event == "request_failed":
-            inc.requests_failed += 1
-        elif event in ("recovery_finished", "gave_up") and inc.end is None:
-            inc.end = "recovered" if event == "recovery_finished" else "gave_up"
-            inc.end_us, inc.tier = ts, value(e, "NEUROND_TIER")
-            inc.duration_ms = _int(value(e, "NEUROND_DURATION_MS"))
-    for inc in incidents.values():
-        _classify(inc, stops.get((inc.host, inc.pid), []), now_us, bound_us)
-    return sorted(incidents.values(), key=lambda i: (i.host, i.start_us))
+    found: list[Incident] = []
+    for instance, rows in instances(entries):
+        mine: dict[str, Incident] = {}
+        for e in rows:
+            if e.incident is None:
+                continue
+            inc = mine.get(e.incident)
+            if inc is None:
+                inc = mine[e.incident] = Incident(instance, e.incident, e.realtime_us)
+            _add(inc, e)
+        for inc in mine.values():
+            _classify(inc, now_us, bound_us)
+        found += mine.values()
+    return sorted(found, key=lambda i: (i.host, i.start_us))
 
 
-def _classify(inc: Incident, stops: list[int], now_us: int, bound_us: int) -> None:
+def _add(inc: Incident, e: Entry) -> None:
+    inc.entries.append(e)
+    inc.attempts = max(inc.attempts, e.attempt or 0)
+    if inc.tp_size is None:
+        inc.tp_size, inc.model, inc.tp_impl = e.tp_size, e.model, e.tp_impl
+    if e.event == "fault_detected" and inc.cause is None:
+        inc.cause, inc.rank = e.cause, e.rank
+    elif e.event == "transition":
+        inc.state = e.state_to
+        if inc.cause is None and inc.state == "poisoned":
+            inc.cause, inc.rank = e.cause, e.rank
+    elif e.event == "abort_failed":
+        inc.abort_failed = True
+    elif e.event == "request_failed":
+        inc.requests_failed += 1
+    elif e.event in ("recovery_finished", "gave_up") and inc.end is None:
+        inc.end = "recovered" if e.event == "recovery_finished" else "gave_up"
+        inc.end_us, inc.tier, inc.duration_ms, inc.outcome = e.realtime_us, e.tier, e.duration_ms, e.outcome
+
+
+def _classify(inc: Incident, now_us: int, bound_us: int) -> None:
     if inc.end == "gave_up":
         inc.cls, inc.why = "gave_up", "the breaker opened; the model was unloaded"
         return
     if inc.end == "recovered":
         inc.cls, inc.why = judge_recovery(inc.cause, inc.tp_size, inc.tier, inc.attempts, inc.abort_failed,
-                                          inc.tp_impl)
-        if inc.mttr_ms is not None and inc.mttr_ms * 1000 > bound_us:
-            inc.cls = "degraded"
-            inc.why = "; ".join(filter(None, [inc.why, f"recovered only after {inc.mttr_ms / 1000:.0f} s"]))
+                                          inc.tp_impl, inc.mttr_ms)
         return
-    stop = next((t for t in stops if t >= inc.start_us), None)
-    if stop is not None:
-        inc.end, inc.end_us = "stopped", stop
-        if stop - inc.start_us <= bound_us:
+    daemon, state = inc.instance, inc.state or "poisoned"
+    if daemon.stopped_us is not None:
+        inc.end, inc.end_us = "stopped", daemon.stopped_us
+        if daemon.stopped_us - inc.start_us <= bound_us:
             inc.cls, inc.why = "interrupted", "the daemon was stopped during the recovery"
-            return
-    if (stop or now_us) - inc.start_us > bound_us:
+        else:
+            inc.cls, inc.why = "stuck", f"{state} and not recovered within {bound_us / 1e6:.0f} s (then stopped)"
+        return
+    if daemon.died_us is not None:
+        inc.end, inc.end_us = "died", daemon.died_us
+        again = "after a reboot" if daemon.rebooted else "in the same boot"
         inc.cls = "stuck"
-        inc.why = f"{inc.state or 'poisoned'} and not recovered within {bound_us / 1e6:.0f} s"
+        inc.why = (f"the daemon (pid {daemon.pid}) ended while {state} without stopping: killed, crashed or its "
+                   f"host went down; neurond started again {again}")
+        return
+    if now_us - inc.start_us > bound_us:
+        inc.cls, inc.why = "stuck", f"{state} and not recovered within {bound_us / 1e6:.0f} s"
         return
     inc.cls, inc.why = "open", f"in progress ({inc.state})"

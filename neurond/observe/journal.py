@@ -225,7 +225,8 @@ class JournalSink(EventSink):
             facts["abort_failed"] = True
         elif name is Event.RECOVERY_FINISHED:
             outcome, why = judge_recovery(facts.get("cause", f.get("cause")), f.get("tp_size"), f.get("tier"),
-                                          f.get("attempt"), facts.get("abort_failed", False), f.get("tp_impl"))
+                                          f.get("attempt"), facts.get("abort_failed", False), f.get("tp_impl"),
+                                          f.get("duration_ms"))
             f["outcome"] = outcome
             if why:
                 f["outcome_why"] = why

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from neurond.observe.entries import unique
 from neurond.observe.incident import Incident, rebuild
 from neurond.observe.journal import parse_structured_line
 
@@ -30,7 +31,7 @@ def read_events(log_path: Path, leader_pid: int) -> list[dict]:
 
 def incidents(events: list[dict]) -> list[Incident]:
     """In the order they started. (The stamps are line numbers, so nothing counts as stuck by age.)"""
-    return rebuild(events, now_us=len(events), stuck_after_s=1e9)
+    return rebuild(unique(events), now_us=len(events), stuck_after_s=1e9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +44,8 @@ class Transition:
 
 
 def transitions(incident: Incident) -> list[Transition]:
-    return [Transition(e.get("NEUROND_LIFECYCLE_EVENT", "?"), e.get("NEUROND_STATE_FROM", "?"),
-                       e.get("NEUROND_STATE_TO", "?"), e.get("NEUROND_CAUSE"), e.get("NEUROND_TIER"))
-            for e in incident.entries if e.get("NEUROND_EVENT") == "transition"]
+    return [Transition(e.lifecycle_event or "?", e.state_from or "?", e.state_to or "?", e.cause, e.tier)
+            for e in incident.entries if e.event == "transition"]
 
 
 def story_problems(incident: Incident) -> list[str]:
@@ -56,7 +56,7 @@ def story_problems(incident: Incident) -> list[str]:
         problems.append(f"does not start with poisoned: {[t.state_to for t in steps[:1]]}")
     if not steps or steps[-1].state_to != "healthy":
         problems.append(f"does not end healthy: {[t.state_to for t in steps[-1:]]}")
-    if not any(e.get("NEUROND_EVENT") == "fault_detected" for e in incident.entries):
+    if not any(e.event == "fault_detected" for e in incident.entries):
         problems.append("no fault_detected event")
     if steps and steps[-1].state_to == "healthy" and incident.end != "recovered":
         problems.append("healthy without a recovery_finished event")

@@ -5,6 +5,7 @@ systemd-journal-remote. What each host should be classified as is in EXPECTED.""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from neurond.observe.events import Event as E
@@ -75,6 +76,28 @@ def gave_up_after(inc, cause, rank, attempts):
         (E.TRANSITION, dict(cause="shutdown", lifecycle_event="stop", state_from="unloaded", state_to="stopped"))]
 
 
+BOOT = "5a8c1f0e2d3b4a69b7c8d9e0f1a2b3c4"
+PID = 4242
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Steps one daemon sent, from `start_s` seconds before now, 150 ms apart. `booted_s`: when its boot began
+    (seconds before now), the zero of its __MONOTONIC_TIMESTAMP. `old_daemon`: NEUROND_OUTCOME as the steps
+    give it, not judged by today's JournalSink (a daemon that judged without the time bound)."""
+
+    start_s: int
+    steps: list
+    boot: str = BOOT
+    pid: int = PID
+    booted_s: int = 86400
+    old_daemon: bool = False
+
+
+def stop(state_from="healthy"):
+    return [(E.TRANSITION, dict(cause="shutdown", lifecycle_event="stop", state_from=state_from, state_to="stopped"))]
+
+
 # host -> (tp_size, [(start seconds before now, steps)])
 HOSTS = {
     "gpu-clean": (1, [(7200, startup(1)),
@@ -99,20 +122,24 @@ EXPECTED = {  # host -> classes of its incidents
 }
 
 
-def host_entries(host: str, now_us: int) -> list[dict]:
-    tp, episodes = HOSTS[host]
+def host_entries(host: str, now_us: int, tp: int | None = None, episodes: list | None = None) -> list[dict]:
+    """`host`'s entries: from HOSTS, or `tp` and `episodes` (Episode, or (start_s, steps) in the default boot)."""
+    if episodes is None:
+        tp, episodes = HOSTS[host]
     entries = []
     sink = JournalSink()  # judges NEUROND_OUTCOME exactly as the daemon does
-    pid = 4242
-    for start_s, steps in episodes:
-        ts = now_us - start_s * 1_000_000
-        for event, fields in steps:
+    for ep in episodes:
+        ep = ep if isinstance(ep, Episode) else Episode(*ep)
+        ts = now_us - ep.start_s * 1_000_000
+        for event, fields in ep.steps:
             fields = {"model": MODEL, "tp_size": tp, **fields}
             fields = {k: v for k, v in fields.items() if v is not None}
-            sink._judge(event, fields)
+            if not ep.old_daemon:
+                sink._judge(event, fields)
             entry = entry_for(event, fields, SITE)
-            entry.update(__REALTIME_TIMESTAMP=ts, _HOSTNAME=host, _SYSTEMD_UNIT="neurond.service", _PID=pid,
-                         _TRANSPORT="journal", _BOOT_ID="5a8c1f0e2d3b4a69b7c8d9e0f1a2b3c4")
+            entry.update(__REALTIME_TIMESTAMP=ts, __MONOTONIC_TIMESTAMP=ts - (now_us - ep.booted_s * 1_000_000),
+                         _HOSTNAME=host, _SYSTEMD_UNIT="neurond.service", _PID=ep.pid, _TRANSPORT="journal",
+                         _BOOT_ID=ep.boot)
             entries.append(entry)
             ts += 150_000  # 150 ms between steps
     return entries
