@@ -242,7 +242,7 @@ class Server:
         sup, c = self.supervisor, self.config
         if sup is None or sup.state in ("healthy", "unloaded", "stopped"):
             return None
-        bound = c.load_timeout_s + 2 * c.abort_timeout_s + 2 * c.kill_grace_s + 30.0
+        bound = c.load_timeout_s + 2 * c.comm_timeout_s + 2 * c.abort_timeout_s + 2 * c.kill_grace_s + 30.0
         stuck = time.monotonic() - self.status.since
         return f"{sup.state} for {stuck:.0f} s (bound {bound:.0f} s)" if stuck > bound else None
 

@@ -175,7 +175,7 @@ def test_a_repair_state_outliving_every_deadline_means_unresponsive():
     from neurond.config import Config
     from neurond.server import Server
 
-    server = Server(Config(load_timeout_s=10, abort_timeout_s=1, kill_grace_s=1))  # bound: 10+2+2+30 = 44 s
+    server = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1))  # bound: 4+6+2+2+30 = 44 s
     assert server._unresponsive() is None  # no supervisor yet: starting
     server.supervisor = SimpleNamespace(state="reloading")
     server.status.since = time.monotonic() - 40
