@@ -228,7 +228,9 @@ class Worker:
 
         # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer.
         report = lambda *counts: self.step_conn.send(p.LoadProgress(self.rank, *counts))  # noqa: E731
+        t0 = time.monotonic()
         info = self.shard.load(progress=report)
+        info["load_s"] = round(time.monotonic() - t0, 3)
         spec = self.spec
         self.runner = ModelRunner(
             self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
@@ -239,6 +241,10 @@ class Worker:
             eager_only=lambda: self.faults.armed("collective"))
         info.update(self.runner.info())
         info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load), 3)
+        # Where a (re)load's time goes: the largest part of replacing a rank after its weights (session 4).
+        log.info("rank %d: shard loaded in %.2f s, warm-up (compiled kernels %s, graphs %s) %.2f s", self.rank,
+                 info["load_s"], "on" if self.runner.compiled_kernels else "off",
+                 "captured" if spec.capture_at_load else "on first use", info["graph_capture_s"])
         return info
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
