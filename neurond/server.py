@@ -79,7 +79,9 @@ def load_served_model(model_dir: Path, name: str) -> ServedModel:
         stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
-    return ServedModel(name, tokenizer, context, frozenset(stop_ids), int(time.time()))
+    vocab = cfg.get("vocab_size")
+    return ServedModel(name, tokenizer, context, frozenset(stop_ids), int(time.time()),
+                       int(vocab) if isinstance(vocab, int) else None)
 
 
 def _read_token(path: str) -> str | None:

@@ -1,7 +1,8 @@
-"""The HTTP API: OpenAI-compatible chat completions plus health and readiness.
+"""The HTTP API: OpenAI-compatible chat completions and (legacy) completions, plus health and readiness.
 
 Every request is validated here, completely, before anything reaches a rank: body size, JSON, schema, model
-name, chat template, context window. The app never loads the model itself (that would block ASGI startup);
+name, chat template or prompt, context window. Both completion endpoints share one path to the engine
+(`_generate`): only how the prompt is made and how the answer is shaped (`_Shape`) differ. The app never loads the model itself (that would block ASGI startup);
 it reports `/ready` 503 until the supervisor says the pool is healthy.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import orjson
 from pydantic import ValidationError
@@ -22,7 +24,7 @@ from starlette.routing import Route
 from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
-from neurond.api.schemas import ChatCompletionRequest
+from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
@@ -43,7 +45,8 @@ class ServedModel:
     context_len: int
     stop_token_ids: frozenset[int]
     created: int
-
+    #: Rows of the embedding (config.json's vocab_size): a prompt's token ids must be below it.
+    vocab_size: int | None = None
 
 
 class API:
@@ -65,6 +68,7 @@ class API:
     def app(self) -> Starlette:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
@@ -154,7 +158,7 @@ class API:
         return _json({"object": "list", "data": [
             {"id": self.model.name, "object": "model", "created": self.model.created, "owned_by": "neurond"}]})
 
-    # ------------------------------------------------------------------ chat completions
+    # ------------------------------------------------------------------ shared by both completion endpoints
     async def _read_body(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype not in ("application/json", ""):
@@ -184,7 +188,7 @@ class API:
             raise APIError(400, "client disconnected while sending the body") from None
         return b"".join(chunks)
 
-    def _parse(self, body: bytes) -> ChatCompletionRequest:
+    def _parse(self, body: bytes, schema):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -195,7 +199,7 @@ class API:
             raise APIError(400, "n > 1 is not supported: ask for one choice per request", param="n",
                            code="unsupported_parameter")
         try:
-            chat = ChatCompletionRequest.model_validate(data)
+            parsed = schema.model_validate(data)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             param = ".".join(str(part) for part in first["loc"]) or None
@@ -203,14 +207,20 @@ class API:
             if kind == "extra_forbidden":
                 message = f"unrecognized request argument supplied: {param}"
                 code = "unsupported_parameter"
+            elif kind == "unsupported_parameter":  # schemas.unsupported(): its message says it all
+                param = str(first["loc"][0]) if first["loc"] else None
+                message, code = first["msg"], "unsupported_parameter"
             else:
                 message = f"{param}: {first['msg']}" if param else first["msg"]
                 code = "invalid_value" if first["loc"] else "invalid_request"
             raise APIError(400, message, param=param, code=code) from None
-        if chat.stream_options is not None and not chat.stream:  # as OpenAI answers it
+        if parsed.stream_options is not None and not parsed.stream:  # as OpenAI answers it
             raise APIError(400, "the 'stream_options' parameter is only allowed when 'stream' is true",
                            param="stream_options", code="invalid_value")
-        return chat
+        if parsed.model != self.model.name:
+            raise APIError(400, f"model {parsed.model!r} does not exist; this server serves {self.model.name!r}",
+                           param="model", code="model_not_found")
+        return parsed
 
     def _tokenize(self, chat: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in chat.messages]
@@ -223,17 +233,15 @@ class API:
             ids = ids["input_ids"]
         return list(ids)
 
-    async def chat_completions(self, request: Request) -> Response:
-        chat = self._parse(await self._read_body(request))
-        if chat.model != self.model.name:
-            raise APIError(400, f"model {chat.model!r} does not exist; this server serves {self.model.name!r}",
-                           param="model", code="model_not_found")
-        prompt_ids = self._tokenize(chat)
+    async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
+                        requested: int | None, shape: "_Shape") -> Response:
+        """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
+        event stream, in `shape`. (A fault after this is the engine's to replay: the request is the same kind
+        whatever endpoint made it.)"""
         ctx = self.model.context_len
-        requested = chat.requested_max_tokens()
         if len(prompt_ids) >= ctx:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the context window is {ctx} tokens",
-                           param="messages", code="context_length_exceeded")
+                           param=prompt_param, code="context_length_exceeded")
         if requested is not None and len(prompt_ids) + requested > ctx:
             raise APIError(
                 400,
@@ -244,11 +252,11 @@ class API:
         # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
         # load, so a request that fits the window fits in memory.
         req = GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            request_id=f"{shape.id_prefix}-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=SamplingParams(chat.temperature, chat.top_p, chat.seed),
-            stop=chat.stop or [],
+            sampling=SamplingParams(parsed.temperature, parsed.top_p, parsed.seed),
+            stop=parsed.stop or [],
             stop_token_ids=self.model.stop_token_ids,
         )
         try:
@@ -259,11 +267,40 @@ class API:
         except EngineBusy as exc:
             raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
                            retry_after_s=RETRY_AFTER_S) from None
-        if chat.stream:
-            return await self._stream(req, chat, request)
-        return await self._complete(req, request)
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return await self._stream(req, shape, include_usage, request)
+        return await self._complete(req, shape, request)
 
-    async def _complete(self, req: GenerationRequest, request: Request) -> Response:
+    # ------------------------------------------------------------------ chat completions
+    async def chat_completions(self, request: Request) -> Response:
+        chat = self._parse(await self._read_body(request), ChatCompletionRequest)
+        return await self._generate(request, chat, self._tokenize(chat), "messages", chat.requested_max_tokens(),
+                                    CHAT)
+
+    # ------------------------------------------------------------------ completions (legacy)
+    async def completions(self, request: Request) -> Response:
+        """The prompt goes to the model as it is (no chat template), tokenised as the checkpoint's tokenizer
+        does on its own (its post-processor may add a BOS); token ids go as they are."""
+        parsed = self._parse(await self._read_body(request), CompletionRequest)
+        if isinstance(parsed.prompt, str):
+            prompt_ids = self.model.tokenizer.encode_prompt(parsed.prompt)
+            if not prompt_ids:
+                raise APIError(400, "the prompt has no tokens", param="prompt", code="invalid_value")
+            echo = parsed.prompt
+        else:
+            prompt_ids = list(parsed.prompt)
+            vocab = self.model.vocab_size or len(self.model.tokenizer)
+            bad = next((i for i in prompt_ids if i >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt: token id {bad} is not in the vocabulary (ids 0 to {vocab - 1})",
+                               param="prompt", code="invalid_value")
+            echo = self.model.tokenizer.decode(prompt_ids) if parsed.echo else ""  # as generated text is
+        shape = _completion_shape(echo if parsed.echo else "")
+        return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)
+
+    # ------------------------------------------------------------------ answering
+    async def _complete(self, req: GenerationRequest, shape: "_Shape", request: Request) -> Response:
         parts: list[str] = []
         try:
             with _HangUpWatch(request, req):
@@ -276,24 +313,17 @@ class API:
                     elif isinstance(event, Failed):
                         raise _api_error(event, req.request_id)
                     elif isinstance(event, Finished):
-                        return _json(self._completion_body(req, "".join(parts), event),
-                                     headers={REQUEST_ID_HEADER: req.request_id})
+                        body = {"id": req.request_id, "object": shape.object, "created": int(time.time()),
+                                "model": self.model.name,
+                                "choices": [shape.choice(shape.prefix + "".join(parts), event.reason.value)],
+                                "usage": _usage(event)}
+                        return _json(body, headers={REQUEST_ID_HEADER: req.request_id})
         except asyncio.CancelledError:
             req.cancelled = True
             raise
 
-    def _completion_body(self, req: GenerationRequest, text: str, fin: Finished) -> dict:
-        return {
-            "id": req.request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": fin.reason.value}],
-            "usage": _usage(fin),
-        }
-
-    async def _stream(self, req: GenerationRequest, chat: ChatCompletionRequest, request: Request) -> Response:
+    async def _stream(self, req: GenerationRequest, shape: "_Shape", include_usage: bool,
+                      request: Request) -> Response:
         # Wait for the first event so that a request failing before its first token gets a real status code.
         # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
         with _HangUpWatch(request, req):
@@ -302,31 +332,30 @@ class API:
             return Response(status_code=499)
         if isinstance(first, Failed):
             raise _api_error(first, req.request_id)
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         created = int(time.time())
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
-            body = {"id": req.request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model.name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
+        def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
+            body = {"id": req.request_id, "object": shape.chunk_object, "created": created,
+                    "model": self.model.name, "choices": [choice] if choice is not None else []}
             if include_usage:
                 body["usage"] = usage
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
         async def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if shape.opening is not None:
+                    yield chunk(shape.opening)
                 event = first
                 while True:
                     if isinstance(event, TextDelta):
-                        yield chunk({"content": event.text})
+                        yield chunk(shape.delta(event.text, None))
                     elif isinstance(event, Failed):
                         yield b"data: " + orjson.dumps(_api_error(event, req.request_id).body()) + b"\n\n"
                         return
                     elif isinstance(event, Finished):
-                        yield chunk({}, event.reason.value)
+                        yield chunk(shape.delta(None, event.reason.value))
                         if include_usage:
-                            yield chunk({}, usage=_usage(event), choices=False)
+                            yield chunk(None, usage=_usage(event))
                         yield b"data: [DONE]\n\n"
                         return
                     event = await req.events.get()
@@ -336,6 +365,39 @@ class API:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REQUEST_ID_HEADER: req.request_id})
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How one endpoint's answer looks (what differs between chat and completions; the rest is shared)."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[str, str], dict]  # (text, finish_reason) -> the choice of a whole answer
+    delta: Callable[[str | None, str | None], dict]  # (text or None, finish_reason) -> a streamed choice
+    opening: dict | None = None  # the choice of a stream's first chunk, if it has one of its own
+    prefix: str = ""  # text put before the generated text (echo)
+
+
+CHAT = _Shape(
+    "chatcmpl", "chat.completion", "chat.completion.chunk",
+    choice=lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": finish},
+    delta=lambda text, finish: {"index": 0, "delta": {"content": text} if text is not None else {},
+                                "logprobs": None, "finish_reason": finish},
+    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+)
+
+
+def _text_choice(text: str | None, finish: str | None) -> dict:
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+def _completion_shape(echo: str) -> _Shape:
+    """`text_completion` objects; with `echo`, the prompt's text comes first (a stream's first chunk)."""
+    return _Shape("cmpl", "text_completion", "text_completion", choice=_text_choice, delta=_text_choice,
+                  opening=_text_choice(echo, None) if echo else None, prefix=echo)
 
 
 def _usage(fin: Finished) -> dict:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from neurond.api.schemas import ChatCompletionRequest
+from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
 
 _ERROR = {
     "type": "object",
@@ -18,23 +18,19 @@ def _error(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def openapi_spec(model_name: str, with_auth: bool) -> dict:
-    request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components = request_schema.pop("$defs", {})
-    request_schema["properties"]["model"]["enum"] = [model_name]
-    components["ChatCompletionRequest"] = request_schema
-    components["Error"] = _ERROR
-    chat = {
+def _generation(operation_id: str, summary: str, schema: str, bad: str) -> dict:
+    """A POST that generates (chat or completions): the same engine, so the same responses."""
+    return {
         "post": {
-            "operationId": "createChatCompletion",
-            "summary": "Create a chat completion (stream: true for server-sent events ending in [DONE])",
+            "operationId": operation_id,
+            "summary": summary,
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
             "responses": {
                 "200": {"description": "the completion (JSON), or an event stream when stream is true",
                         "content": {"application/json": {"schema": {"type": "object"}},
                                     "text/event-stream": {"schema": {"type": "string"}}}},
-                "400": _error("invalid request: schema, unknown model, context window, memory"),
+                "400": _error(bad),
                 "401": _error("missing or wrong API token"),
                 "408": _error("the request body did not arrive in time"),
                 "413": _error("request body too large"),
@@ -47,14 +43,35 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
             },
         }
     }
+
+
+def openapi_spec(model_name: str, with_auth: bool) -> dict:
+    components: dict = {}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request_schema.pop("$defs", {}))
+        request_schema["properties"]["model"]["enum"] = [model_name]
+        components[model.__name__] = request_schema
+    components["Error"] = _ERROR
+    chat = _generation("createChatCompletion",
+                       "Create a chat completion (stream: true for server-sent events ending in [DONE])",
+                       "ChatCompletionRequest", "invalid request: schema, unknown model, context window, memory")
+    completions = _generation(
+        "createCompletion",
+        "Create a completion of a raw prompt, string or token ids, no chat template (legacy completions API; "
+        "stream: true for server-sent events ending in [DONE])",
+        "CompletionRequest", "invalid request: schema, unknown model, context window, a token id outside the "
+        "vocabulary; suffix, logprobs, best_of > 1, n > 1 or a batch of prompts (not supported)")
+
     def simple(description: str) -> dict:
         return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
     spec = {
         "openapi": "3.1.0",
-        "info": {"title": "neurond", "version": "1", "description": "OpenAI-compatible chat completions"},
+        "info": {"title": "neurond", "version": "1", "description": "OpenAI-compatible chat completions and (legacy) completions"},
         "paths": {
             "/v1/chat/completions": chat,
+            "/v1/completions": completions,
             "/v1/models": {"get": {"operationId": "listModels", "summary": "The one served model",
                                    "responses": {"200": simple("a list holding the served model"),
                                                  "401": _error("missing or wrong API token")}}},
@@ -76,7 +93,7 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
     }
     if with_auth:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for path in ("/v1/chat/completions", "/v1/models", "/metrics", "/openapi.json"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/openapi.json"):
             for op in spec["paths"][path].values():
                 op["security"] = [{"bearer": []}]
     return spec

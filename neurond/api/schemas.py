@@ -10,6 +10,25 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    """A validation error the API answers as 400 `unsupported_parameter` with exactly `message`."""
+    return PydanticCustomError("unsupported_parameter", message)
+
+
+def _stop_list(value):
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences are allowed")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    if any(len(s) > 256 for s in stops):
+        raise ValueError("a stop sequence may be at most 256 characters")
+    return stops
 
 
 class TextPart(BaseModel):
@@ -68,16 +87,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        if any(len(s) > 256 for s in stops):
-            raise ValueError("a stop sequence may be at most 256 characters")
-        return stops
+        return _stop_list(value)
 
     @field_validator("logprobs")
     @classmethod
@@ -94,3 +104,82 @@ class ChatCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+#: The longest prompt given as token ids (the context window bounds it anyway; this bounds the parsing).
+MAX_PROMPT_IDS = 1_000_000
+
+
+class CompletionRequest(BaseModel):
+    """The legacy completions API (POST /v1/completions): the prompt is sent to the model as it is, no chat
+    template. One prompt per request: a string, or token ids (a batch of exactly one is accepted too)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1, max_length=512)
+    prompt: str | list[Annotated[int, Field(ge=0, lt=2**31)]] | list[str] | \
+        list[list[Annotated[int, Field(ge=0, lt=2**31)]]]
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = Field(default=None, max_length=512)
+    # Refused with a clear message unless at their no-op value.
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    logprobs: int | None = None
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        """Checked before the union's own validation, so that every wrong prompt gets one clear message."""
+        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+            if len(value) != 1:
+                raise unsupported("a batch of several prompts is not supported: send one prompt per request")
+            value = value[0]
+        if isinstance(value, list) and not all(type(v) is int for v in value):
+            raise ValueError("the prompt must be a string or a list of token ids (integers)")
+        if not isinstance(value, (str, list)):
+            raise ValueError("the prompt must be a string or a list of token ids (integers)")
+        if not value:
+            raise ValueError("the prompt is empty")
+        if isinstance(value, list):
+            if len(value) > MAX_PROMPT_IDS:
+                raise ValueError(f"at most {MAX_PROMPT_IDS} token ids")
+            bad = next((v for v in value if not 0 <= v < 2**31), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is out of range")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        return _stop_list(value)
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise unsupported("suffix is not supported")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value is not None:
+            raise unsupported("logprobs are not supported")
+        return value
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _no_best_of(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            raise unsupported("best_of > 1 is not supported")
+        return value

@@ -73,6 +73,12 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (the completions API: no chat template) as the checkpoint's tokenizer encodes text on
+        its own: its post-processor adds what the model expects before a text (Llama's BOS), as
+        transformers' `tokenizer(text)` and vLLM's completions do."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -1,0 +1,170 @@
+"""POST /v1/completions (the legacy completions API) against a real daemon, with the official openai client:
+a raw prompt (string or token ids, no chat template) on the same engine as chat, plain and streamed."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from neurond.engine.tokenizer import ChatTokenizer
+from tests.conftest import MODEL, chat_body, http
+
+
+@pytest.fixture(scope="module")
+def client(daemon_tp1):
+    return openai.OpenAI(base_url=daemon_tp1.url("/v1"), api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(builtin_model):
+    return ChatTokenizer(builtin_model)
+
+
+PROMPT = "The quick brown fox"
+
+
+def _stream(client, **kw):
+    chunks = list(client.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert all(c.object == "text_completion" for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    return text, finishes, chunks[-1].usage
+
+
+def test_string_prompt_plain_and_streamed(client, tokenizer):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == MODEL
+    choice = out.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.index == 0
+    # No chat template: the prompt is exactly the tokenizer's encoding of the raw text.
+    assert out.usage.prompt_tokens == len(tokenizer.encode_prompt(PROMPT))
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    assert out.usage.prompt_tokens < len(chat_ids)
+    assert 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    text, finishes, usage = _stream(client, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert text == choice.text  # the same greedy answer, streamed
+    assert finishes == [choice.finish_reason]
+    assert usage.model_dump() == out.usage.model_dump()
+
+
+def test_token_id_prompt_equals_its_text(client, tokenizer):
+    ids = tokenizer.encode_prompt(PROMPT)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.usage.prompt_tokens == len(ids)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    batch_of_one = client.completions.create(model=MODEL, prompt=[ids], max_tokens=10, temperature=0)
+    assert batch_of_one.choices[0].text == by_text.choices[0].text
+    text, _, usage = _stream(client, prompt=ids, max_tokens=10, temperature=0)
+    assert text == by_text.choices[0].text and usage.prompt_tokens == len(ids)
+
+
+def test_echo_prepends_the_prompt(client, tokenizer):
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    assert echoed.usage.model_dump() == plain.usage.model_dump()
+    text, _, _ = _stream(client, prompt=PROMPT, max_tokens=8, temperature=0, echo=True)
+    assert text == PROMPT + plain.choices[0].text
+    ids = tokenizer.encode_prompt(PROMPT)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, echo=True)
+    assert by_ids.choices[0].text == tokenizer.decode(ids) + plain.choices[0].text
+
+
+def test_seed_gives_the_same_text_twice(client):
+    kw = dict(model=MODEL, prompt="Sample something", max_tokens=24, temperature=1.0, seed=4321)
+    first = client.completions.create(**kw).choices[0].text
+    assert client.completions.create(**kw).choices[0].text == first
+    assert _stream(client, **{k: v for k, v in kw.items() if k != "model"})[0] == first
+    assert client.completions.create(**dict(kw, seed=7)).choices[0].text != first
+
+
+def test_stop_string_ends_the_text(client):
+    full = client.completions.create(model=MODEL, prompt="Stop test", max_tokens=40, temperature=0).choices[0].text
+    visible = full.strip()
+    assert len(visible) > 8, full
+    stop = visible[len(visible) // 2 : len(visible) // 2 + 3]
+    out = client.completions.create(model=MODEL, prompt="Stop test", max_tokens=40, temperature=0, stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert stop not in out.choices[0].text and full.startswith(out.choices[0].text)
+    text, finishes, _ = _stream(client, prompt="Stop test", max_tokens=40, temperature=0, stop=stop)
+    assert text == out.choices[0].text and finishes == ["stop"]
+
+
+def test_length_finish(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
+    if out.usage.completion_tokens == 2:
+        assert out.choices[0].finish_reason == "length"
+
+
+def _bad(client, **kw) -> openai.BadRequestError:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**{"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw})
+    assert info.value.status_code == 400
+    return info.value
+
+
+def test_suffix_is_refused_clearly(client):
+    err = _bad(client, suffix="the end")
+    assert err.body["message"] == "suffix is not supported"
+    assert (err.body["param"], err.body["code"]) == ("suffix", "unsupported_parameter")
+    assert _bad(client, suffix="x", stream=True).body["message"] == "suffix is not supported"
+
+
+@pytest.mark.parametrize("kw,param,words", [
+    (dict(n=2), "n", "n > 1"),
+    (dict(best_of=3), "best_of", "best_of"),
+    (dict(logprobs=2), "logprobs", "logprobs"),
+    (dict(prompt=["one", "two"]), "prompt", "one prompt per request"),
+    (dict(prompt=[[1, 2], [3, 4]]), "prompt", "one prompt per request"),
+    (dict(extra_body={"frobnicate": 1}), "frobnicate", "unrecognized request argument"),
+], ids=["n", "best_of", "logprobs", "batch of strings", "batch of token lists", "unknown field"])
+def test_unsupported_options_are_400(client, kw, param, words):
+    err = _bad(client, **kw)
+    assert err.body["code"] == "unsupported_parameter" and err.body["param"] == param, err.body
+    assert words in err.body["message"], err.body
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"prompt": ""}, "prompt", None),
+    ({"prompt": []}, "prompt", None),
+    ({"prompt": [1, -2]}, "prompt", "invalid_value"),
+    ({"prompt": [10**9]}, "prompt", "invalid_value"),
+    ({"prompt": [1, True]}, "prompt", "invalid_value"),
+    ({"prompt": 5}, "prompt", "invalid_value"),
+    ({}, "prompt", None),
+    ({"model": "gpt-3.5-turbo-instruct"}, "model", "model_not_found"),
+    ({"max_tokens": 100_000}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "word " * 5000}, "prompt", "context_length_exceeded"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "unsupported_parameter"),
+], ids=["empty string", "empty ids", "negative id", "id outside the vocabulary", "bool id", "number",
+        "no prompt", "unknown model", "over the context", "prompt over the context", "stream_options alone",
+        "chat fields"])
+def test_bad_input_is_a_clear_400(daemon_tp1, body, param, code):
+    full = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **body}
+    if "prompt" not in body and not body:
+        del full["prompt"]
+    status, _, answer = http("POST", daemon_tp1.url("/v1/completions"), json.dumps(full).encode(),
+                             {"Content-Type": "application/json"})
+    assert status == 400, answer
+    err = answer["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    assert daemon_tp1.chat(chat_body(max_tokens=2))[0] == 200
+
+
+def test_openapi_describes_completions(daemon_tp1):
+    spec = daemon_tp1.get("/openapi.json")[2]
+    op = spec["paths"]["/v1/completions"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionRequest")
+    schema = spec["components"]["schemas"]["CompletionRequest"]
+    assert schema["properties"]["model"]["enum"] == [MODEL]
+    assert {"prompt", "echo", "stream", "max_tokens", "seed", "stop"} <= set(schema["properties"])
