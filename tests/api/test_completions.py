@@ -168,3 +168,33 @@ def test_openapi_describes_completions(daemon_tp1):
     schema = spec["components"]["schemas"]["CompletionRequest"]
     assert schema["properties"]["model"]["enum"] == [MODEL]
     assert {"prompt", "echo", "stream", "max_tokens", "seed", "stop"} <= set(schema["properties"])
+
+
+def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path, tokenizer):
+    """The same engine path as chat: a rank killed during a completion's decode is replaced, the request is
+    replayed (prompt + tokens so far, same sampling state) and the answer is exactly the one without a fault,
+    plain and streamed. A rank that raises in a step holding only this request fails it, as for chat."""
+    from tests.faults import fault_daemon, wait_ready
+
+    d = fault_daemon(start_daemon, tmp_path, 2)
+    client = openai.OpenAI(base_url=d.url("/v1"), api_key="x", max_retries=0)
+    kw = dict(model=MODEL, prompt=tokenizer.encode_prompt("Replay me"), max_tokens=48, temperature=1.0, seed=99,
+              echo=True)
+    clean = client.completions.create(**kw)
+    replayed_before = d.admin.status()["requests"].get("replayed", 0)
+    assert d.admin.inject(1, "sigkill", "decode").status_code == 200
+    faulted = client.completions.create(**kw)
+    assert faulted.choices[0].text == clean.choices[0].text and faulted.usage == clean.usage
+    wait_ready(d)
+    assert d.admin.inject(0, "sigkill", "decode").status_code == 200
+    text, _, usage = _stream(client, **{k: v for k, v in kw.items() if k != "model"})
+    assert text == clean.choices[0].text and usage == clean.usage
+    wait_ready(d)
+    assert d.admin.status()["requests"].get("replayed", 0) >= replayed_before + 2
+    assert d.admin.inject(0, "raise", "decode").status_code == 200
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(**kw)
+    assert info.value.status_code == 500 and info.value.body["code"] == "rank_failed"
+    wait_ready(d)
+    assert client.completions.create(**kw).choices[0].text == clean.choices[0].text
+    d.stop()

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from neurond.config import Config, ConfigError, load_config
-from tests.conftest import REPO, chat_body, http
+from tests.conftest import MODEL, REPO, chat_body, http
 from tests.faults import Admin, wait_ready
 
 API_TOKEN = "api-token-7f3c"
@@ -73,6 +73,10 @@ def test_api_token_guards_every_v1_route_and_only_the_exact_token_passes(locked)
         status, _, err = _chat(locked, body, token, scheme)
         assert (status, err["error"]["code"]) == (401, "invalid_api_key"), (token, scheme)
     assert http("GET", locked.url("/v1/models"))[0] == 401
+    completion = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    json_type = {"Content-Type": "application/json"}
+    assert http("POST", locked.url("/v1/completions"), completion, json_type)[0] == 401
+    assert http("POST", locked.url("/v1/completions"), completion, {**json_type, **BEARER})[0] == 200
     assert _chat(locked, body, API_TOKEN, "bearer")[0] == 200  # the scheme is case-insensitive (RFC 7235)
     assert http("GET", locked.url("/v1/models"), headers=BEARER)[0] == 200
     for probe in ("/health", "/ready"):  # load balancers and systemd probe without a token
@@ -92,7 +96,7 @@ def test_api_token_guards_the_metrics_and_the_openapi_description(locked):
     assert status == 200 and b"neurond_requests_total" in text
     status, _, spec = http("GET", locked.url("/openapi.json"), headers=BEARER)
     assert status == 200 and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    for path in ("/v1/chat/completions", "/v1/models", "/metrics", "/openapi.json"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/openapi.json"):
         assert all(op.get("security") == [{"bearer": []}] for op in spec["paths"][path].values()), path
     for path in ("/health", "/ready"):
         assert all("security" not in op for op in spec["paths"][path].values()), path
