@@ -2,8 +2,9 @@
 
 Every request is validated here, completely, before anything reaches a rank: body size, JSON, schema, model
 name, chat template or prompt, context window. Both completion endpoints share one path to the engine
-(`_generate`): only how the prompt is made and how the answer is shaped (`_Shape`) differ. The app never loads the model itself (that would block ASGI startup);
-it reports `/ready` 503 until the supervisor says the pool is healthy.
+(`_generate`): only how the prompt is made and how the answer is shaped (`_Shape`) differ. The app never
+loads the model itself (that would block ASGI startup); it reports `/ready` 503 until the supervisor says the
+pool is healthy.
 """
 
 from __future__ import annotations

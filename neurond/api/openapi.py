@@ -68,7 +68,8 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
 
     spec = {
         "openapi": "3.1.0",
-        "info": {"title": "neurond", "version": "1", "description": "OpenAI-compatible chat completions and (legacy) completions"},
+        "info": {"title": "neurond", "version": "1",
+                 "description": "OpenAI-compatible chat completions and (legacy) completions"},
         "paths": {
             "/v1/chat/completions": chat,
             "/v1/completions": completions,
