@@ -20,7 +20,7 @@ from neurond.pool.lifecycle import Cause
 from neurond.pool.protocol import FaultKind
 
 DEADLINES = Deadlines(abort_s=0.2, comm_s=0.3, load_s=0.4, kill_s=0.05)
-SLACK_S = 0.15  # scheduling noise allowed on a shared CPU
+SLACK_S = 0.3  # scheduling noise allowed on a shared CPU
 
 
 @dataclass
@@ -204,7 +204,7 @@ def test_a_rank_that_does_not_confirm_the_abort_is_a_victim_at_the_abort_deadlin
     assert h.pool.ranks[1].alive  # the rank that raised keeps its process and weights
     assert h.names()[:2] == ["abort_started", "abort_failed"]
     # gave up at the abort deadline (not the ping's, the grace's or a kill's)
-    assert DEADLINES.abort_s <= elapsed < DEADLINES.abort_s + SLACK_S + 0.1
+    assert DEADLINES.abort_s <= elapsed < DEADLINES.abort_s + SLACK_S
     assert h.ladder().rung(victims) == "replace_ranks"
 
 
@@ -214,7 +214,7 @@ def test_a_rank_still_in_a_collective_after_the_grace_is_killed():
     victims = asyncio.run(h.ladder().unblock(h.pool, RankFailed(1, FaultKind.EXCEPTION, "boom"), CAUSE))
     elapsed = time.monotonic() - t0
     assert victims == {0} and h.pool.killed == [0] and h.names()[:2] == ["abort_started", "abort_finished"]
-    assert DEADLINES.release_grace_s <= elapsed < DEADLINES.release_grace_s + SLACK_S + 0.1
+    assert DEADLINES.release_grace_s <= elapsed < DEADLINES.release_grace_s + SLACK_S
 
 
 def test_a_rank_whose_control_thread_does_not_answer_is_killed_at_the_ping_deadline():
@@ -222,7 +222,7 @@ def test_a_rank_whose_control_thread_does_not_answer_is_killed_at_the_ping_deadl
     t0 = time.monotonic()
     victims = asyncio.run(h.ladder().unblock(h.pool, StepTimeout([1], 1.0, "decode"), CAUSE))
     assert victims == {1} and h.pool.killed == [1]
-    assert time.monotonic() - t0 < DEADLINES.ping_s + SLACK_S + 0.1
+    assert time.monotonic() - t0 < DEADLINES.ping_s + SLACK_S
     assert h.pool.log[0] == ("ping", [0, 1], DEADLINES.ping_s)
 
 
