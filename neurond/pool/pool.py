@@ -113,28 +113,32 @@ class RankPool:
         await self.form_comm()
         await self.load(range(self.world_size))
 
-    async def wait_started(self, ranks) -> None:
+    async def wait_started(self, ranks, timeout_s: float | None = None) -> None:
+        """Wait for the ranks' Started; `timeout_s` (default: the load deadline) bounds the wait."""
+        timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
         ranks = list(ranks)
         futures = [self._started[r] for r in ranks]
-        done, pending = await asyncio.wait(futures, timeout=self.load_timeout_s)
+        done, pending = await asyncio.wait(futures, timeout=timeout_s)
         if pending:
             missing = [r for r in ranks if not self._started[r].done()]
-            raise StepTimeout(missing, self.load_timeout_s, "worker start")
+            raise StepTimeout(missing, timeout_s, "worker start")
         for fut in done:
             fut.result()  # raises RankDied
 
-    async def form_comm(self) -> int:
+    async def form_comm(self, timeout_s: float | None = None) -> int:
         """A new communicator among the current processes, on a fresh store opened by rank 0, its first
-        collective included. Each of the two calls has the communicator deadline."""
-        timeout_s = self.comm_timeout_s
+        collective included. Each of the two calls has the communicator deadline (`timeout_s`, default the
+        pool's)."""
+        timeout_s = self.comm_timeout_s if timeout_s is None else timeout_s
         opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
         port = opened[0].port
         comm_id = next(self._comm_ids)
         await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s, "join communicator")
         return comm_id
 
-    async def load(self, ranks) -> None:
-        replies = await self.call(list(ranks), lambda cid: p.LoadShard(cid), self.load_timeout_s, "load shard")
+    async def load(self, ranks, timeout_s: float | None = None) -> None:
+        timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
+        replies = await self.call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard")
         for rank, reply in replies.items():
             self.load_info[rank] = reply.info
 

@@ -1,16 +1,11 @@
 """The supervisor: the only writer of pool state. It loads the pool, runs steps for the engine, turns every
 fault into lifecycle transitions and repairs the pool.
 
-Repair ladder, cheapest first (each rung recorded on the transition as `tier`). First every rank is made
-idle or dead (`_unblock`): ping, kill the ranks wedged outside any collective, abort the communicator on the
-others from their control threads, ping again, and kill those still stuck in a collective after a short
-grace; dead ranks and those whose device context is ruined are victims from the start.
-  comm_rebuild   nobody was killed: a fresh communicator among the same processes, weights kept
-  replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
-  full_reload    all were killed, a previous rung failed, or tp_impl="transformers" at TP>1 (its layers stay
-                 bound to the group they loaded with): stop every rank and start a new pool
-  give_up        after `breaker_max_failures` failed recovery attempts within `breaker_window_s`: -> unloaded
-Every step has a deadline; a failure escalates to full_reload. Nothing waits unbounded.
+A fault opens an incident (healthy -> poisoned); recovery then runs attempts (aborting -> reloading) until one
+repairs the pool or the crash-loop breaker gives up (`breaker_max_failures` failed attempts within
+`breaker_window_s`: -> unloaded). The mechanics of an attempt, making every rank idle or dead and running the
+cheapest rung (comm_rebuild, replace_ranks, full_reload), are the repair ladder's: pool/ladder.py. The first
+attempt of an incident takes the cheapest rung that fits; any later one is a full reload.
 """
 
 from __future__ import annotations
@@ -25,17 +20,14 @@ from typing import Callable
 
 from neurond.config import Config
 from neurond.pool import protocol as p
-from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied, StepTimeout
+from neurond.pool.faults import PoolFault, PoolUnavailable
 from neurond.observe.events import Event, EventSink, emit
+from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, Rung
 from neurond.pool.lifecycle import Cause, Lifecycle, new_incident_id
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
 
 log = logging.getLogger("neurond.supervisor")
-
-# A rank busy outside any collective for longer than this (since its call began or its last collective
-# returned), after a step failed or timed out, is wedged.
-WEDGE_MIN_BUSY_S = 0.5
 
 # Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
 RANK_ENV = (
@@ -91,6 +83,7 @@ class Supervisor:
         # Started when the model is first healthy (not while the first ranks load and import), and again
         # whenever the pool takes one, so the next is importing while the replaced rank loads.
         self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_cache_env(config.cache_dir))
+        self.ladder = RepairLadder.from_config(config, self._emit, self._restart_pool)
 
     # ------------------------------------------------------------------ state for readers
     @property
@@ -269,22 +262,18 @@ class Supervisor:
                     callback(self.lifecycle.last_cause)
                 return
             self._send("abort", cause.with_(attempt=attempt))
-            tier, victims = "full_reload", set()
+            tier: Rung = FULL_RELOAD
+            victims: set[int] = set()
             try:
                 if self.pool is not None and attempt == 1:
-                    victims = await self._unblock(fault, cause.with_(attempt=attempt))
-                    tier = self._rung(victims)
+                    victims = await self.ladder.unblock(self.pool, fault, cause.with_(attempt=attempt))
+                    tier = self.ladder.rung(victims)
                 self._send("repair", cause.with_(tier=tier, attempt=attempt,
                                                  detail=f"replacing ranks {sorted(victims)}" if victims else ""))
-                if tier == "comm_rebuild":
-                    t0 = time.monotonic()
-                    await self.pool.form_comm()
-                    self._emit(Event.COMM_REBUILT, cause.with_(tier=tier, attempt=attempt),
-                               duration_ms=_ms_since(t0))
-                elif tier == "replace_ranks":
-                    await self._replace(victims, cause.with_(tier=tier, attempt=attempt))
-                else:
-                    await self._full_reload(victims)
+                if tier == REPLACE_RANKS:
+                    for rank in victims:  # their progress is of the processes being replaced
+                        self.load_progress.pop(rank, None)
+                await self.ladder.repair(self.pool, tier, victims, cause.with_(tier=tier, attempt=attempt))
             except PoolFault as again:
                 # A fault during recovery: record it and climb the ladder.
                 fault = again
@@ -303,112 +292,8 @@ class Supervisor:
     def _since_fault_ms(self) -> int | None:
         return None if self._fault_at is None else _ms_since(self._fault_at)
 
-    def _rung(self, victims: set[int]) -> str:
-        """The cheapest rung that repairs the pool once `victims` are gone."""
-        world = self.config.tp_size
-        if self.config.tp_impl == "transformers" and world > 1:
-            return "full_reload"  # its TP layers stay bound to the aborted group
-        if not victims:
-            return "comm_rebuild"
-        return "replace_ranks" if len(victims) < world else "full_reload"
-
-    async def _unblock(self, fault: PoolFault, cause: Cause | None = None) -> set[int]:
-        """Make every rank idle or dead; return the dead (killed) ones, which must be replaced.
-
-        1. A dead rank, or one whose device context is ruined, is a victim from the start.
-        2. Ping: a rank busy outside any collective for more than a moment is wedged in its own work (a stuck
-           kernel, a hung syscall): a victim, killed now. Aborting it first would only wait out
-           abort_timeout_s (measured on an H200: a rank in a never-ending kernel never confirms the abort).
-        3. Abort the communicator on every other live rank from its control thread (NCCL: unblocks a rank
-           stuck in a collective). A rank that does not confirm within abort_timeout_s is a victim.
-        4. A rank still in a collective after that gets a short grace (a victim's death or the abort of its
-           peers' connections releases it over gloo); any rank still busy after it is stuck for good: killed.
-        """
-        pool = self.pool
-        victims: set[int] = {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
-        if isinstance(fault, RankDied) or not fault.context_ok:
-            victims.add(fault.rank)
-        await self._ping_busy(victims, victims)  # the wedged ones join the victims
-        await self._kill(victims, cause)
-
-        alive = [r for r in pool.alive_ranks() if r not in victims]
-        self._emit(Event.ABORT_STARTED, cause, detail=f"aborting the communicator on ranks {alive}")
-        t0 = time.monotonic()
-        try:
-            await pool.control(alive, lambda cid: p.AbortComm(cid), self.config.abort_timeout_s, "abort")
-            self._emit(Event.ABORT_FINISHED, cause, duration_ms=_ms_since(t0))
-        except StepTimeout as missed:
-            victims.update(missed.ranks)
-            self._emit(Event.ABORT_FAILED, cause, duration_ms=_ms_since(t0),
-                       detail=missed.message)
-        except PoolFault as missed:
-            self._emit(Event.ABORT_FAILED, cause, duration_ms=_ms_since(t0),
-                       detail=missed.message)
-
-        waiting, finishing = await self._ping_busy(victims, victims)
-        await self._kill(victims, cause)
-        if waiting or finishing:
-            deadline = time.monotonic() + min(1.0, self.config.abort_timeout_s)
-            while (waiting or finishing) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                waiting, finishing = await self._ping_busy(victims, victims)
-        # Still busy after the grace: stuck for good. (Pings in the grace may also have found wedged ranks.)
-        victims |= waiting | finishing
-        await self._kill(victims, cause)  # kills only those still alive
-        # A rank that died on its own meanwhile (two deaths in one step: the second pidfd turns readable
-        # while the abort runs) is a victim too; else the rung would be chosen for the first death alone.
-        victims |= {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
-        return victims
-
-    async def _ping_busy(self, skip: set[int], wedged_out: set[int]) -> tuple[set[int], set[int]]:
-        """Ping the live ranks not in `skip`. Wedged ones (no answer, or busy outside any collective for longer
-        than a moment) go into `wedged_out`. Returns (waiting inside a collective, busy only for a moment)."""
-        pool = self.pool
-        ranks = [r for r in pool.alive_ranks() if r not in skip]
-        if not ranks:
-            return set(), set()
-        try:
-            pongs = await pool.control(ranks, lambda cid: p.Ping(cid), self.config.abort_timeout_s, "ping")
-        except StepTimeout as missed:
-            wedged_out.update(missed.ranks)
-            return set(), set()
-        except PoolFault:
-            return set(), set()
-        waiting, finishing = set(), set()
-        for rank, pong in pongs.items():
-            if pong.busy_s <= 0:
-                continue
-            if pong.in_collective:
-                waiting.add(rank)
-            elif pong.outside_s < WEDGE_MIN_BUSY_S:
-                finishing.add(rank)
-            else:
-                wedged_out.add(rank)
-        return waiting, finishing
-
-    async def _kill(self, ranks: set[int], cause: Cause | None) -> None:
-        alive = [r for r in sorted(ranks) if self.pool.ranks.get(r) is not None and self.pool.ranks[r].alive]
-        await self.pool.kill_ranks(sorted(ranks), timeout_s=10.0, dump_stacks=True)
-        for rank in alive:
-            self._emit(Event.RANK_KILLED, (cause or Cause("recovery", self._incident or "")).with_(rank=rank),
-                       detail="SIGKILL: wedged, stuck in a collective, or device context ruined")
-
-    async def _replace(self, victims: set[int], cause: Cause) -> None:
-        """Respawn only the victims; survivors keep their processes and weights and join a new communicator."""
-        pool = self.pool
-        for rank in sorted(victims):
-            self.load_progress.pop(rank, None)
-            pool.spawn(rank)
-        await pool.wait_started(sorted(victims))
-        t0 = time.monotonic()
-        await pool.form_comm()
-        self._emit(Event.COMM_REBUILT, cause, duration_ms=_ms_since(t0))
-        await pool.load(sorted(victims))
-
-    async def _full_reload(self, victims: set[int] = frozenset()) -> None:
-        # Stuck or broken ranks get SIGKILL at once: asking them to shut down would only wait out the grace.
-        if self.pool is not None and victims:
-            await self._kill(victims, None)
+    async def _restart_pool(self) -> None:
+        """Stop every rank and start a new pool (the full_reload rung, and the operator's reload)."""
         await self._stop_pool()
         pool = self._new_pool()
         self.pool = pool
@@ -428,7 +313,7 @@ class Supervisor:
         cause = Cause(reason, tier="full_reload")
         self._send("reload", cause)
         try:
-            await self._full_reload()
+            await self._restart_pool()
         except PoolFault as fault:
             self._fault(fault, None)
             return
