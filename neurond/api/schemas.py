@@ -61,13 +61,13 @@ class ResponseFormat(BaseModel):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(BaseModel):
+class _GenerationRequest(BaseModel):
+    """What chat and legacy completions requests share: the model, the sampling and the output's shape."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=512)
-    messages: list[Message] = Field(min_length=1, max_length=4096)
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
@@ -79,15 +79,20 @@ class ChatCompletionRequest(BaseModel):
     # Accepted at their no-op values only.
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    logprobs: bool = Field(default=False)
-    response_format: ResponseFormat | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
         return _stop_list(value)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    logprobs: bool = Field(default=False)
+    response_format: ResponseFormat | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
 
     @field_validator("logprobs")
     @classmethod
@@ -110,31 +115,17 @@ class ChatCompletionRequest(BaseModel):
 MAX_PROMPT_IDS = 1_000_000
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_GenerationRequest):
     """The legacy completions API (POST /v1/completions): the prompt is sent to the model as it is, no chat
     template. One prompt per request: a string, or token ids (a batch of exactly one is accepted too)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str = Field(min_length=1, max_length=512)
     prompt: str | list[Annotated[int, Field(ge=0, lt=2**31)]] | list[str] | \
         list[list[Annotated[int, Field(ge=0, lt=2**31)]]]
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-    user: str | None = Field(default=None, max_length=512)
     # Refused with a clear message unless at their no-op value.
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=1)
     logprobs: int | None = None
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -157,11 +148,6 @@ class CompletionRequest(BaseModel):
             if bad is not None:
                 raise ValueError(f"token id {bad} is out of range")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value):
-        return _stop_list(value)
 
     @field_validator("suffix")
     @classmethod
