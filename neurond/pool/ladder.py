@@ -228,9 +228,7 @@ class RepairLadder:
         """Run `rung`. `cause` carries the tier and attempt for the journal. Raises PoolFault on any failure."""
         if rung == COMM_REBUILD:
             assert pool is not None
-            t0 = time.monotonic()
-            await self._form_comm(pool)
-            self._emit(Event.COMM_REBUILT, cause, duration_ms=_ms_since(t0))
+            await self._form_comm(pool, cause)
         elif rung == REPLACE_RANKS:
             assert pool is not None
             await self._replace(pool, victims, cause)
@@ -244,16 +242,18 @@ class RepairLadder:
             pool.spawn(rank)
         await self._within("worker start", self.deadlines.load_s, ranks,
                            pool.wait_started(ranks, timeout_s=self.deadlines.load_s))
-        t0 = time.monotonic()
-        await self._form_comm(pool)
-        self._emit(Event.COMM_REBUILT, cause, duration_ms=_ms_since(t0))
+        await self._form_comm(pool, cause)
         await self._within("load shard", self.deadlines.load_s, ranks,
                            pool.load(ranks, timeout_s=self.deadlines.load_s))
 
-    async def _form_comm(self, pool: LadderPool) -> None:
-        # Two calls (open the store on rank 0, then join on all), each with the communicator deadline.
+    async def _form_comm(self, pool: LadderPool, cause: Cause) -> None:
+        """A new communicator among the pool's processes (both rungs that keep weights end or pass here),
+        journalled with how long it took. Two calls (open the store on rank 0, then join on all), each with the
+        communicator deadline."""
+        t0 = time.monotonic()
         await self._within("form communicator", self.deadlines.comm_s, range(pool.world_size),
                            pool.form_comm(timeout_s=self.deadlines.comm_s), calls=2)
+        self._emit(Event.COMM_REBUILT, cause, duration_ms=_ms_since(t0))
 
     async def full_reload(self, pool: LadderPool | None, victims: set[int], cause: Cause) -> None:
         # Stuck or broken ranks get SIGKILL at once: asking them to shut down would only wait out the grace.

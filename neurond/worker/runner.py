@@ -272,9 +272,9 @@ class ModelRunner:
         return []
 
     def destroy_graphs(self, graphs: list, timeout_s: float) -> None:
-        """Control thread, once the abort is under way: destroy what `release_graphs` took."""
-        if graphs:
-            self.graphs.destroy(graphs, timeout_s)
+        """Control thread, once the abort is under way: destroy what `release_graphs` took (called only when
+        it took some)."""
+        self.graphs.destroy(graphs, timeout_s)
 
     def warm_up(self, capture_graphs: bool = True) -> float:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
