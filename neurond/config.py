@@ -95,8 +95,9 @@ class Config:
     #: Requests waiting for the engine at once; beyond this, 503 with Retry-After.
     max_queued_requests: int = 256
     # --- step deadlines (a step that does not finish in time counts as a wedged rank) ---
-    #: Never declare a step wedged sooner than this.
-    step_deadline_floor_s: float = 5.0
+    #: Never declare a step wedged sooner than this. 4 s: a wedged rank is then found within 5 s of its fault
+    #: (the ping and the abort follow the deadline), while a healthy 8B decode call takes ~50 ms.
+    step_deadline_floor_s: float = 4.0
     #: Never wait longer than this for one step, whatever the observed step times.
     step_deadline_ceiling_s: float = 60.0
     #: Deadline = max(floor, factor x slowest recent step), capped by the ceiling.

@@ -46,12 +46,16 @@ RANK_ENV = (
 )
 
 
-def _compile_cache_env(cache_dir: str) -> tuple[tuple[str, str], ...]:
+def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
     """torch.compile's kernels under neurond's cache directory (kept across restarts; the default, /tmp, is
-    private to each start of the unit), unless the operator chose a place."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return ()
-    return (("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "torch-compile")),)
+    private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
+    their processes import torch's compiler before their spec arrives (worker/__main__.py), as spares do."""
+    env: tuple[tuple[str, str], ...] = ()
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        env += (("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "torch-compile")),)
+    if config.torch_compile and config.device != "cpu":
+        env += (("NEUROND_PREIMPORT_COMPILER", "1"),)
+    return env
 
 
 def _ms_since(t0: float) -> int:
@@ -82,7 +86,7 @@ class Supervisor:
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
         # Started when the model is first healthy (not while the first ranks load and import), and again
         # whenever the pool takes one, so the next is importing while the replaced rank loads.
-        self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_cache_env(config.cache_dir))
+        self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_env(config))
         self.ladder = RepairLadder.from_config(config, self._emit, self._restart_pool)
 
     # ------------------------------------------------------------------ state for readers

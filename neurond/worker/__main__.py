@@ -7,6 +7,7 @@ the spec says which.
 """
 
 import faulthandler
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -18,6 +19,13 @@ def preimport() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401 - the slow part: model classes
 
     import neurond.worker.runner  # noqa: F401
+
+    if os.environ.get("NEUROND_PREIMPORT_COMPILER") == "1":
+        # Ranks that compile kernels (CUDA, torch_compile): torch's compiler stack is seconds of imports that a
+        # replaced rank would otherwise pay between loading its shard and serving (probe-compile-warmup).
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
 
 
 def main() -> None:

@@ -306,6 +306,7 @@ class ModelRunner:
                 self.decode((0,), eager=True)
                 self.decode(rows, eager=True)
             self.active.zero_()
+            log.info("compiled kernels warmed up in %.2f s", time.monotonic() - t0)
         if self.graphs is not None and capture_graphs:
             self.graphs.capture_all()
         return time.monotonic() - t0

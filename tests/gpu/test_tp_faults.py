@@ -39,7 +39,7 @@ def daemon(start_daemon, tmp_path_factory):
     env = {"NEUROND_SPARE_WORKERS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
     return fault_daemon(start_daemon, tmp_path_factory.mktemp("gpu-faults"), 2, env=env, extra=["--device", "cuda"],
-                        step_deadline_floor_s=5.0, step_deadline_ceiling_s=60.0, abort_timeout_s=5.0,
+                        step_deadline_floor_s=4.0, step_deadline_ceiling_s=60.0, abort_timeout_s=5.0,
                         load_timeout_s=120.0, resume_wait_s=60.0)
 
 
