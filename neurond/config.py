@@ -63,8 +63,10 @@ class Config:
     #: on a machine; later loads (restarts, recoveries) reuse the compiled kernels from cache_dir.
     torch_compile: bool = True
     #: Worker processes kept started ahead of need (torch and transformers imported, no device held), so a rank
-    #: replaced in a repair skips its imports (13-15 s of a full reload on an H200). 0: none.
-    spare_workers: int = 1
+    #: replaced in a repair skips its imports (13-15 s of a full reload on an H200). 0: none. Two: a second
+    #: fault within ~15 s of the first (its spare's replacement still importing) finds one ready too; with one,
+    #: the second replacement took 15.5 s instead of 7.5 s (8B, 2xH100, benchmarks.md).
+    spare_workers: int = 2
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---
