@@ -75,6 +75,7 @@ class AdminAPI:
             "current_incident": sup.current_incident,
             "pids": {str(rank): pid for rank, pid in pool.pids().items()} if pool else {},
             "spare_pids": sup.spares.pids(),
+            "spares_ready": sup.spares.ready(),
             "load_progress": {str(rank): dataclasses.asdict(report)
                               for rank, report in sorted(sup.load_progress.items())},
             "last_transition": last,

@@ -192,6 +192,8 @@ class RankPool:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
             return
+        if isinstance(reply, p.Imported):  # a fresh process's imports are done: its Started follows
+            return
         if isinstance(reply, p.LoadProgress):  # answers no call
             if self.on_progress is not None:
                 self.on_progress(reply)

@@ -134,6 +134,14 @@ ControlCommand = Ping | AbortComm | InjectFault
 
 
 @dataclass(frozen=True, slots=True)
+class Imported:
+    """Sent once, unprompted, on the control pipe when a worker process has done its imports, before it reads
+    its spec: a spare that sent it can become a rank at once (pool/spares.py prefers those)."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class Started:
     """Sent once, unprompted, when the worker has imported its libraries and is ready for commands."""
 

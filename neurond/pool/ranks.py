@@ -41,6 +41,7 @@ class RankProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[int] = []
         self._exited: asyncio.Event | None = None
+        self._imported = False
 
     @property
     def pid(self) -> int | None:
@@ -74,6 +75,17 @@ class RankProcess:
         step_child.close()
         ctrl_child.close()
         self.step_conn, self.ctrl_conn = step_parent, ctrl_parent
+
+    @property
+    def imported(self) -> bool:
+        """Whether the process said its imports are done (p.Imported; read here only before `start`)."""
+        if not self._imported and self._loop is None and self.ctrl_conn is not None:
+            try:
+                while self.ctrl_conn.poll():
+                    self._imported = isinstance(self.ctrl_conn.recv(), p.Imported) or self._imported
+            except (EOFError, OSError):
+                pass
+        return self._imported
 
     def assign(self, spec: p.WorkerSpec) -> None:
         """Make a spare this rank (before `start`)."""

@@ -34,15 +34,23 @@ class SpareWorkers:
             self._idle.append(proc)
 
     def take(self, env: tuple[tuple[str, str], ...]) -> RankProcess | None:
-        """An alive spare started with this environment, or None; then starts its replacement."""
+        """An alive spare started with this environment, or None; then starts its replacement. One whose
+        imports are done goes first (a spare started by the previous repair may still be importing: 9.5 s of
+        a replacement's 15.5 s on 2xH100 when two faults came 8 s apart), else the oldest."""
         if self.closed or dict(env) != dict(self.env):
             return None
-        proc = None
-        while self._idle and proc is None:
-            candidate = self._idle.pop(0)
-            proc = candidate if self._alive(candidate) else None
+        self._idle = [proc for proc in self._idle if self._alive(proc)]
+        ready = [proc for proc in self._idle if proc.imported]
+        proc = (ready or self._idle or [None])[0]
+        if proc is not None:
+            self._idle.remove(proc)
         self.fill()
         return proc
+
+    def ready(self) -> int:
+        """How many idle spares have done their imports."""
+        return sum(1 for proc in self._idle if proc.process is not None and proc.process.poll() is None
+                   and proc.imported)
 
     def close(self) -> None:
         """Kill and reap every idle spare (they hold no device: nothing to stop in order)."""

@@ -39,7 +39,10 @@ def main() -> None:
     step_conn = Connection(int(sys.argv[1]))
     ctrl_conn = Connection(int(sys.argv[2]))
     preimport()
+    from neurond.pool.protocol import Imported
+
     try:
+        ctrl_conn.send(Imported(os.getpid()))
         spec = step_conn.recv()
     except (EOFError, OSError):  # the leader went away (or closed an unused spare)
         sys.exit(0)

@@ -114,6 +114,46 @@ def silu_mul(gate_up, inter: int):
     return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
+_KERNELS: dict[bool, "Kernels"] = {}
+
+
+def kernels(compiled: bool) -> "Kernels":
+    """The process's one set of kernels of each kind: compiled code is cached per torch.compile wrapper, so
+    the runner must use the very wrappers `prewarm` compiled."""
+    if compiled not in _KERNELS:
+        _KERNELS[compiled] = Kernels(compiled)
+    return _KERNELS[compiled]
+
+
+def prewarm(config, world_size: int, dtype, device) -> float:
+    """Compile the decode kernels before the weights are there: at the shapes, dtypes and strides a decode step
+    of one rank gives them (rows 1 and 2: the two compiles), on scratch tensors. A worker runs this on a
+    thread while its shard loads (worker/main.py), so a replaced rank does not add its ~3 s of tracing and
+    cache loads (8B, H100) to the repair. Should a guard still differ, the runner's own warm-up compiles it."""
+    import time
+
+    import torch
+
+    t0 = time.monotonic()
+    k = kernels(compiled=True)
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hq, hkv = heads // world_size, (getattr(config, "num_key_value_heads", None) or heads) // world_size
+    inter, hidden = config.intermediate_size // world_size, config.hidden_size
+    eps = float(getattr(config, "rms_norm_eps", 1e-6))
+    weight = torch.nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+    with torch.inference_mode():
+        for rows in (1, 2):
+            h = torch.zeros(rows, hidden, dtype=dtype, device=device)
+            k.add_rms_norm(h, torch.zeros_like(h), weight, eps)
+            qkv = torch.zeros(rows, (hq + 2 * hkv) * dim, dtype=dtype, device=device).view(-1, hq + 2 * hkv, dim)
+            cos = torch.zeros(rows, 1, dim, dtype=dtype, device=device)
+            k.rotate(qkv[:, : hq + hkv], cos, torch.zeros_like(cos))
+            k.silu_mul(torch.zeros(rows, 2 * inter, dtype=dtype, device=device), inter)
+    torch.cuda.synchronize(device)
+    return time.monotonic() - t0
+
+
 class Kernels:
     def __init__(self, compiled: bool) -> None:
         import torch

@@ -30,6 +30,9 @@ log = logging.getLogger("neurond.worker")
 ABORT_DUMP_AFTER_S = 2.0
 # Past this the control thread stops waiting for the abort and says so (the leader's own deadline is shorter).
 ABORT_JOIN_S = 30.0
+# The most a load waits for the kernels' pre-warm thread (~3 s for an 8B rank on an H100); the load's own
+# deadline (the leader's) bounds the whole call anyway.
+PREWARM_JOIN_S = 120.0
 
 
 def _die_with_parent() -> None:
@@ -55,6 +58,7 @@ class Worker:
         self.shard = None
         self.runner = None
         self.guard = None
+        self._prewarm: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -81,7 +85,29 @@ class Worker:
         self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size,
                            tp_impl=self.spec.tp_impl, guard=self.guard)
         threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
+        if self.spec.torch_compile and self.device.type == "cuda":
+            self._prewarm = threading.Thread(target=self._prewarm_kernels, name=f"rank{self.rank}-prewarm",
+                                             daemon=True)
+            self._prewarm.start()
         self.step_conn.send(p.Started(self.rank, os.getpid(), str(self.device), self.backend))
+
+    def _prewarm_kernels(self) -> None:
+        """Side thread from the start: compile the decode kernels while the communicator forms and the shard
+        loads (decoder.prewarm). A failure only costs the time: the runner's warm-up compiles them then."""
+        try:
+            from transformers import AutoConfig
+
+            from neurond.worker import decoder
+            from neurond.worker.shard import requested_dtype
+            from neurond.worker.tp import checkpoint_dtype
+
+            self._on_device()
+            config = AutoConfig.from_pretrained(self.spec.model_dir)
+            dtype = checkpoint_dtype(config, requested_dtype(self.spec.dtype, self.device))
+            seconds = decoder.prewarm(config, self.spec.world_size, dtype, self.device)
+            log.info("rank %d: compiled kernels pre-warmed in %.2f s", self.rank, seconds)
+        except Exception as exc:  # noqa: BLE001 - an optimisation; the runner's warm-up is the fallback
+            log.warning("rank %d: pre-warming the compiled kernels failed: %s", self.rank, exc)
 
     # ------------------------------------------------------------------ control thread
     def _control_loop(self) -> None:
@@ -240,6 +266,8 @@ class Worker:
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
         info.update(self.runner.info())
+        if self._prewarm is not None:
+            self._prewarm.join(PREWARM_JOIN_S)  # its compiles are the runner's (shared wrappers): let it finish
         info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load), 3)
         # Where a (re)load's time goes: the largest part of replacing a rank after its weights (session 4).
         log.info("rank %d: shard loaded in %.2f s, warm-up (compiled kernels %s, graphs %s) %.2f s", self.rank,

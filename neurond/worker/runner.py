@@ -103,7 +103,7 @@ class ModelRunner:
         # neurond's own layer forward (decoder.py) where the model allows it; transformers' layers otherwise.
         why_not = decoder.supported(model) if own_layers else "own_layers=False"
         self.compiled_kernels = compile_kernels and not why_not
-        kernels = decoder.Kernels(compiled=self.compiled_kernels), decoder.Kernels(compiled=False)
+        kernels = decoder.kernels(compiled=self.compiled_kernels), decoder.kernels(compiled=False)
         self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, *kernels) for layer in self.layers]
         if why_not and own_layers:
             log.info("using transformers' decoder layers: %s", why_not)

@@ -30,7 +30,7 @@ def pick_backend(requested: str, device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _dtype(name: str, device):
+def requested_dtype(name: str, device):
     import torch
 
     if name == "auto":
@@ -63,10 +63,10 @@ class Shard:
         if self.tp_impl == "neurond":
             from neurond.worker.tp import load_shard
 
-            model = load_shard(self.model_dir, self.device, _dtype(self.dtype, self.device), self.rank,
+            model = load_shard(self.model_dir, self.device, requested_dtype(self.dtype, self.device), self.rank,
                                self.world_size, self.guard, progress)
         else:
-            kwargs: dict = {"dtype": _dtype(self.dtype, self.device)}
+            kwargs: dict = {"dtype": requested_dtype(self.dtype, self.device)}
             if self.world_size > 1:
                 # transformers binds each rank to the device LOCAL_RANK names.
                 os.environ["LOCAL_RANK"] = str(self.device.index or 0)

@@ -96,6 +96,16 @@ def _style(plan: dict[str, str], module_name: str) -> str | None:
     return None
 
 
+def checkpoint_dtype(config, dtype):
+    """`dtype`, or for "auto" the checkpoint's own (bf16 when its config names none)."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard: CollectiveGuard, progress=None):
     """This rank's shard of the checkpoint as a model. `progress(done_bytes, total_bytes, files_done, files_total)`,
     when given, is called on this thread at the start, as files finish (at most every PROGRESS_INTERVAL_S) and
@@ -107,9 +117,7 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = checkpoint_dtype(config, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefix = model.base_model_prefix

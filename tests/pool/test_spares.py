@@ -22,6 +22,16 @@ def _spares(d, timeout: float = 30) -> list[int]:
     raise TimeoutError(f"no spare worker started:\n{d.log()}")
 
 
+def _wait_imported(d, count: int, timeout: float = 90) -> None:
+    """Until `count` spares said their imports are done (p.Imported on the control pipe)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if d.admin.status()["spares_ready"] == count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"spares never reported their imports done:\n{d.log()}")
+
+
 def _replaced(d, rank_pid: int, timeout: float = 90) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -35,6 +45,7 @@ def _replaced(d, rank_pid: int, timeout: float = 90) -> dict:
 def test_a_replaced_rank_takes_the_spare(start_daemon, tmp_path):
     d = fault_daemon(start_daemon, tmp_path, 1, env={"NEUROND_SPARE_WORKERS": "1"})
     (spare,) = _spares(d)
+    _wait_imported(d, 1)
     rank = d.admin.status()["pids"]["0"]
     assert sorted(d.worker_pids()) == sorted([rank, spare])  # the spare is the daemon's child, not a rank
     incidents = d.admin.status()["incidents"]
