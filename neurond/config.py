@@ -102,7 +102,7 @@ class Config:
     step_deadline_floor_s: float = 4.0
     #: Never wait longer than this for one step, whatever the observed step times.
     step_deadline_ceiling_s: float = 60.0
-    #: Deadline = max(floor, factor x slowest recent step), capped by the ceiling.
+    #: Deadline = max(floor, factor x the expected time of the step), capped by the ceiling (engine/deadline.py).
     step_deadline_factor: float = 20.0
     #: Seconds the control threads get to abort their communicators before the ranks are killed.
     abort_timeout_s: float = 5.0
