@@ -45,6 +45,9 @@ class Config:
     device: str = "auto"
     #: Seconds a rank may take to start and load its shard before it counts as failed.
     load_timeout_s: float = 600.0
+    #: Seconds a loading rank may go without reporting progress (it reports as it reads its shard and as it
+    #: warms up) before it counts as wedged: a stuck load is found this soon, whatever load_timeout_s allows.
+    load_stall_timeout_s: float = 60.0
     # --- batching and the KV cache (allocated once per rank, at load) ---
     #: Sequences decoded together at most (KV cache slots); more requests wait in the queue.
     max_batch_size: int = 32
@@ -162,6 +165,8 @@ class Config:
             raise ConfigError("decode_steps_per_call must be >= 1")
         if self.max_request_faults < 1:
             raise ConfigError("max_request_faults must be >= 1")
+        if self.load_stall_timeout_s <= 0:
+            raise ConfigError("load_stall_timeout_s must be > 0")
         if self.spare_workers < 0:
             raise ConfigError("spare_workers must be >= 0")
         if self.max_concurrent_requests < 1:

@@ -26,6 +26,7 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
         "breaker_max_failures": 1000,
         "unloaded_exit_s": 0.0,
         "load_timeout_s": 20.0,
+        "load_stall_timeout_s": 8.0,
         **settings,
     }
     conf = tmp_path / "neurond.toml"

@@ -33,6 +33,8 @@ _SECONDARY = ("connection closed by peer", "connection reset by peer", "read err
 
 # How long a rank gets to write its stacks (SIGUSR1) before it is killed.
 STACK_DUMP_S = 0.1
+# How often a call watched for progress (a load) checks whether a rank stalled.
+STALL_POLL_S = 0.25
 
 
 def _is_secondary(failure: RankFailed) -> bool:
@@ -48,6 +50,8 @@ class _Call:
     replies: dict[int, object] = field(default_factory=dict)
     failures: dict[int, RankFailed] = field(default_factory=dict)
     settle: asyncio.TimerHandle | None = None
+    # When the call is watched for progress (a load): each rank's last LoadProgress (monotonic seconds).
+    progress_at: dict[int, float] | None = None
 
 
 class RankPool:
@@ -57,6 +61,7 @@ class RankPool:
         *,
         on_fault: Callable[[PoolFault], None] | None = None,
         load_timeout_s: float = 600.0,
+        load_stall_timeout_s: float = 60.0,
         comm_timeout_s: float = 30.0,
         spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
         on_spawn: Callable[[int, int | None], None] | None = None,
@@ -71,6 +76,7 @@ class RankPool:
         self.ranks: dict[int, RankProcess] = {}
         self.on_fault = on_fault
         self.load_timeout_s = load_timeout_s
+        self.load_stall_timeout_s = load_stall_timeout_s
         self.comm_timeout_s = comm_timeout_s
         self.spec_hook = spec_hook  # last word on a rank's spec at each spawn (arms load-phase faults)
         self._ids = itertools.count(1)
@@ -137,8 +143,12 @@ class RankPool:
         return comm_id
 
     async def load(self, ranks, timeout_s: float | None = None) -> None:
+        """Load the ranks' shards (and warm them up). Two deadlines: `timeout_s` (default the load deadline) for
+        the whole call, and `load_stall_timeout_s` between a rank's progress reports (it reports as it reads
+        and as it warms up), so a rank wedged in its load is found in a minute, not after a cold-disk bound."""
         timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
-        replies = await self.call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard")
+        replies = await self._call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard",
+                                   control=False, stall_s=self.load_stall_timeout_s)
         for rank, reply in replies.items():
             self.load_info[rank] = reply.info
 
@@ -154,12 +164,15 @@ class RankPool:
         """Like call(), on the control channel (answered even while a rank's compute thread is stuck)."""
         return await self._call(ranks, make, deadline_s, what, control=True)
 
-    async def _call(self, ranks, make, deadline_s, what, *, control: bool) -> dict[int, object]:
+    async def _call(self, ranks, make, deadline_s, what, *, control: bool,
+                    stall_s: float | None = None) -> dict[int, object]:
         if not ranks:
             return {}  # nothing to wait for (e.g. aborting the survivors of a TP=1 pool whose rank died)
         loop = asyncio.get_running_loop()
         call_id = next(self._ids)
         call = _Call(what, set(ranks), loop.create_future())
+        if stall_s is not None:
+            call.progress_at = {rank: time.monotonic() for rank in ranks}
         self._calls[call_id] = call
         cmd = make(call_id)
         try:
@@ -174,15 +187,35 @@ class RankPool:
                         await proc.send_step(cmd)
                 except (BrokenPipeError, OSError):
                     raise RankDied(rank, proc.exitcode) from None
-            try:
-                return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
-            except asyncio.TimeoutError:
-                missing = sorted(call.ranks - call.replies.keys())
-                raise StepTimeout(missing, deadline_s, what) from None
+            if stall_s is None:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
+                except asyncio.TimeoutError:
+                    missing = sorted(call.ranks - call.replies.keys())
+                    raise StepTimeout(missing, deadline_s, what) from None
+            return await self._watch_progress(call, deadline_s, stall_s)
         finally:
             self._calls.pop(call_id, None)
             if not call.future.done():
                 call.future.cancel()
+
+    @staticmethod
+    async def _watch_progress(call: _Call, deadline_s: float, stall_s: float) -> dict[int, object]:
+        """Wait for `call` within `deadline_s`, and fail it as soon as a rank that has not answered went
+        `stall_s` without a progress report."""
+        end = time.monotonic() + deadline_s
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise StepTimeout(sorted(call.ranks - call.replies.keys()), deadline_s, call.what)
+            try:
+                return await asyncio.wait_for(asyncio.shield(call.future), min(left, STALL_POLL_S))
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                stalled = sorted(r for r in call.ranks - call.replies.keys() - call.failures.keys()
+                                 if now - call.progress_at[r] > stall_s)
+                if stalled:
+                    raise StepTimeout(stalled, stall_s, f"{call.what} (no progress)") from None
 
     # ------------------------------------------------------------------ events from the processes
     def _on_reply(self, rank: int, reply) -> None:
@@ -195,6 +228,9 @@ class RankPool:
         if isinstance(reply, p.Imported):  # a fresh process's imports are done: its Started follows
             return
         if isinstance(reply, p.LoadProgress):  # answers no call
+            for call in self._calls.values():
+                if call.progress_at is not None and reply.rank in call.progress_at:
+                    call.progress_at[reply.rank] = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress(reply)
             return

@@ -58,6 +58,10 @@ def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
     return env
 
 
+def _milestone(progress: p.LoadProgress) -> tuple[int, bool]:
+    return progress.files_done, progress.done_bytes >= progress.total_bytes
+
+
 def _ms_since(t0: float) -> int:
     return round((time.monotonic() - t0) * 1000)
 
@@ -151,12 +155,18 @@ class Supervisor:
     def _new_pool(self) -> RankPool:
         self.load_progress = {}
         return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
+                        load_stall_timeout_s=self.config.load_stall_timeout_s,
                         comm_timeout_s=self.config.comm_timeout_s,
                         spec_hook=self._at_spawn, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
                         spares=self.spares)
 
     def _on_load_progress(self, progress: p.LoadProgress) -> None:
+        previous = self.load_progress.get(progress.rank)
         self.load_progress[progress.rank] = progress
+        # Journalled at its start, as files finish and at its end; the reports in between (bytes within a file,
+        # the warm-up's steps) only keep the load's stall deadline and the status current.
+        if previous is not None and progress.done_bytes > 0 and _milestone(previous) == _milestone(progress):
+            return
         self._emit(Event.LOAD_PROGRESS, incident=self._incident, rank=progress.rank, done_bytes=progress.done_bytes,
                    total_bytes=progress.total_bytes, files_done=progress.files_done, files_total=progress.files_total)
 

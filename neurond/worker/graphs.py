@@ -78,9 +78,10 @@ class DecodeGraphs:
         for graph in graphs:
             graph.reset()
 
-    def capture_all(self) -> None:
+    def capture_all(self, progress=lambda: None) -> None:
         for shape in sorted(self.shapes(), reverse=True):  # largest first: the pool fits the rest
             self._capture(*shape)
+            progress()
 
     def run(self, batch: int, kv_len: int):
         if self._released:

@@ -252,8 +252,19 @@ class Worker:
     def _load(self) -> dict:
         from neurond.worker.runner import ModelRunner
 
-        # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer.
-        report = lambda *counts: self.step_conn.send(p.LoadProgress(self.rank, *counts))  # noqa: E731
+        # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer. The leader
+        # takes a long silence as a stalled load (load_stall_timeout_s), so the warm-up after the read repeats
+        # the last counts as each of its steps (compiles, graph captures) completes.
+        last: list[tuple[int, int, int, int]] = []
+
+        def report(*counts) -> None:
+            last[:] = [counts]
+            self.step_conn.send(p.LoadProgress(self.rank, *counts))
+
+        def still_warming_up() -> None:
+            if last:
+                report(*last[0])
+
         t0 = time.monotonic()
         info = self.shard.load(progress=report)
         info["load_s"] = round(time.monotonic() - t0, 3)
@@ -268,7 +279,8 @@ class Worker:
         info.update(self.runner.info())
         if self._prewarm is not None:
             self._prewarm.join(PREWARM_JOIN_S)  # its compiles are the runner's (shared wrappers): let it finish
-        info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load), 3)
+        info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load,
+                                                            progress=still_warming_up), 3)
         # Where a (re)load's time goes: the largest part of replacing a rank after its weights (session 4).
         log.info("rank %d: shard loaded in %.2f s, warm-up (compiled kernels %s, graphs %s) %.2f s", self.rank,
                  info["load_s"], "on" if self.runner.compiled_kernels else "off",

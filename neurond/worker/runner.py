@@ -290,10 +290,10 @@ class ModelRunner:
         it took some)."""
         self.graphs.destroy(graphs, timeout_s)
 
-    def warm_up(self, capture_graphs: bool = True) -> float:
+    def warm_up(self, capture_graphs: bool = True, progress: Callable[[], None] = lambda: None) -> float:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
         and of two compile the kernels (the two shapes they are compiled for), then the decode graphs (unless
-        `capture_graphs` is false: each is then captured on its first use)."""
+        `capture_graphs` is false: each is then captured on its first use). `progress()` after each step."""
         from neurond.pool.protocol import PrefillChunk
 
         t0 = time.monotonic()
@@ -307,8 +307,9 @@ class ModelRunner:
                 self.decode(rows, eager=True)
             self.active.zero_()
             log.info("compiled kernels warmed up in %.2f s", time.monotonic() - t0)
+            progress()
         if self.graphs is not None and capture_graphs:
-            self.graphs.capture_all()
+            self.graphs.capture_all(progress)
         return time.monotonic() - t0
 
     def info(self) -> dict:

@@ -19,14 +19,19 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 log = logging.getLogger("neurond.worker")
 
 # A slow load reports at most this often (the leader turns reports into STATUS= and journal entries).
 PROGRESS_INTERVAL_S = 1.0
+# Bytes per element of safetensors' dtype names (progress counting only).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class CollectiveGuard:
@@ -108,10 +113,8 @@ def checkpoint_dtype(config, dtype):
 
 def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard: CollectiveGuard, progress=None):
     """This rank's shard of the checkpoint as a model. `progress(done_bytes, total_bytes, files_done, files_total)`,
-    when given, is called on this thread at the start, as files finish (at most every PROGRESS_INTERVAL_S) and
-    at the end."""
-    import time
-
+    when given, is called on this thread at the start, while bytes arrive (at most every PROGRESS_INTERVAL_S)
+    and at the end."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -139,36 +142,45 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    read = [0]  # checkpoint bytes covered so far: whole tensors, so every rank counts toward the file sizes
+    read_lock = threading.Lock()
+
     def load_file(file: Path) -> list[tuple[str, object]]:
         out = []
         with safe_open(str(file), framework="pt", device="cpu") as f:  # memory-mapped: slicing reads only it
             for key in f.keys():
-                if key not in wanted:
-                    continue
-                module_name, _, param_name = key.rpartition(".")
-                style = _style(plan, module_name) if world_size > 1 else None
-                tensor = _read(f.get_slice(key), style, param_name, rank, world_size)
-                out.append((key, tensor.to(device=device, dtype=dtype)))
+                slice_ = f.get_slice(key)
+                if key in wanted:
+                    module_name, _, param_name = key.rpartition(".")
+                    style = _style(plan, module_name) if world_size > 1 else None
+                    tensor = _read(slice_, style, param_name, rank, world_size)
+                    out.append((key, tensor.to(device=device, dtype=dtype)))
+                with read_lock:
+                    read[0] += math.prod(slice_.get_shape()) * _DTYPE_BYTES.get(slice_.get_dtype(), 2)
         return out
 
     sizes = [file.stat().st_size for file in files]
-    done_bytes, reported = 0, time.monotonic()
+    total, files_done, reported = sum(sizes), 0, (-1, -1)
     if progress is not None:
-        progress(0, sum(sizes), 0, len(files))
+        progress(0, total, 0, len(files))
     # One thread per file: page-cache reads and host-to-device copies release the GIL and overlap. (One
     # synchronous copy at a time from a device-side safe_open took 10.6 s for an 8B checkpoint on an H200,
-    # from a CPU-side one 7.4 s, where transformers' own loader takes 2.5-2.8 s.)
+    # from a CPU-side one 7.4 s, where transformers' own loader takes 2.5-2.8 s.) This thread reports every
+    # PROGRESS_INTERVAL_S while bytes arrive, and only then: the leader takes silence as a stalled load.
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        for index, results in enumerate(pool.map(load_file, files)):
-            done_bytes += sizes[index]
-            last = index + 1 == len(files)
-            if progress is not None and (last or time.monotonic() - reported >= PROGRESS_INTERVAL_S):
-                reported = time.monotonic()
-                progress(done_bytes, sum(sizes), index + 1, len(files))
-            for key, tensor in results:
-                module_name, _, param_name = key.rpartition(".")
-                modules[module_name]._parameters[param_name] = torch.nn.Parameter(tensor, requires_grad=False)
-                loaded.add(key)
+        pending = {pool.submit(load_file, file) for file in files}
+        while pending:
+            done, pending = wait(pending, timeout=PROGRESS_INTERVAL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                files_done += 1
+                for key, tensor in future.result():
+                    module_name, _, param_name = key.rpartition(".")
+                    modules[module_name]._parameters[param_name] = torch.nn.Parameter(tensor, requires_grad=False)
+                    loaded.add(key)
+            now = (total if not pending else min(read[0], total), files_done)
+            if progress is not None and now != reported:
+                reported = now
+                progress(now[0], total, files_done, len(files))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         loaded.update(name for name, p in model.named_parameters() if not p.is_meta)

@@ -32,6 +32,7 @@ DAEMON_SETTINGS = {
     "step_deadline_ceiling_s": 2.0,  # >10x the slowest step seen on this 2-core box with two ranks
     "resume_wait_s": 30.0,
     "load_timeout_s": 20.0,
+    "load_stall_timeout_s": 8.0,
 }
 
 # The leader may hold this many more descriptors after the soak than before it (both measured with the

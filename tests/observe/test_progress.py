@@ -74,7 +74,9 @@ def test_status_line_shows_progress_only_while_loading():
     assert len(sent) == 1
 
 
-def test_load_shard_reports_files_as_they_finish(tmp_path_factory, monkeypatch):
+def test_load_shard_reports_as_bytes_arrive_and_only_then(tmp_path_factory, monkeypatch):
+    """The leader takes a loading rank's silence as a stalled load (load_stall_timeout_s): reports come while
+    bytes arrive and as files finish, and never repeat themselves (a stuck read must look silent)."""
     from neurond.models.shaped import shaped_preset, write_shaped_checkpoint
     from neurond.worker import tp
 
@@ -90,8 +92,39 @@ def test_load_shard_reports_files_as_they_finish(tmp_path_factory, monkeypatch):
         tp.load_shard(str(model), "cpu", "auto", 0, 1, tp.CollectiveGuard(), lambda *c: calls.append(c))
         return calls
 
-    every = load(0.0)
-    assert every[0] == (0, total, 0, len(files)) and every[-1] == (total, total, len(files), len(files))
-    assert [c[2] for c in every] == list(range(len(files) + 1))  # one report per file, in order
-    assert [c[0] for c in every] == sorted(c[0] for c in every)
-    assert load(3600.0) == [every[0], every[-1]]  # rate-limited: the first and the last only
+    for interval in (0.0, 3600.0):
+        reports = load(interval)
+        assert reports[0] == (0, total, 0, len(files)) and reports[-1] == (total, total, len(files), len(files))
+        assert all(a != b for a, b in zip(reports, reports[1:])), "a report that repeats the last one"
+        assert [c[0] for c in reports] == sorted(c[0] for c in reports)
+        assert [c[2] for c in reports] == sorted(c[2] for c in reports)
+        assert all(c[0] <= total for c in reports)
+    # Without the interval's wake-ups a report comes only as files finish: at most one per file, plus the first.
+    assert len(load(3600.0)) <= len(files) + 1
+
+
+def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_report():
+    import asyncio
+
+    from neurond.config import Config
+    from neurond.observe.events import EventSink
+    from neurond.pool.supervisor import Supervisor
+
+    class Recorder(EventSink):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def event(self, name, **fields) -> None:
+            if name is Event.LOAD_PROGRESS:
+                self.seen.append((fields["done_bytes"], fields["files_done"]))
+
+    async def scenario() -> list[tuple[int, int]]:
+        sink = Recorder()
+        sup = Supervisor(Config(spare_workers=0), "/nonexistent", events=sink)
+        for counts in [(0, 2 * GIB, 0, 2), (GIB // 2, 2 * GIB, 0, 2), (GIB, 2 * GIB, 1, 2), (GIB + 1, 2 * GIB, 1, 2),
+                       (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2),
+                       (0, 2 * GIB, 0, 2)]:  # ... bytes within files, the warm-up's repeats, then a new load
+            sup._on_load_progress(LoadProgress(0, *counts))
+        return sink.seen
+
+    assert asyncio.run(scenario()) == [(0, 0), (GIB, 1), (2 * GIB, 2), (0, 0)]

@@ -113,4 +113,6 @@ def test_fault_during_reload_is_recovered_by_the_next_attempt(daemon, kind, rank
     assert events[:3] == ["fault", "abort", "repair"]
     assert events[3] == "fault"  # the load fault, during reloading
     assert events[-1] == "recovered"
+    if kind == "wedge":  # found by the load's stall deadline (8 s here), not its 20 s load deadline
+        assert "load shard (no progress) did not finish within 8.00s" in daemon.log()
 
