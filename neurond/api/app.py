@@ -26,6 +26,7 @@ from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
+from neurond.api import logprobs as logprobs_format
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
@@ -250,13 +251,19 @@ class API:
                 f"exceeds the context window of {ctx} tokens",
                 param="max_tokens", code="context_length_exceeded")
         max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
+        bias = parsed.bias()
+        vocab = self.model.vocab_size or len(self.model.tokenizer)
+        if bias and bias[-1][0] >= vocab:
+            raise APIError(400, f"logit_bias: token id {bias[-1][0]} is not in the vocabulary (ids 0 to {vocab - 1})",
+                           param="logit_bias", code="invalid_value")
         # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
         # load, so a request that fits the window fits in memory.
         req = GenerationRequest(
             request_id=f"{shape.id_prefix}-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=SamplingParams(parsed.temperature, parsed.top_p, parsed.seed),
+            sampling=SamplingParams(parsed.temperature, parsed.top_p, parsed.seed, parsed.presence_penalty,
+                                    parsed.frequency_penalty, bias, parsed.logprobs_count()),
             stop=parsed.stop or [],
             stop_token_ids=self.model.stop_token_ids,
         )
@@ -301,8 +308,15 @@ class API:
         return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)
 
     # ------------------------------------------------------------------ answering
+    def _logprobs(self, req: GenerationRequest, shape: "_Shape", entries, offset: int) -> dict | None:
+        """The choice's `logprobs` for these entries: null unless the request asked for them."""
+        if req.sampling.logprobs < 0:
+            return None
+        return shape.logprobs(entries, self.model.tokenizer, offset)
+
     async def _complete(self, req: GenerationRequest, shape: "_Shape", request: Request) -> Response:
         parts: list[str] = []
+        entries: list = []
         try:
             with _HangUpWatch(request, req):
                 while True:
@@ -311,13 +325,14 @@ class API:
                         return Response(status_code=499)  # nobody is left to read it
                     if isinstance(event, TextDelta):
                         parts.append(event.text)
+                        entries.extend(event.logprobs)
                     elif isinstance(event, Failed):
                         raise _api_error(event, req.request_id)
                     elif isinstance(event, Finished):
+                        logprobs = self._logprobs(req, shape, entries, len(shape.prefix))
+                        choice = shape.choice(shape.prefix + "".join(parts), event.reason.value, logprobs)
                         body = {"id": req.request_id, "object": shape.object, "created": int(time.time()),
-                                "model": self.model.name,
-                                "choices": [shape.choice(shape.prefix + "".join(parts), event.reason.value)],
-                                "usage": _usage(event)}
+                                "model": self.model.name, "choices": [choice], "usage": _usage(event)}
                         return _json(body, headers={REQUEST_ID_HEADER: req.request_id})
         except asyncio.CancelledError:
             req.cancelled = True
@@ -343,18 +358,21 @@ class API:
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
         async def events():
+            offset = len(shape.prefix)  # where the next delta's text starts in the whole answer's text
             try:
                 if shape.opening is not None:
                     yield chunk(shape.opening)
                 event = first
                 while True:
                     if isinstance(event, TextDelta):
-                        yield chunk(shape.delta(event.text, None))
+                        logprobs = self._logprobs(req, shape, event.logprobs, offset) if event.logprobs else None
+                        yield chunk(shape.delta(event.text, None, logprobs))
+                        offset += len(event.text)
                     elif isinstance(event, Failed):
                         yield b"data: " + orjson.dumps(_api_error(event, req.request_id).body()) + b"\n\n"
                         return
                     elif isinstance(event, Finished):
-                        yield chunk(shape.delta(None, event.reason.value))
+                        yield chunk(shape.delta(None, event.reason.value, None))
                         if include_usage:
                             yield chunk(None, usage=_usage(event))
                         yield b"data: [DONE]\n\n"
@@ -375,30 +393,33 @@ class _Shape:
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable[[str, str], dict]  # (text, finish_reason) -> the choice of a whole answer
-    delta: Callable[[str | None, str | None], dict]  # (text or None, finish_reason) -> a streamed choice
+    choice: Callable[[str, str, dict | None], dict]  # (text, finish_reason, logprobs) -> a whole answer's choice
+    delta: Callable[[str | None, str | None, dict | None], dict]  # (text or None, finish_reason, logprobs)
+    logprobs: Callable[..., dict]  # (entries, tokenizer, text offset) -> the choice's `logprobs`
     opening: dict | None = None  # the choice of a stream's first chunk, if it has one of its own
     prefix: str = ""  # text put before the generated text (echo)
 
 
 CHAT = _Shape(
     "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                 "finish_reason": finish},
-    delta=lambda text, finish: {"index": 0, "delta": {"content": text} if text is not None else {},
-                                "logprobs": None, "finish_reason": finish},
+    choice=lambda text, finish, lp: {"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": lp, "finish_reason": finish},
+    delta=lambda text, finish, lp: {"index": 0, "delta": {"content": text} if text is not None else {},
+                                    "logprobs": lp, "finish_reason": finish},
+    logprobs=lambda entries, tokenizer, _offset: logprobs_format.chat(entries, tokenizer),
     opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
 )
 
 
-def _text_choice(text: str | None, finish: str | None) -> dict:
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+def _text_choice(text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
 
 def _completion_shape(echo: str) -> _Shape:
     """`text_completion` objects; with `echo`, the prompt's text comes first (a stream's first chunk)."""
     return _Shape("cmpl", "text_completion", "text_completion", choice=_text_choice, delta=_text_choice,
-                  opening=_text_choice(echo, None) if echo else None, prefix=echo)
+                  logprobs=logprobs_format.completion, opening=_text_choice(echo, None) if echo else None,
+                  prefix=echo)
 
 
 def _usage(fin: Finished) -> dict:

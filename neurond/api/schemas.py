@@ -12,6 +12,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from neurond.pool.protocol import MAX_TOP_LOGPROBS
+
+#: logit_bias: at most this many tokens, each biased by at most this much (OpenAI's range).
+MAX_LOGIT_BIAS_TOKENS = 1024
+LOGIT_BIAS_RANGE = 100.0
+
 
 def unsupported(message: str) -> PydanticCustomError:
     """A validation error the API answers as 400 `unsupported_parameter` with exactly `message`."""
@@ -76,36 +82,59 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=512)
-    # Accepted at their no-op values only.
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
         return _stop_list(value)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        if not value:
+            return None
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens may be biased")
+        for key, bias in value.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 10:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), not {key!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {key} is {bias}: it must lie in [-100, 100]")
+        return value
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs, ids ascending (the ids are checked against the vocabulary by
+        the app, which knows it)."""
+        return tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[Message] = Field(min_length=1, max_length=4096)
     max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     logprobs: bool = Field(default=False)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
 
     @model_validator(mode="after")
     def _messages_have_content(self):
         if all(not m.text().strip() for m in self.messages):
             raise ValueError("messages contain no text")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs = true")
+        return self
+
+    def logprobs_count(self) -> int:
+        """SamplingParams.logprobs: -1 none, else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -125,7 +154,11 @@ class CompletionRequest(_GenerationRequest):
     # Refused with a clear message unless at their no-op value.
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_count(self) -> int:
+        """SamplingParams.logprobs: -1 none, else how many alternatives per token."""
+        return -1 if self.logprobs is None else self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -154,13 +187,6 @@ class CompletionRequest(_GenerationRequest):
     def _no_suffix(cls, value):
         if value:
             raise unsupported("suffix is not supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value is not None:
-            raise unsupported("logprobs are not supported")
         return value
 
     @field_validator("best_of", mode="before")

@@ -18,9 +18,21 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
 
 
+@dataclass(frozen=True, slots=True)
+class LogprobEntry:
+    """A generated token with its log-probability and its likeliest alternatives ((token id, logprob), best
+    first), as the request asked (`SamplingParams.logprobs`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class TextDelta:
     text: str
+    #: The log-probabilities of the tokens this text completes (empty unless the request asked for them).
+    logprobs: tuple[LogprobEntry, ...] = ()
 
 
 @dataclass(slots=True)
@@ -65,6 +77,8 @@ class GenerationRequest:
     slot: int | None = None
     prefilled: int = 0  # tokens of `context` already in the slot's cache
     decoding: bool = False
+    #: Log-probabilities of generated tokens whose text the detokeniser still holds back.
+    pending_logprobs: list[LogprobEntry] = field(default_factory=list)
 
     @property
     def context(self) -> list[int]:

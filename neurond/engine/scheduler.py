@@ -28,7 +28,7 @@ import time
 
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
-from neurond.engine.request import Failed, FinishReason, Finished, GenerationRequest, TextDelta
+from neurond.engine.request import Failed, FinishReason, Finished, GenerationRequest, LogprobEntry, TextDelta
 from neurond.observe.events import Event, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankFailed
@@ -176,8 +176,9 @@ class Engine:
             context = req.context
             start = req.prefilled
             last = start + n == len(context)
+            history = tuple(req.generated) if last and req.sampling.penalized else ()
             chunks.append(p.PrefillChunk(req.slot, tuple(context[start : start + n]), start, last, req.sampling,
-                                         len(req.generated)))
+                                         len(req.generated), history))
         tokens = sum(n for _, n in batch)
         t0 = time.monotonic()
         replies = await self.supervisor.call(
@@ -187,11 +188,12 @@ class Engine:
         self.deadline.observe_prefill(took, tokens)
         if self.metrics is not None:
             self.metrics.step("prefill", took)
-        for (req, n), chunk, token in zip(batch, chunks, replies[0].tokens):
+        logprobs = replies[0].logprobs or (None,) * len(chunks)
+        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs):
             req.prefilled = chunk.start + n
             if chunk.last:
                 req.decoding = True
-                self._accept(req, token)
+                self._accept(req, token, logprob)
 
     async def _decode(self, batch: list[GenerationRequest]) -> None:
         """Decode steps for `batch`: several per call while nobody waits for a prefill (the round trip to the
@@ -213,13 +215,15 @@ class Engine:
             for _ in range(steps):
                 self.metrics.step("decode", took)
         tokens = replies[0].tokens
+        logprobs = replies[0].logprobs or (None,) * len(tokens)
         for step in range(steps):
             for i, req in enumerate(batch):
                 if req.slot is not None:  # not finished earlier in this call (a finished request has none)
-                    self._accept(req, tokens[step * len(batch) + i])
+                    self._accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
 
-    def _accept(self, req: GenerationRequest, token: int) -> None:
-        """A token drawn for `req`: stream it, and finish the request if it is done."""
+    def _accept(self, req: GenerationRequest, token: int, logprob: p.TokenLogprob | None = None) -> None:
+        """A token drawn for `req`: stream it (with its log-probabilities, if asked for), and finish the request
+        if it is done."""
         if req.cancelled:
             self._cancel(req)
             return
@@ -227,9 +231,11 @@ class Engine:
             self._finish(req, FinishReason.STOP)
             return
         req.generated.append(token)
+        if logprob is not None:
+            req.pending_logprobs.append(LogprobEntry(token, logprob.logprob, logprob.top))
         text = req.detok.add(token)
         if text:
-            req.emit(TextDelta(text))
+            req.emit(TextDelta(text, self._take_logprobs(req)))
         if req.detok.stopped:
             self._finish(req, FinishReason.STOP)
         elif len(req.generated) >= req.max_tokens:
@@ -238,10 +244,16 @@ class Engine:
     def _finish(self, req: GenerationRequest, reason: FinishReason) -> None:
         self._release(req)
         tail = req.detok.flush()
-        if tail:
-            req.emit(TextDelta(tail))
+        if tail or req.pending_logprobs:
+            req.emit(TextDelta(tail, self._take_logprobs(req)))
         self._outcome("completed", len(req.generated))
         req.emit(Finished(reason, len(req.prompt_ids), len(req.generated)))
+
+    @staticmethod
+    def _take_logprobs(req: GenerationRequest) -> tuple[LogprobEntry, ...]:
+        taken = tuple(req.pending_logprobs)
+        req.pending_logprobs.clear()
+        return taken
 
     def _release(self, req: GenerationRequest) -> None:
         if req in self._running:

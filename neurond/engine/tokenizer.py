@@ -82,6 +82,45 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (what the API's logprobs report as `bytes`): a byte-level BPE piece
+        mapped back through GPT-2's byte alphabet, a byte-fallback piece (`<0x0A>`), or else its decoded text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if type(self._tok.decoder).__name__ == "ByteLevel":
+            decoded = [_BYTE_OF.get(ch) for ch in piece]
+            if None not in decoded:
+                return bytes(decoded)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (an incomplete UTF-8 sequence shows as U+FFFD, as OpenAI's `token` does)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the others are
+    shifted to code points from 256 on (the `bytes_to_unicode` table every byte-level tokenizer uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + shifted)] = byte
+            shifted += 1
+    return table
+
+
+_BYTE_OF = _gpt2_byte_alphabet()
+
 
 def _compile(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment

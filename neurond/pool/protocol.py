@@ -29,15 +29,53 @@ class FaultKind(str, enum.Enum):
 # ---------------------------------------------------------------- step channel: commands
 
 
+# A request's temperature below this samples greedily (found by schemathesis: temperature=1e-300 made the
+# softmax NaN and the step fail).
+MIN_TEMPERATURE = 1e-4
+
+
+# The most alternatives per token a request may ask log-probabilities of (OpenAI's top_logprobs bound).
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
+    """How a sequence's next tokens are drawn. Applied to the model's logits in this order: `logit_bias` is
+    added, the penalties subtract `presence_penalty` once and `frequency_penalty` per occurrence for each token
+    the sequence has generated so far, then the token is drawn (greedily, or with temperature and top_p).
+    `logprobs`: -1 none; k >= 0 the drawn token's log-probability and the k likeliest alternatives', from the
+    model's own distribution (before bias, penalties, temperature and top_p)."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None  # the leader gives every sampled request one, so replays and ranks agree
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids sorted
+    logprobs: int = -1
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens generated so far matter to the next draw."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply or report: the argmax a decode graph computes is the answer."""
+        return self.temperature < MIN_TEMPERATURE and not self.penalized and not self.logit_bias \
+            and self.logprobs < 0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A drawn token's log-probability and its likeliest alternatives (token id, log-probability), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +113,9 @@ class PrefillChunk:
     last: bool
     sampling: SamplingParams
     drawn: int = 0
+    #: On a last chunk of a sequence with penalties: the tokens it generated before (a replay continues with
+    #: the same counts).
+    history: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +208,8 @@ class Done:
     tokens: tuple[int, ...] = ()
     duration_s: float = 0.0
     info: dict = field(default_factory=dict)
+    #: One entry per token in `tokens`: its TokenLogprob where the sequence asked for them, else None.
+    logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

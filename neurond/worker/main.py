@@ -228,7 +228,12 @@ class Worker:
         if isinstance(result, p.StoreOpened):
             return result
         tokens, info = result
-        return p.Done(cmd.call_id, self.rank, tuple(tokens) if self.rank == 0 else (), duration, info)
+        if self.rank != 0:  # every rank draws the same tokens; rank 0 reports them
+            return p.Done(cmd.call_id, self.rank, (), duration, info)
+        logprobs = ()
+        if isinstance(cmd, (p.Prefill, p.Decode)) and any(e is not None for e in self.runner.last_logprobs):
+            logprobs = tuple(self.runner.last_logprobs)
+        return p.Done(cmd.call_id, self.rank, tuple(tokens), duration, info, logprobs)
 
     def _dispatch(self, cmd):
         if isinstance(cmd, p.Decode):

@@ -18,10 +18,10 @@ import logging
 import time
 from typing import Callable
 
-from neurond.pool.protocol import SamplingParams
+from neurond.pool.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.kv_cache import SlotKVCache
-from neurond.worker.sampler import MIN_TEMPERATURE, sample
+from neurond.worker.sampler import adjust, logprobs_of, sample
 
 log = logging.getLogger("neurond.worker")
 
@@ -96,6 +96,11 @@ class ModelRunner:
         self.sampling: list[SamplingParams] = [SamplingParams()] * slots
         self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
+        # [slots, vocab] int32: how often each slot's sequence generated each token (penalties), made on first use
+        self._counts = None
+        #: The last prefill's or decode's log-probabilities, one entry per token it returned (None where the
+        #: sequence asked for none).
+        self.last_logprobs: list[TokenLogprob | None] = []
         self._mid_forward = mid_forward
         self._mid_layer = len(self.layers) // 2 if mid_forward is not None and len(self.layers) > 1 else -1
         self._eager_only = eager_only
@@ -205,15 +210,20 @@ class ModelRunner:
             logits = self.forward(ids, positions, mask, last_index)
             done = [r for r, c in enumerate(chunks) if c.last]
             out = [-1] * rows
+            self.last_logprobs = [None] * rows
             if done:
                 finished = [chunks[r] for r in done]
                 for c in finished:
                     self.sampling[c.slot] = c.sampling
                     self.drawn[c.slot] = c.drawn
+                    self._start_counts(c, logits.shape[-1])
                 index = torch.tensor([c.slot for c in finished], device=self.device)
                 picked = logits.index_select(0, torch.tensor(done, device=self.device))
                 slots_done = [c.slot for c in finished]
-                tokens = self._sample(picked, slots_done, index).tolist()  # the step's one host sync
+                drawn, lp = self._sample(picked, slots_done, index)
+                tokens = drawn.tolist()  # the step's one host sync
+                for r, entry in zip(done, self._logprob_entries(slots_done, lp)):
+                    self.last_logprobs[r] = entry
                 for slot in slots_done:
                     self.drawn[slot] += 1
                 ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
@@ -236,7 +246,8 @@ class ModelRunner:
         if not slots:
             return []
         batch = batch_bucket(max(slots) + 1, self.slots)
-        sampled = [s for s in slots if self.sampling[s].temperature >= MIN_TEMPERATURE]
+        # Rows with anything to apply or report are drawn outside the graph, from its logits.
+        sampled = [s for s in slots if not self.sampling[s].plain_greedy]
         graphs = None if eager or self._eager_only() else self.graphs
         # At TP>1 the whole call waits on peers: replays and collectives are queued, and `tolist` waits for them.
         with torch.inference_mode(), self.guard.region(self.world_size > 1):
@@ -245,6 +256,7 @@ class ModelRunner:
             self.active.copy_(self._active_host, non_blocking=True)
             index = torch.tensor(sampled, device=self.device) if sampled else None
             out = torch.empty(steps, batch, dtype=torch.long, device=self.device)
+            step_logprobs = []  # per step: what logprobs_of returned for the sampled rows, or None
             pace = self._pace
             for step in range(steps):
                 if pace is not None and step >= len(pace):
@@ -256,21 +268,59 @@ class ModelRunner:
                     logits, tokens = self.decode_forward(batch, kv_len)
                 out[step].copy_(tokens)  # a graph's outputs are overwritten by its next replay
                 if sampled:
-                    out[step].index_copy_(0, index, self._sample(logits.index_select(0, index), sampled, index))
+                    drawn, lp = self._sample(logits.index_select(0, index), sampled, index)
+                    out[step].index_copy_(0, index, drawn)
+                    step_logprobs.append(lp)
                 if pace is not None:
                     pace[step % len(pace)].record()
                 for s in slots:
                     self.drawn[s] += 1
                     self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
             every = out.tolist()  # the call's one host sync
+            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp))) for lp in step_logprobs] \
+                if any(lp is not None for lp in step_logprobs) else []
+        self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
         return [row[s] for row in every for s in slots]
 
     def _sample(self, logits, slots: list[int], index):
         """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
-        slot's next input. Returns the tokens on the device."""
-        tokens = sample(logits, [self.sampling[s] for s in slots], [self.drawn[s] for s in slots])
+        slot's next input. Returns the tokens on the device, and what `logprobs_of` gives for them where a
+        row asked for log-probabilities (else None)."""
+        import torch
+
+        params = [self.sampling[s] for s in slots]
+        counts = self._counts.index_select(0, index) if any(sp.penalized for sp in params) else None
+        tokens = sample(adjust(logits, params, counts), params, [self.drawn[s] for s in slots])
         self.next_tok.index_copy_(0, index, tokens)
-        return tokens
+        if self._counts is not None:
+            self._counts.index_put_((index, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        top = max(sp.logprobs for sp in params)
+        return tokens, (logprobs_of(logits, tokens, top) if top >= 0 else None)
+
+    def _start_counts(self, chunk, vocab: int) -> None:
+        """A sequence's last prefill chunk: its slot's token counts start from what it generated before (a
+        replay), or from nothing."""
+        import torch
+
+        if self._counts is None and not chunk.sampling.penalized:
+            return
+        if self._counts is None:
+            self._counts = torch.zeros(self.slots, vocab, dtype=torch.int32, device=self.device)
+        self._counts[chunk.slot].zero_()
+        if chunk.history:
+            ids = torch.tensor(chunk.history, device=self.device)
+            self._counts[chunk.slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def _logprob_entries(self, slots: list[int], lp) -> list[TokenLogprob | None]:
+        """`logprobs_of`'s tensors for rows `slots` as one entry per row (host values; after the call's sync)."""
+        if lp is None:
+            return [None] * len(slots)
+        chosen, ids, values = (t.tolist() for t in lp)
+        out: list[TokenLogprob | None] = []
+        for i, s in enumerate(slots):
+            k = self.sampling[s].logprobs
+            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k]))))
+        return out
 
     def reset(self) -> None:
         """After the communicator changed (its graphs hold the old one) or a failed step: nothing in flight."""

@@ -8,11 +8,7 @@ with u uniform from a splitmix64 hash, all rows at once.
 
 from __future__ import annotations
 
-from neurond.pool.protocol import SamplingParams
-
-# A request's temperature below this samples greedily (found by schemathesis: temperature=1e-300 made the
-# softmax NaN and the step fail).
-MIN_TEMPERATURE = 1e-4
+from neurond.pool.protocol import MIN_TEMPERATURE, SamplingParams  # noqa: F401 - MIN_TEMPERATURE re-exported
 
 _MASK63 = (1 << 63) - 1
 
@@ -29,9 +25,51 @@ def _hash(x):
     return x & _MASK63
 
 
+def adjust(logits, params: list[SamplingParams], counts=None):
+    """logits [N, V] float32 with each row's logit_bias added and penalties applied (counts [N, V]: how often
+    the row's sequence generated each token so far; needed only when a row has penalties). A new tensor where
+    anything changes, `logits` itself where nothing does."""
+    import torch
+
+    biased = [i for i, sp in enumerate(params) if sp.logit_bias]
+    penalized = [i for i, sp in enumerate(params) if sp.penalized]
+    if not biased and not penalized:
+        return logits
+    out = logits.clone()
+    device = logits.device
+    if biased:
+        rows = torch.tensor([i for i in biased for _ in params[i].logit_bias], device=device)
+        ids = torch.tensor([t for i in biased for t, _ in params[i].logit_bias], device=device)
+        values = torch.tensor([b for i in biased for _, b in params[i].logit_bias], dtype=out.dtype, device=device)
+        out.index_put_((rows, ids), values, accumulate=True)
+    if penalized:
+        pick = torch.tensor(penalized, device=device)
+        seen = counts.index_select(0, pick).to(out.dtype)
+        presence = torch.tensor([params[i].presence_penalty for i in penalized], dtype=out.dtype, device=device)
+        frequency = torch.tensor([params[i].frequency_penalty for i in penalized], dtype=out.dtype, device=device)
+        penalty = presence[:, None] * (seen > 0).to(out.dtype) + frequency[:, None] * seen
+        out.index_copy_(0, pick, out.index_select(0, pick) - penalty)
+    return out
+
+
+def logprobs_of(logits, tokens, top: int):
+    """The model's log-probabilities (logits [N, V] before any adjustment) of the drawn `tokens` [N], and of
+    each row's `top` likeliest tokens: (chosen [N], top ids [N, top], top log-probabilities [N, top])."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens.view(-1, 1)).view(-1)
+    if top <= 0:
+        empty = torch.empty(logits.shape[0], 0, device=logits.device)
+        return chosen, empty.long(), empty
+    values, ids = torch.topk(logp, top, dim=-1)
+    return chosen, ids, values
+
+
 def sample(logits, params: list[SamplingParams], indices: list[int]):
-    """logits [N, V] float32 on the device; params[i] and indices[i] (tokens the row's sequence has drawn
-    before) per row. Returns the chosen token ids as an int64 tensor [N] on the device (no host sync)."""
+    """logits [N, V] float32 on the device (adjusted: `adjust`); params[i] and indices[i] (tokens the row's
+    sequence has drawn before) per row. Returns the chosen token ids as an int64 tensor [N] on the device (no
+    host sync)."""
     import torch
 
     tokens = torch.argmax(logits, dim=-1)

@@ -118,11 +118,10 @@ def test_suffix_is_refused_clearly(client):
 @pytest.mark.parametrize("kw,param,words", [
     (dict(n=2), "n", "n > 1"),
     (dict(best_of=3), "best_of", "best_of"),
-    (dict(logprobs=2), "logprobs", "logprobs"),
     (dict(prompt=["one", "two"]), "prompt", "one prompt per request"),
     (dict(prompt=[[1, 2], [3, 4]]), "prompt", "one prompt per request"),
     (dict(extra_body={"frobnicate": 1}), "frobnicate", "unrecognized request argument"),
-], ids=["n", "best_of", "logprobs", "batch of strings", "batch of token lists", "unknown field"])
+], ids=["n", "best_of", "batch of strings", "batch of token lists", "unknown field"])
 def test_unsupported_options_are_400(client, kw, param, words):
     err = _bad(client, **kw)
     assert err.body["code"] == "unsupported_parameter" and err.body["param"] == param, err.body
@@ -178,13 +177,18 @@ def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path,
 
     d = fault_daemon(start_daemon, tmp_path, 2)
     client = openai.OpenAI(base_url=d.url("/v1"), api_key="x", max_retries=0)
+    # Penalties, a bias and logprobs too: a replay rebuilds the penalty counts from the tokens so far.
     kw = dict(model=MODEL, prompt=tokenizer.encode_prompt("Replay me"), max_tokens=48, temperature=1.0, seed=99,
-              echo=True)
+              echo=True, presence_penalty=0.8, frequency_penalty=0.6, logit_bias={"300": 1.5}, logprobs=2)
     clean = client.completions.create(**kw)
+    assert len(clean.choices[0].logprobs.tokens) == clean.usage.completion_tokens
     replayed_before = d.admin.status()["requests"].get("replayed", 0)
     assert d.admin.inject(1, "sigkill", "decode").status_code == 200
     faulted = client.completions.create(**kw)
     assert faulted.choices[0].text == clean.choices[0].text and faulted.usage == clean.usage
+    assert faulted.choices[0].logprobs.tokens == clean.choices[0].logprobs.tokens
+    assert faulted.choices[0].logprobs.token_logprobs == pytest.approx(clean.choices[0].logprobs.token_logprobs,
+                                                                       abs=1e-3)
     wait_ready(d)
     assert d.admin.inject(0, "sigkill", "decode").status_code == 200
     text, _, usage = _stream(client, **{k: v for k, v in kw.items() if k != "model"})

@@ -36,7 +36,7 @@ CASES = [
     ("temperature too high", chat_body(temperature=7), 400, None, "temperature"),
     ("top_p zero", chat_body(top_p=0), 400, None, "top_p"),
     ("too many stops", chat_body(stop=["a", "b", "c", "d", "e"]), 400, None, "stop"),
-    ("logprobs", chat_body(logprobs=True), 400, None, "logprobs"),
+    ("top_logprobs over 20", chat_body(logprobs=True, top_logprobs=21), 400, None, "top_logprobs"),
     ("over the context", chat_body(max_tokens=100_000), 400, "context_length_exceeded", "max_tokens"),
     ("prompt alone over the context", chat_body("word " * 5000), 400, "context_length_exceeded", "messages"),
 ]
