@@ -197,9 +197,6 @@ class API:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_request")
-        if isinstance(data.get("n"), int) and not isinstance(data.get("n"), bool) and data["n"] > 1:
-            raise APIError(400, "n > 1 is not supported: ask for one choice per request", param="n",
-                           code="unsupported_parameter")
         try:
             parsed = schema.model_validate(data)
         except ValidationError as exc:
@@ -258,27 +255,36 @@ class API:
                            param="logit_bias", code="invalid_value")
         # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
         # load, so a request that fits the window fits in memory.
-        req = GenerationRequest(
-            request_id=f"{shape.id_prefix}-{uuid.uuid4().hex}",
+        request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
+        members = [GenerationRequest(
+            request_id=request_id if parsed.n == 1 else f"{request_id}-{i}",
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampling=SamplingParams(parsed.temperature, parsed.top_p, parsed.seed, parsed.presence_penalty,
-                                    parsed.frequency_penalty, bias, parsed.logprobs_count()),
+            # Choice i draws with seed + i: the same request gives the same n answers.
+            sampling=SamplingParams(parsed.temperature, parsed.top_p,
+                                    None if parsed.seed is None else (parsed.seed + i) % 2**64,
+                                    parsed.presence_penalty, parsed.frequency_penalty, bias,
+                                    parsed.logprobs_count()),
             stop=parsed.stop or [],
             stop_token_ids=self.model.stop_token_ids,
-        )
+        ) for i in range(parsed.n)]
         try:
-            self.engine.submit(req)
+            self.engine.submit_all(members)
         except PoolUnavailable as exc:
             raise APIError(503, f"the model is not ready: {exc.message}", code="model_unavailable",
                            retry_after_s=RETRY_AFTER_S) from None
         except EngineBusy as exc:
             raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
                            retry_after_s=RETRY_AFTER_S) from None
-        if parsed.stream:
-            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return await self._stream(req, shape, include_usage, request)
-        return await self._complete(req, shape, request)
+        choices = _Choices(request_id, members)
+        try:
+            if parsed.stream:
+                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                return await self._stream(choices, shape, include_usage, request)
+            return await self._complete(choices, shape, request)
+        except BaseException:
+            choices.close(cancel=True)
+            raise
 
     # ------------------------------------------------------------------ chat completions
     async def chat_completions(self, request: Request) -> Response:
@@ -308,82 +314,128 @@ class API:
         return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)
 
     # ------------------------------------------------------------------ answering
-    def _logprobs(self, req: GenerationRequest, shape: "_Shape", entries, offset: int) -> dict | None:
-        """The choice's `logprobs` for these entries: null unless the request asked for them."""
-        if req.sampling.logprobs < 0:
+    def _logprobs(self, choices: "_Choices", shape: "_Shape", entries, offset: int) -> dict | None:
+        """A choice's `logprobs` for these entries: null unless the request asked for them."""
+        if choices.members[0].sampling.logprobs < 0:
             return None
         return shape.logprobs(entries, self.model.tokenizer, offset)
 
-    async def _complete(self, req: GenerationRequest, shape: "_Shape", request: Request) -> Response:
-        parts: list[str] = []
-        entries: list = []
-        try:
-            with _HangUpWatch(request, req):
-                while True:
-                    event = await req.events.get()
-                    if event is _HUNG_UP:
-                        return Response(status_code=499)  # nobody is left to read it
-                    if isinstance(event, TextDelta):
-                        parts.append(event.text)
-                        entries.extend(event.logprobs)
-                    elif isinstance(event, Failed):
-                        raise _api_error(event, req.request_id)
-                    elif isinstance(event, Finished):
-                        logprobs = self._logprobs(req, shape, entries, len(shape.prefix))
-                        choice = shape.choice(shape.prefix + "".join(parts), event.reason.value, logprobs)
-                        body = {"id": req.request_id, "object": shape.object, "created": int(time.time()),
-                                "model": self.model.name, "choices": [choice], "usage": _usage(event)}
-                        return _json(body, headers={REQUEST_ID_HEADER: req.request_id})
-        except asyncio.CancelledError:
-            req.cancelled = True
-            raise
+    async def _complete(self, choices: "_Choices", shape: "_Shape", request: Request) -> Response:
+        n = len(choices.members)
+        parts: list[list[str]] = [[] for _ in range(n)]
+        entries: list[list] = [[] for _ in range(n)]
+        finished: dict[int, Finished] = {}
+        with _HangUpWatch(request, choices):
+            while len(finished) < n:
+                index, event = await choices.next()
+                if event is _HUNG_UP:
+                    return Response(status_code=499)  # nobody is left to read it
+                if isinstance(event, TextDelta):
+                    parts[index].append(event.text)
+                    entries[index].extend(event.logprobs)
+                elif isinstance(event, Failed):
+                    raise _api_error(event, choices.request_id)
+                elif isinstance(event, Finished):
+                    finished[index] = event
+        body = {"id": choices.request_id, "object": shape.object, "created": int(time.time()),
+                "model": self.model.name,
+                "choices": [_at(i, shape.choice(shape.prefix + "".join(parts[i]), finished[i].reason.value,
+                                                self._logprobs(choices, shape, entries[i], len(shape.prefix))))
+                            for i in range(n)],
+                "usage": _usage(list(finished.values()))}
+        return _json(body, headers={REQUEST_ID_HEADER: choices.request_id})
 
-    async def _stream(self, req: GenerationRequest, shape: "_Shape", include_usage: bool,
+    async def _stream(self, choices: "_Choices", shape: "_Shape", include_usage: bool,
                       request: Request) -> Response:
         # Wait for the first event so that a request failing before its first token gets a real status code.
         # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
-        with _HangUpWatch(request, req):
-            first = await req.events.get()
-        if first is _HUNG_UP:
+        with _HangUpWatch(request, choices):
+            first = await choices.next()
+        if first[1] is _HUNG_UP:
             return Response(status_code=499)
-        if isinstance(first, Failed):
-            raise _api_error(first, req.request_id)
+        if isinstance(first[1], Failed):
+            raise _api_error(first[1], choices.request_id)
         created = int(time.time())
+        n = len(choices.members)
 
         def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
-            body = {"id": req.request_id, "object": shape.chunk_object, "created": created,
+            body = {"id": choices.request_id, "object": shape.chunk_object, "created": created,
                     "model": self.model.name, "choices": [choice] if choice is not None else []}
             if include_usage:
                 body["usage"] = usage
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
         async def events():
-            offset = len(shape.prefix)  # where the next delta's text starts in the whole answer's text
+            offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
+            finished: dict[int, Finished] = {}
             try:
                 if shape.opening is not None:
-                    yield chunk(shape.opening)
-                event = first
+                    for i in range(n):
+                        yield chunk(_at(i, dict(shape.opening)))
+                index, event = first
                 while True:
                     if isinstance(event, TextDelta):
-                        logprobs = self._logprobs(req, shape, event.logprobs, offset) if event.logprobs else None
-                        yield chunk(shape.delta(event.text, None, logprobs))
-                        offset += len(event.text)
+                        logprobs = self._logprobs(choices, shape, event.logprobs, offsets[index]) \
+                            if event.logprobs else None
+                        yield chunk(_at(index, shape.delta(event.text, None, logprobs)))
+                        offsets[index] += len(event.text)
                     elif isinstance(event, Failed):
-                        yield b"data: " + orjson.dumps(_api_error(event, req.request_id).body()) + b"\n\n"
+                        yield b"data: " + orjson.dumps(_api_error(event, choices.request_id).body()) + b"\n\n"
                         return
                     elif isinstance(event, Finished):
-                        yield chunk(shape.delta(None, event.reason.value, None))
-                        if include_usage:
-                            yield chunk(None, usage=_usage(event))
-                        yield b"data: [DONE]\n\n"
-                        return
-                    event = await req.events.get()
+                        finished[index] = event
+                        yield chunk(_at(index, shape.delta(None, event.reason.value, None)))
+                        if len(finished) == n:
+                            if include_usage:
+                                yield chunk(None, usage=_usage(list(finished.values())))
+                            yield b"data: [DONE]\n\n"
+                            return
+                    index, event = await choices.next()
             finally:
-                req.cancelled = True  # a client that went away stops the generation at the next step
+                choices.close(cancel=True)  # a client that went away stops the generation at the next step
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          REQUEST_ID_HEADER: req.request_id})
+                                          REQUEST_ID_HEADER: choices.request_id})
+
+
+class _Choices:
+    """The generation requests of one API request (its n choices), their events merged in arrival order as
+    (choice index, event)."""
+
+    def __init__(self, request_id: str, members: list[GenerationRequest]) -> None:
+        self.request_id = request_id
+        self.members = members
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._forward(i, m)) for i, m in enumerate(members)]
+
+    async def _forward(self, index: int, member: GenerationRequest) -> None:
+        while True:
+            event = await member.events.get()
+            self.queue.put_nowait((index, event))
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    async def next(self) -> tuple[int, object]:
+        return await self.queue.get()
+
+    def hung_up(self) -> None:
+        self.close(cancel=True)
+        self.queue.put_nowait((0, _HUNG_UP))
+
+    def close(self, cancel: bool) -> None:
+        """Stop forwarding; with `cancel`, stop generating every choice that has not finished."""
+        for task in self._tasks:
+            task.cancel()
+        if cancel:
+            for member in self.members:
+                member.cancelled = True
+
+
+def _at(index: int, choice: dict) -> dict:
+    choice["index"] = index
+    return choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,9 +474,11 @@ def _completion_shape(echo: str) -> _Shape:
                   prefix=echo)
 
 
-def _usage(fin: Finished) -> dict:
-    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+def _usage(finished: list[Finished]) -> dict:
+    """The prompt counts once however many choices were drawn from it; their completions add up."""
+    prompt = finished[0].prompt_tokens
+    completion = sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _api_error(event: Failed, request_id: str) -> APIError:
@@ -441,16 +495,15 @@ class _HangUpWatch:
     generation (the engine skips it in the queue, or stops it at the next step) and wakes the handler: nobody
     keeps generating, or waiting, for a closed connection. (hypercorn says `http.disconnect` on receive().)"""
 
-    def __init__(self, request: Request, req: GenerationRequest) -> None:
+    def __init__(self, request: Request, choices: _Choices) -> None:
         self._receive = request.receive
-        self._req = req
+        self._choices = choices
         self._task: asyncio.Task | None = None
 
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
-        self._req.cancelled = True
-        self._req.events.put_nowait(_HUNG_UP)
+        self._choices.hung_up()
 
     def __enter__(self) -> "_HangUpWatch":
         self._task = asyncio.get_running_loop().create_task(self._watch())

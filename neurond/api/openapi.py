@@ -61,7 +61,7 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
         "Create a completion of a raw prompt, string or token ids, no chat template (legacy completions API; "
         "stream: true for server-sent events ending in [DONE])",
         "CompletionRequest", "invalid request: schema, unknown model, context window, a token id outside the "
-        "vocabulary; suffix, best_of > 1, n > 1 or a batch of prompts (not supported)")
+        "vocabulary; suffix, best_of > 1 or a batch of prompts (not supported)")
 
     def simple(description: str) -> dict:
         return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}

@@ -14,6 +14,8 @@ from pydantic_core import PydanticCustomError
 
 from neurond.pool.protocol import MAX_TOP_LOGPROBS
 
+#: n: choices per request at most (each takes a KV cache slot; the prompt is prefilled once for all).
+MAX_CHOICES = 16
 #: logit_bias: at most this many tokens, each biased by at most this much (OpenAI's range).
 MAX_LOGIT_BIAS_TOKENS = 1024
 LOGIT_BIAS_RANGE = 100.0
@@ -80,7 +82,7 @@ class _GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = Field(default=None, max_length=512)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)

@@ -55,6 +55,20 @@ class Failed:
 Event = TextDelta | Finished | Failed
 
 
+@dataclass(eq=False, slots=True)
+class ChoiceGroup:
+    """The requests for the n choices of one API request. Their prompt, but for its last token (from which
+    each draws its own first token), is prefilled once, by one member, and copied into the others' slots."""
+
+    members: list["GenerationRequest"]
+    shared: int  # prompt tokens every member's cache starts with
+    prefiller: "GenerationRequest | None" = None  # the member prefilling the shared part now
+
+    def source(self) -> "GenerationRequest | None":
+        """A member whose slot holds the shared part now, if any."""
+        return next((m for m in self.members if m.slot is not None and m.prefilled >= self.shared), None)
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     request_id: str
@@ -79,6 +93,8 @@ class GenerationRequest:
     decoding: bool = False
     #: Log-probabilities of generated tokens whose text the detokeniser still holds back.
     pending_logprobs: list[LogprobEntry] = field(default_factory=list)
+    #: The other choices of the same API request (n > 1), or None.
+    group: ChoiceGroup | None = None
 
     @property
     def context(self) -> list[int]:

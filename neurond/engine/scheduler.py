@@ -28,7 +28,8 @@ import time
 
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
-from neurond.engine.request import Failed, FinishReason, Finished, GenerationRequest, LogprobEntry, TextDelta
+from neurond.engine.request import (ChoiceGroup, Failed, FinishReason, Finished, GenerationRequest, LogprobEntry,
+                                    TextDelta)
 from neurond.observe.events import Event, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankFailed
@@ -71,14 +72,25 @@ class Engine:
 
     # ------------------------------------------------------------------ public
     def submit(self, req: GenerationRequest) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[GenerationRequest]) -> None:
+        """Queue every request or none (the n choices of one API request). Several with the same prompt form
+        a ChoiceGroup: their prompt is prefilled once."""
         if not self.supervisor.serving:
             raise PoolUnavailable(None, f"model is {self.supervisor.state}")
-        if len(self._waiting) >= self.max_queued:
+        if len(self._waiting) + len(reqs) > self.max_queued:
             raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
-        if req.sampling.seed is None and not req.sampling.greedy:
-            # Every rank, and a replay after a fault, must draw the same tokens: the seed is fixed here.
-            req.sampling = dataclasses.replace(req.sampling, seed=random.getrandbits(63))
-        self._waiting.append(req)
+        for req in reqs:
+            if req.sampling.seed is None and not req.sampling.greedy:
+                # Every rank, and a replay after a fault, must draw the same tokens: the seed is fixed here.
+                req.sampling = dataclasses.replace(req.sampling, seed=random.getrandbits(63))
+        shared = len(reqs[0].prompt_ids) - 1
+        if len(reqs) > 1 and shared > 0 and all(r.prompt_ids == reqs[0].prompt_ids for r in reqs):
+            group = ChoiceGroup(list(reqs), shared)
+            for req in reqs:
+                req.group = group
+        self._waiting.extend(reqs)
         self._wake.set()
 
     def start(self) -> None:
@@ -117,6 +129,9 @@ class Engine:
 
     async def _turn(self) -> None:
         """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
+        for group, source, targets in self._copies():
+            if not await self._step([source, *targets], self._copy(group, source, targets)):
+                return
         prefilling = self._prefill_batch()
         if prefilling:
             if not await self._step([r for r, _ in prefilling], self._prefill(prefilling)):
@@ -161,14 +176,41 @@ class Engine:
         for req in self._running:
             if req.decoding:
                 continue
+            target = len(req.context)
+            group = req.group
+            if group is not None and req.prefilled < group.shared:
+                # A choice of n: one member prefills the shared prompt, the others get it copied (_copies).
+                if group.source() is not None:
+                    continue
+                if group.prefiller not in (None, req) and group.prefiller.slot is not None:
+                    continue
+                group.prefiller, target = req, group.shared
             if batch and (req.faults or batch[0][0].faults):
                 break
-            n = min(len(req.context) - req.prefilled, budget)
+            n = min(target - req.prefilled, budget)
             if n <= 0:
                 break
             batch.append((req, n))
             budget -= n
         return batch
+
+    def _copies(self) -> list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]]:
+        """For each group whose shared prompt is in a member's slot: the members holding a slot with nothing
+        prefilled yet, to copy it to."""
+        out = []
+        for group in {id(r.group): r.group for r in self._running if r.group is not None}.values():
+            source = group.source()
+            targets = [r for r in group.members if r in self._running and r.prefilled == 0 and r is not source]
+            if source is not None and targets:
+                out.append((group, source, targets))
+        return out
+
+    async def _copy(self, group: ChoiceGroup, source: GenerationRequest, targets: list[GenerationRequest]) -> None:
+        dsts = tuple(r.slot for r in targets)
+        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, source.slot, dsts, group.shared),
+                                   self.deadline.prefill(1), "copy prefix", None)
+        for req in targets:
+            req.prefilled = group.shared
 
     async def _prefill(self, batch: list[tuple[GenerationRequest, int]]) -> None:
         chunks = []

@@ -119,6 +119,17 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyPrefix:
+    """Copy the first `length` cache positions of slot `src` into slots `dsts`: a prompt shared by a request's
+    n choices is prefilled once (no collective: every rank copies its own shard)."""
+
+    call_id: int
+    src: int
+    dsts: tuple[int, ...]
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class Prefill:
     """Prefill chunks of one or more sequences in one forward pass. Rank 0 reports, in Done.tokens, one entry
     per chunk: the drawn token for a last chunk, -1 for the others."""

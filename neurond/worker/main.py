@@ -242,6 +242,9 @@ class Worker:
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
             return self.runner.prefill(cmd.chunks), {}
+        if isinstance(cmd, p.CopyPrefix):
+            self.runner.copy_prefix(cmd.src, cmd.dsts, cmd.length)
+            return (), {}
         if isinstance(cmd, p.OpenStore):
             return p.StoreOpened(cmd.call_id, self.rank, self.comm.open_store())
         if isinstance(cmd, p.JoinComm):

@@ -282,6 +282,21 @@ class ModelRunner:
         self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
         return [row[s] for row in every for s in slots]
 
+    def copy_prefix(self, src: int, dsts: tuple[int, ...], length: int) -> None:
+        """Slots `dsts` get the first `length` cached positions of slot `src` (its prompt, prefilled once for
+        several choices); each then prefills the rest of its own context from there."""
+        import torch
+
+        if not 0 <= src < self.slots or not all(0 <= d < self.slots and d != src for d in dsts) \
+                or not 0 < length < self.cache.trash:
+            raise ValueError(f"cannot copy {length} positions of slot {src} to {dsts} ({self.slots} slots)")
+        with torch.inference_mode():
+            for k, v in zip(self.cache.k, self.cache.v):
+                for d in dsts:
+                    k[d, :, :length].copy_(k[src, :, :length])
+                    v[d, :, :length].copy_(v[src, :, :length])
+            self.active[list(dsts)] = False
+
     def _sample(self, logits, slots: list[int], index):
         """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
         slot's next input. Returns the tokens on the device, and what `logprobs_of` gives for them where a

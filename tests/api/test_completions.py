@@ -116,12 +116,11 @@ def test_suffix_is_refused_clearly(client):
 
 
 @pytest.mark.parametrize("kw,param,words", [
-    (dict(n=2), "n", "n > 1"),
     (dict(best_of=3), "best_of", "best_of"),
     (dict(prompt=["one", "two"]), "prompt", "one prompt per request"),
     (dict(prompt=[[1, 2], [3, 4]]), "prompt", "one prompt per request"),
     (dict(extra_body={"frobnicate": 1}), "frobnicate", "unrecognized request argument"),
-], ids=["n", "best_of", "batch of strings", "batch of token lists", "unknown field"])
+], ids=["best_of", "batch of strings", "batch of token lists", "unknown field"])
 def test_unsupported_options_are_400(client, kw, param, words):
     err = _bad(client, **kw)
     assert err.body["code"] == "unsupported_parameter" and err.body["param"] == param, err.body

@@ -148,3 +148,38 @@ def test_tp2_reports_the_same_greedy_tokens_and_logprobs(daemon_tp2, client):
     two = _greedy_chat(tp2, **kw).choices[0].logprobs.content
     assert [e.token for e in two] == [e.token for e in one]
     assert [e.logprob for e in two] == pytest.approx([e.logprob for e in one], abs=1e-3)
+
+
+def test_n_choices_are_the_answers_of_seed_plus_i_and_their_prompt_counts_once(client):
+    """Choice i of n is exactly the answer of the same request with seed + i: its prompt, prefilled once and
+    copied into each choice's slot, gives what a prefill of its own gives."""
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=1.0)
+    out = client.chat.completions.create(n=3, seed=11, logprobs=True, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(seed=11 + i, logprobs=True, **kw) for i in range(3)]
+    for choice, single in zip(out.choices, alone):
+        assert choice.message.content == single.choices[0].message.content
+        assert [e.token for e in choice.logprobs.content] == [e.token for e in single.choices[0].logprobs.content]
+    assert len({c.message.content for c in out.choices}) > 1, "three seeds, one answer"
+    assert out.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert out.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed = list(client.chat.completions.create(n=3, seed=11, stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    texts = ["", "", ""]
+    finishes = {}
+    for c in streamed:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == [c.message.content for c in out.choices]
+    assert finishes == {c.index: c.finish_reason for c in out.choices}
+    assert streamed[-1].usage.total_tokens == out.usage.total_tokens
+
+
+def test_n_greedy_choices_agree_and_completions_take_n_too(client):
+    out = _greedy_chat(client, n=2)
+    assert out.choices[0].message.content == out.choices[1].message.content == _greedy_chat(client).choices[0].message.content
+    comp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, n=2, echo=True)
+    assert [c.index for c in comp.choices] == [0, 1] and comp.choices[0].text == comp.choices[1].text
+    assert comp.choices[0].text.startswith(PROMPT)

@@ -76,6 +76,10 @@ class FakeSupervisor:
                 if c.last:
                     ctx.append(tokens[-1])
             return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
+        if isinstance(cmd, p.CopyPrefix):
+            for dst in cmd.dsts:
+                self.slots[dst] = list(self.slots[cmd.src][: cmd.length])
+            return {0: p.Done(cmd.call_id, 0)}
         assert isinstance(cmd, p.Decode)
         out = []
         for _ in range(cmd.steps):
@@ -306,3 +310,52 @@ def test_several_decode_steps_per_call_give_the_same_streams():
     assert max(steps) == 4 and sum(steps) < 9  # fewer calls than tokens
     # never past the smallest remaining max_tokens of the batch: a's 5 decode tokens end a call exactly
     assert steps[0] == 4 and steps[1] == 1
+
+
+def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4):
+    async def go():
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1.0, 10.0, 20.0), max_queued=16, max_batch=max_batch,
+                        prefill_chunk=4)
+        engine.start()
+        reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
+        engine.submit_all(reqs)
+        out = {}
+        for req in reqs:
+            text = ""
+            while True:
+                ev = await asyncio.wait_for(req.events.get(), 10)
+                if isinstance(ev, TextDelta):
+                    text += ev.text
+                else:
+                    out[req.request_id] = (ev, text)
+                    break
+        await engine.stop()
+        return engine, reqs, out
+
+    return asyncio.run(go())
+
+
+def test_n_choices_prefill_their_prompt_once_and_copy_it():
+    sup = FakeSupervisor()
+    prompt = list(range(10, 21))  # 11 tokens: three chunks of 4 for the shared 10
+    engine, reqs, out = _run_group(sup, 3, prompt, 5)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 5)) for ev, text in out.values())
+    shared = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks if c.start < 10]
+    assert sum(len(c.token_ids) for c in shared) == 10, "the shared prompt was prefilled more than once"
+    copies = [c for c in sup.calls if isinstance(c, p.CopyPrefix)]
+    assert len(copies) == 1 and copies[0].length == 10 and len(copies[0].dsts) == 2
+    lasts = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks if c.last]
+    assert sorted(c.slot for c in lasts) == [0, 1, 2] and all(c.start == 10 for c in lasts)
+
+
+def test_n_choices_with_too_few_slots_still_share_and_a_fault_replays_them_all():
+    # Two slots for three choices: the third copies from a member still holding the prompt, or prefills it.
+    sup = FakeSupervisor()
+    prompt = list(range(30, 39))
+    _, _, out = _run_group(sup, 3, prompt, 6, max_batch=2)
+    assert all(text == text_of(expected(prompt, 6)) for _, text in out.values())
+    # A death in the group's decode: every choice is replayed and continues exactly.
+    sup = FakeSupervisor({7: RankDied(1, -9)})
+    engine, _, out = _run_group(sup, 3, prompt, 6)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 6)) for ev, text in out.values())
+    assert engine.stats["replayed"] >= 3
