@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from neurond.config import ENV_PREFIX, settings
 

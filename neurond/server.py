@@ -297,13 +297,13 @@ async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
     target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     try:
         writer.write(f"GET /health HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
         first = await asyncio.wait_for(reader.readline(), timeout)
         return first.startswith(b"HTTP/")
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     finally:
         writer.close()

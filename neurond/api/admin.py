@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from neurond.api.errors import APIError
 from neurond import version
+from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.pool.faults import PoolFault
 

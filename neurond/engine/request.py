@@ -60,11 +60,11 @@ class ChoiceGroup:
     """The requests for the n choices of one API request. Their prompt, but for its last token (from which
     each draws its own first token), is prefilled once, by one member, and copied into the others' slots."""
 
-    members: list["GenerationRequest"]
+    members: list[GenerationRequest]
     shared: int  # prompt tokens every member's cache starts with
-    prefiller: "GenerationRequest | None" = None  # the member prefilling the shared part now
+    prefiller: GenerationRequest | None = None  # the member prefilling the shared part now
 
-    def source(self) -> "GenerationRequest | None":
+    def source(self) -> GenerationRequest | None:
         """A member whose slot holds the shared part now, if any."""
         return next((m for m in self.members if m.slot is not None and m.prefilled >= self.shared), None)
 

@@ -28,8 +28,15 @@ import time
 
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
-from neurond.engine.request import (ChoiceGroup, Failed, FinishReason, Finished, GenerationRequest, LogprobEntry,
-                                    TextDelta)
+from neurond.engine.request import (
+    ChoiceGroup,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    LogprobEntry,
+    TextDelta,
+)
 from neurond.observe.events import Event, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankFailed
@@ -388,7 +395,7 @@ class Engine:
                 return
             try:
                 await asyncio.wait_for(self.supervisor.healthy.wait(), 0.25)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

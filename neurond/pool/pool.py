@@ -13,8 +13,8 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
@@ -190,7 +190,7 @@ class RankPool:
             if stall_s is None:
                 try:
                     return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     missing = sorted(call.ranks - call.replies.keys())
                     raise StepTimeout(missing, deadline_s, what) from None
             return await self._watch_progress(call, deadline_s, stall_s)
@@ -210,7 +210,7 @@ class RankPool:
                 raise StepTimeout(sorted(call.ranks - call.replies.keys()), deadline_s, call.what)
             try:
                 return await asyncio.wait_for(asyncio.shield(call.future), min(left, STALL_POLL_S))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 now = time.monotonic()
                 stalled = sorted(r for r in call.ranks - call.replies.keys() - call.failures.keys()
                                  if now - call.progress_at[r] > stall_s)

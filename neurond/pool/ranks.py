@@ -16,8 +16,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
-from typing import Callable
 
 from neurond.pool import protocol as p
 
@@ -52,7 +52,7 @@ class RankProcess:
         return self.process is not None and self.exitcode is None
 
     @classmethod
-    def spare(cls, env: tuple[tuple[str, str], ...]) -> "RankProcess":
+    def spare(cls, env: tuple[tuple[str, str], ...]) -> RankProcess:
         """A worker process started before it is needed: it imports torch and transformers, then waits for
         the WorkerSpec that makes it a rank (`assign`). It holds no device until then."""
         proc = cls(None)
@@ -176,7 +176,7 @@ class RankProcess:
             return True
         try:
             await asyncio.wait_for(self._exited.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return not self.alive
 

@@ -114,10 +114,10 @@ def silu_mul(gate_up, inter: int):
     return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
-_KERNELS: dict[bool, "Kernels"] = {}
+_KERNELS: dict[bool, Kernels] = {}
 
 
-def kernels(compiled: bool) -> "Kernels":
+def kernels(compiled: bool) -> Kernels:
     """The process's one set of kernels of each kind: compiled code is cached per torch.compile wrapper, so
     the runner must use the very wrappers `prewarm` compiled."""
     if compiled not in _KERNELS:

@@ -66,8 +66,8 @@ class Worker:
 
         from neurond.worker.comm import Communicator
         from neurond.worker.faults import FaultPlan
-        from neurond.worker.tp import CollectiveGuard
         from neurond.worker.shard import Shard, pick_backend, pick_device
+        from neurond.worker.tp import CollectiveGuard
 
         self.device = pick_device(self.spec.device, self.rank)
         if self.device.type == "cuda":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 
-
 def pick_device(requested: str, rank: int):
     import torch
 
@@ -57,7 +56,6 @@ class Shard:
     def load(self, progress=None) -> dict:
         """`progress(done_bytes, total_bytes, files_done, files_total)` as checkpoint files are read (neurond's
         own sharding only; transformers' loader reports nothing)."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         if self.tp_impl == "neurond":
