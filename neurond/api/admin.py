@@ -59,7 +59,7 @@ class AdminAPI:
         cause = sup.lifecycle.last_cause
         pool = sup.pool
         now = time.time()
-        last = dict(zip(TRANSITION_FIELDS, sup.history[-1])) if sup.history else None
+        last = dict(zip(TRANSITION_FIELDS, sup.history[-1], strict=True)) if sup.history else None
         return _json({
             "state": sup.state,
             "state_since": last["at"] if last else self.started_at,

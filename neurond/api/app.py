@@ -85,7 +85,8 @@ class API:
 
         async def not_found(request, exc):
             status = getattr(exc, "status_code", 404)
-            return APIError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}").response()
+            detail = getattr(exc, "detail", "not found")
+            return APIError(status, f"{request.method} {request.url.path}: {detail}").response()
 
         app = Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
         return self._guard(app)

@@ -15,7 +15,8 @@ _ERROR = {
 
 
 def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
 def _generation(operation_id: str, summary: str, schema: str, bad: str) -> dict:

@@ -238,7 +238,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.step("prefill", took)
         logprobs = replies[0].logprobs or (None,) * len(chunks)
-        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs):
+        # The rank's tokens and logprobs are one per chunk; strict=False keeps zip's behaviour with a reply from
+        # another process (a short one is not a ValueError here).
+        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs, strict=False):
             req.prefilled = chunk.start + n
             if chunk.last:
                 req.decoding = True

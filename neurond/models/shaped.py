@@ -90,7 +90,7 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
             bs.append(b)
             cs.append(256 + extra)
             extra += 1
-    byte_char = {b: chr(c) for b, c in zip(bs, cs)}
+    byte_char = {b: chr(c) for b, c in zip(bs, cs, strict=True)}
     alphabet = [byte_char[b] for b in range(256)]
     printable = [byte_char[b] for b in range(0x20, 0x7F)]
     vocab = {ch: k for k, ch in enumerate(alphabet)}
@@ -200,7 +200,7 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
     weight_map, total = {}, 0
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
-        for fname, group in zip(files, groups):
+        for fname, group in zip(files, groups, strict=True):
             tensors = []
             for name, shape in group:
                 if len(shape) == 1:

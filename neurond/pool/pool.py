@@ -139,7 +139,8 @@ class RankPool:
         opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
         port = opened[0].port
         comm_id = next(self._comm_ids)
-        await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s, "join communicator")
+        await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s,
+                            "join communicator")
         return comm_id
 
     async def load(self, ranks, timeout_s: float | None = None) -> None:
@@ -262,7 +263,8 @@ class RankPool:
         call.future.set_exception(primary)
 
     def _on_exit(self, rank: int, exitcode: int | None) -> None:
-        log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank, exitcode)
+        log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank,
+                exitcode)
         fault = RankDied(rank, exitcode)
         fut = self._started.get(rank)
         if fut is not None and not fut.done():

@@ -131,7 +131,7 @@ class Worker:
                     continue
                 try:
                     self.faults.arm(cmd.kind, cmd.phase, cmd.count,
-                                    acknowledge=lambda: self._send_ctrl(p.Done(cmd.call_id, self.rank)))
+                                    acknowledge=lambda call_id=cmd.call_id: self._send_ctrl(p.Done(call_id, self.rank)))
                 except ValueError as exc:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))
             elif isinstance(cmd, p.AbortComm):
@@ -280,7 +280,8 @@ class Worker:
         self.runner = ModelRunner(
             self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
             world_size=spec.world_size, use_graphs=spec.cuda_graphs,
-            compile_kernels=spec.torch_compile and self.device.type == "cuda",  # CPU: 8.7 s of compile per start (built-in model)
+            # Not on CPU: 8.7 s of compile per start (built-in model).
+            compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
@@ -297,7 +298,8 @@ class Worker:
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
         kind, context_ok = classify(exc, self.device)
-        log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__, "".join(traceback.format_exception_only(exc)).strip())
+        log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__,
+                  "".join(traceback.format_exception_only(exc)).strip())
         if context_ok:
             try:
                 if self.runner is not None:

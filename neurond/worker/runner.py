@@ -222,14 +222,14 @@ class ModelRunner:
                 slots_done = [c.slot for c in finished]
                 drawn, lp = self._sample(picked, slots_done, index)
                 tokens = drawn.tolist()  # the step's one host sync
-                for r, entry in zip(done, self._logprob_entries(slots_done, lp)):
+                for r, entry in zip(done, self._logprob_entries(slots_done, lp), strict=True):
                     self.last_logprobs[r] = entry
                 for slot in slots_done:
                     self.drawn[slot] += 1
                 ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
                 self.seq_len.index_copy_(0, index, ends)
                 self.active[index] = True
-                for r, c, t in zip(done, finished, tokens):
+                for r, c, t in zip(done, finished, tokens, strict=True):
                     self.lengths[c.slot] = c.start + len(c.token_ids)
                     out[r] = t
             return out
@@ -277,7 +277,7 @@ class ModelRunner:
                     self.drawn[s] += 1
                     self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
             every = out.tolist()  # the call's one host sync
-            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp))) for lp in step_logprobs] \
+            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp), strict=True)) for lp in step_logprobs] \
                 if any(lp is not None for lp in step_logprobs) else []
         self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
         return [row[s] for row in every for s in slots]
@@ -291,7 +291,7 @@ class ModelRunner:
                 or not 0 < length < self.cache.trash:
             raise ValueError(f"cannot copy {length} positions of slot {src} to {dsts} ({self.slots} slots)")
         with torch.inference_mode():
-            for k, v in zip(self.cache.k, self.cache.v):
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
                 for d in dsts:
                     k[d, :, :length].copy_(k[src, :, :length])
                     v[d, :, :length].copy_(v[src, :, :length])
@@ -334,7 +334,7 @@ class ModelRunner:
         out: list[TokenLogprob | None] = []
         for i, s in enumerate(slots):
             k = self.sampling[s].logprobs
-            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k]))))
+            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k], strict=True))))
         return out
 
     def reset(self) -> None:
