@@ -267,7 +267,8 @@ def settings() -> list[Setting]:
     import re
 
     comments: dict[str, tuple[str, str]] = {}
-    section, pending = "", []
+    section = ""
+    pending: list[str] = []  # the comment lines above the next field
     for line in inspect.getsource(Config).splitlines():
         stripped = line.strip()
         heading = re.fullmatch(r"# --- (.+?) ---", stripped)

@@ -36,7 +36,9 @@ def _code(value) -> str:
 def options() -> str:
     from neurond.cli import _parser
 
-    serve = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]
+    commands = next(a for a in _parser()._actions if a.dest == "command").choices
+    assert isinstance(commands, dict)  # a subparsers action's choices: name -> parser
+    serve = commands["serve"]
     flags = {a.dest: a.option_strings[0] for a in serve._actions if a.option_strings}
     out, section = [], None
     for s in settings():

@@ -43,7 +43,8 @@ class AdminAPI:
             Route("/admin/load", self.load, methods=["POST"]),
         ]
 
-        async def api_error(request, exc: APIError):
+        async def api_error(request, exc: Exception):
+            assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             return exc.response()
 
         return Starlette(routes=routes, exception_handlers={APIError: api_error})

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import ValidationError
@@ -32,6 +33,9 @@ from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
 from neurond.pool.protocol import SamplingParams
 
+if TYPE_CHECKING:
+    from neurond.engine.tokenizer import ChatTokenizer
+
 # Besides /v1/*, what needs the API token when api_token_file is set. /health and /ready stay open: load
 # balancers' and systemd's probes cannot carry a token. (Any other path is a 404 either way.)
 TOKEN_PATHS = frozenset({"/metrics", "/openapi.json"})
@@ -42,7 +46,7 @@ class ServedModel:
     """What the API needs to know of the model; all of it read in the leader without touching CUDA."""
 
     name: str
-    tokenizer: object
+    tokenizer: ChatTokenizer
     context_len: int
     stop_token_ids: frozenset[int]
     created: int
@@ -78,7 +82,8 @@ class API:
         if self.metrics is not None:
             routes.append(Route("/metrics", self.prometheus, methods=["GET"]))
 
-        async def api_error(request, exc: APIError):
+        async def api_error(request, exc: Exception):
+            assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             if self.metrics is not None and exc.status < 500:
                 self.metrics.request_done(f"rejected_{exc.status}")
             return exc.response()
@@ -365,7 +370,7 @@ class API:
                 body["usage"] = usage
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        async def events():
+        async def events() -> AsyncIterator[bytes]:
             offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
             finished: dict[int, Finished] = {}
             try:
@@ -511,4 +516,5 @@ class _HangUpWatch:
 
     def __exit__(self, *exc) -> None:
         # Cancelling a receive() loses no message: a disconnect still queued is read by whoever receives next.
+        assert self._task is not None  # __enter__ made it
         self._task.cancel()

@@ -7,8 +7,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from neurond.pool.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from neurond.engine.detok import StopStringDetokenizer
 
 _seq_ids = itertools.count(1)
 
@@ -87,7 +91,7 @@ class GenerationRequest:
     #: When a fault took the request's slot away (it is replayed after the repair, or fails past the bound).
     interrupted_at: float | None = None
     #: The engine's per-request state while it holds a KV cache slot, and across a replay.
-    detok: object | None = None
+    detok: StopStringDetokenizer | None = None
     slot: int | None = None
     prefilled: int = 0  # tokens of `context` already in the slot's cache
     decoding: bool = False

@@ -13,8 +13,12 @@ special tokens would decode to nothing, and streamed output would show no tokens
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neurond.models.builtin import BOS, CHAT_TEMPLATE, EOS, EOT, SEED
+
+if TYPE_CHECKING:
+    import torch
 
 
 def shaped_preset(name: str) -> dict:
@@ -103,8 +107,8 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
         merges.append((left, right))
         return True
 
-    for a, b in itertools.product(printable, repeat=2):
-        if not add(a + b, a, b):
+    for left, right in itertools.product(printable, repeat=2):
+        if not add(left + right, left, right):
             break
     if len(vocab) < n_regular:
         rng = random.Random(seed)
@@ -122,7 +126,7 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
     return tok
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, object]]) -> int:
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
     """Write (name, CPU tensor) pairs as one safetensors file without an extra copy; return the data bytes."""
     import json
     import struct

@@ -154,6 +154,7 @@ class RepairLadder:
         """
         victims: set[int] = {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
         if isinstance(fault, RankDied) or not fault.context_ok:
+            assert fault.rank is not None  # a death or a ruined context is one rank's
             victims.add(fault.rank)
         await self._ping_busy(pool, victims)  # the wedged ones join the victims
         await self._kill(pool, victims, cause)
@@ -206,6 +207,7 @@ class RepairLadder:
             return Busy()
         busy = Busy()
         for rank, pong in pongs.items():
+            assert isinstance(pong, p.Pong)  # a Ping's answer
             if pong.busy_s <= 0:
                 continue
             if pong.in_collective:

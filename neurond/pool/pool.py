@@ -137,7 +137,9 @@ class RankPool:
         pool's)."""
         timeout_s = self.comm_timeout_s if timeout_s is None else timeout_s
         opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
-        port = opened[0].port
+        store = opened[0]
+        assert isinstance(store, p.StoreOpened)  # an OpenStore's answer
+        port = store.port
         comm_id = next(self._comm_ids)
         await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s,
                             "join communicator")
@@ -151,6 +153,7 @@ class RankPool:
         replies = await self._call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard",
                                    control=False, stall_s=self.load_stall_timeout_s)
         for rank, reply in replies.items():
+            assert isinstance(reply, p.Done)  # a LoadShard's answer
             self.load_info[rank] = reply.info
 
     # ------------------------------------------------------------------ calls
@@ -204,6 +207,8 @@ class RankPool:
     async def _watch_progress(call: _Call, deadline_s: float, stall_s: float) -> dict[int, object]:
         """Wait for `call` within `deadline_s`, and fail it as soon as a rank that has not answered went
         `stall_s` without a progress report."""
+        progress_at = call.progress_at
+        assert progress_at is not None  # _call sets it when it watches for progress
         end = time.monotonic() + deadline_s
         while True:
             left = end - time.monotonic()
@@ -214,7 +219,7 @@ class RankPool:
             except TimeoutError:
                 now = time.monotonic()
                 stalled = sorted(r for r in call.ranks - call.replies.keys() - call.failures.keys()
-                                 if now - call.progress_at[r] > stall_s)
+                                 if now - progress_at[r] > stall_s)
                 if stalled:
                     raise StepTimeout(stalled, stall_s, f"{call.what} (no progress)") from None
 
@@ -229,9 +234,9 @@ class RankPool:
         if isinstance(reply, p.Imported):  # a fresh process's imports are done: its Started follows
             return
         if isinstance(reply, p.LoadProgress):  # answers no call
-            for call in self._calls.values():
-                if call.progress_at is not None and reply.rank in call.progress_at:
-                    call.progress_at[reply.rank] = time.monotonic()
+            for watched in self._calls.values():
+                if watched.progress_at is not None and reply.rank in watched.progress_at:
+                    watched.progress_at[reply.rank] = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress(reply)
             return
@@ -293,8 +298,8 @@ class RankPool:
         writes every thread's Python stack to stderr (the journal), and a moment for it to do so."""
         if dump_stacks:
             alive = [self.ranks[r] for r in ranks if self.ranks.get(r) is not None and self.ranks[r].alive]
-            for proc in alive:
-                proc.signal(signal.SIGUSR1)
+            for each in alive:
+                each.signal(signal.SIGUSR1)
             if alive:
                 await asyncio.sleep(STACK_DUMP_S)
         for rank in ranks:
