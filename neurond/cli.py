@@ -8,13 +8,13 @@ import sys
 
 from neurond.config import DEFAULT_CONFIG_PATH, ConfigError, describe_settings, load_config
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 neurond serves a chat model with tensor parallelism (one worker process per GPU rank) behind an
 OpenAI-compatible HTTP API, and repairs its rank pool by itself when a rank fails.
 
 Configuration is read in one place, lowest precedence first: built-in defaults, the TOML file
-(default {path}, or --config), NEUROND_* environment variables (e.g. NEUROND_TP_SIZE=2), then flags.
-""".format(path=DEFAULT_CONFIG_PATH)
+(default {DEFAULT_CONFIG_PATH}, or --config), NEUROND_* environment variables (e.g. NEUROND_TP_SIZE=2), then flags.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_CONFIG_PATH = Path("/etc/neurond/neurond.toml")
 ENV_PREFIX = "NEUROND_"
@@ -139,7 +140,7 @@ class Config:
             return self.served_model_name
         return Path(self.model).name if self.model else "neurond-builtin"
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.tp_impl not in ("neurond", "transformers"):
@@ -266,7 +267,8 @@ def settings() -> list[Setting]:
     import re
 
     comments: dict[str, tuple[str, str]] = {}
-    section, pending = "", []
+    section = ""
+    pending: list[str] = []  # the comment lines above the next field
     for line in inspect.getsource(Config).splitlines():
         stripped = line.strip()
         heading = re.fullmatch(r"# --- (.+?) ---", stripped)

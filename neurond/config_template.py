@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import textwrap
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from neurond.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, settings
 

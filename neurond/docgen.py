@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from neurond.config import ENV_PREFIX, settings
 
@@ -36,7 +36,9 @@ def _code(value) -> str:
 def options() -> str:
     from neurond.cli import _parser
 
-    serve = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]
+    commands = next(a for a in _parser()._actions if a.dest == "command").choices
+    assert isinstance(commands, dict)  # a subparsers action's choices: name -> parser
+    serve = commands["serve"]
     flags = {a.dest: a.option_strings[0] for a in serve._actions if a.option_strings}
     out, section = [], None
     for s in settings():

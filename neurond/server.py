@@ -160,10 +160,10 @@ class Server:
         events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics, self.status)
         # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
         model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
-        self.supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,
-                                     context_len=model.context_len)
-        self.status.incidents = lambda: self.supervisor.incidents
-        self.status.progress = lambda: self.supervisor.load_progress
+        self.supervisor = supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,
+                                                  context_len=model.context_len)
+        self.status.incidents = lambda: supervisor.incidents
+        self.status.progress = lambda: supervisor.load_progress
         deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
         self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
                              metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
@@ -225,15 +225,17 @@ class Server:
     async def _reloads(self) -> None:
         """SIGHUP: RELOADING=1, reload the model from its checkpoint, READY=1 (also when the reload could not
         run, or systemd would show the unit `reloading` for ever)."""
+        supervisor = self.supervisor
+        assert supervisor is not None  # serve() made it before starting this task
         while True:
             await self.hup.wait()
             self.hup.clear()
             log.info("SIGHUP: reloading the model")
             self.notifier.reloading(f"reloading (SIGHUP): {self.status.line()}")
             try:
-                await self.supervisor.reload("sighup")
+                await supervisor.reload("sighup")
             except TransitionNotAllowed:
-                log.warning("SIGHUP: cannot reload while the model is %s; ignored", self.supervisor.state)
+                log.warning("SIGHUP: cannot reload while the model is %s; ignored", supervisor.state)
             except Exception:  # noqa: BLE001 - a failed reload must not end the reload loop
                 log.exception("SIGHUP: reload failed")
             self.notifier.ready(self.status.line())
@@ -271,6 +273,7 @@ class Server:
         self.notifier.status(f"{self.status.line()}; exiting with code {EXIT_GAVE_UP} in {delay:.0f} s")
 
         def leave() -> None:
+            assert self.supervisor is not None  # _gave_up is the supervisor's own callback
             if self.supervisor.state == "unloaded":
                 self.exit_code = EXIT_GAVE_UP
                 self.shutdown.set()
@@ -297,13 +300,13 @@ async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
     target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     try:
         writer.write(f"GET /health HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
         first = await asyncio.wait_for(reader.readline(), timeout)
         return first.startswith(b"HTTP/")
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     finally:
         writer.close()

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from neurond.api.errors import APIError
 from neurond import version
+from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.pool.faults import PoolFault
 
@@ -43,7 +43,8 @@ class AdminAPI:
             Route("/admin/load", self.load, methods=["POST"]),
         ]
 
-        async def api_error(request, exc: APIError):
+        async def api_error(request, exc: Exception):
+            assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             return exc.response()
 
         return Starlette(routes=routes, exception_handlers={APIError: api_error})
@@ -59,7 +60,7 @@ class AdminAPI:
         cause = sup.lifecycle.last_cause
         pool = sup.pool
         now = time.time()
-        last = dict(zip(TRANSITION_FIELDS, sup.history[-1])) if sup.history else None
+        last = dict(zip(TRANSITION_FIELDS, sup.history[-1], strict=True)) if sup.history else None
         return _json({
             "state": sup.state,
             "state_since": last["at"] if last else self.started_at,

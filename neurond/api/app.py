@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import ValidationError
@@ -22,16 +23,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from neurond.api import logprobs as logprobs_format
 from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
-from neurond.api import logprobs as logprobs_format
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
 from neurond.pool.protocol import SamplingParams
 
+if TYPE_CHECKING:
+    from neurond.engine.tokenizer import ChatTokenizer
 
 # Besides /v1/*, what needs the API token when api_token_file is set. /health and /ready stay open: load
 # balancers' and systemd's probes cannot carry a token. (Any other path is a 404 either way.)
@@ -43,7 +46,7 @@ class ServedModel:
     """What the API needs to know of the model; all of it read in the leader without touching CUDA."""
 
     name: str
-    tokenizer: object
+    tokenizer: ChatTokenizer
     context_len: int
     stop_token_ids: frozenset[int]
     created: int
@@ -79,14 +82,16 @@ class API:
         if self.metrics is not None:
             routes.append(Route("/metrics", self.prometheus, methods=["GET"]))
 
-        async def api_error(request, exc: APIError):
+        async def api_error(request, exc: Exception):
+            assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             if self.metrics is not None and exc.status < 500:
                 self.metrics.request_done(f"rejected_{exc.status}")
             return exc.response()
 
         async def not_found(request, exc):
             status = getattr(exc, "status_code", 404)
-            return APIError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}").response()
+            detail = getattr(exc, "detail", "not found")
+            return APIError(status, f"{request.method} {request.url.path}: {detail}").response()
 
         app = Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
         return self._guard(app)
@@ -183,7 +188,7 @@ class API:
         try:
             # A client that dribbles its body byte by byte holds a connection, not the server.
             await asyncio.wait_for(read(), self.body_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.body_timeout_s:.0f}s",
                            code="request_timeout") from None
         except ClientDisconnect:
@@ -233,7 +238,7 @@ class API:
         return list(ids)
 
     async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
-                        requested: int | None, shape: "_Shape") -> Response:
+                        requested: int | None, shape: _Shape) -> Response:
         """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
         event stream, in `shape`. (A fault after this is the engine's to replay: the request is the same kind
         whatever endpoint made it.)"""
@@ -314,13 +319,13 @@ class API:
         return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)
 
     # ------------------------------------------------------------------ answering
-    def _logprobs(self, choices: "_Choices", shape: "_Shape", entries, offset: int) -> dict | None:
+    def _logprobs(self, choices: _Choices, shape: _Shape, entries, offset: int) -> dict | None:
         """A choice's `logprobs` for these entries: null unless the request asked for them."""
         if choices.members[0].sampling.logprobs < 0:
             return None
         return shape.logprobs(entries, self.model.tokenizer, offset)
 
-    async def _complete(self, choices: "_Choices", shape: "_Shape", request: Request) -> Response:
+    async def _complete(self, choices: _Choices, shape: _Shape, request: Request) -> Response:
         n = len(choices.members)
         parts: list[list[str]] = [[] for _ in range(n)]
         entries: list[list] = [[] for _ in range(n)]
@@ -345,7 +350,7 @@ class API:
                 "usage": _usage(list(finished.values()))}
         return _json(body, headers={REQUEST_ID_HEADER: choices.request_id})
 
-    async def _stream(self, choices: "_Choices", shape: "_Shape", include_usage: bool,
+    async def _stream(self, choices: _Choices, shape: _Shape, include_usage: bool,
                       request: Request) -> Response:
         # Wait for the first event so that a request failing before its first token gets a real status code.
         # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
@@ -365,7 +370,7 @@ class API:
                 body["usage"] = usage
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        async def events():
+        async def events() -> AsyncIterator[bytes]:
             offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
             finished: dict[int, Finished] = {}
             try:
@@ -505,10 +510,11 @@ class _HangUpWatch:
             pass
         self._choices.hung_up()
 
-    def __enter__(self) -> "_HangUpWatch":
+    def __enter__(self) -> _HangUpWatch:
         self._task = asyncio.get_running_loop().create_task(self._watch())
         return self
 
     def __exit__(self, *exc) -> None:
         # Cancelling a receive() loses no message: a disconnect still queued is read by whoever receives next.
+        assert self._task is not None  # __enter__ made it
         self._task.cancel()

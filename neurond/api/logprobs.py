@@ -4,7 +4,7 @@ token come from the served tokenizer here."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from neurond.engine.request import LogprobEntry
 

@@ -15,7 +15,8 @@ _ERROR = {
 
 
 def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
 def _generation(operation_id: str, summary: str, schema: str, bad: str) -> dict:
@@ -66,7 +67,7 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
     def simple(description: str) -> dict:
         return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
-    spec = {
+    spec: dict = {
         "openapi": "3.1.0",
         "info": {"title": "neurond", "version": "1",
                  "description": "OpenAI-compatible chat completions and (legacy) completions"},

@@ -7,8 +7,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from neurond.pool.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from neurond.engine.detok import StopStringDetokenizer
 
 _seq_ids = itertools.count(1)
 
@@ -60,11 +64,11 @@ class ChoiceGroup:
     """The requests for the n choices of one API request. Their prompt, but for its last token (from which
     each draws its own first token), is prefilled once, by one member, and copied into the others' slots."""
 
-    members: list["GenerationRequest"]
+    members: list[GenerationRequest]
     shared: int  # prompt tokens every member's cache starts with
-    prefiller: "GenerationRequest | None" = None  # the member prefilling the shared part now
+    prefiller: GenerationRequest | None = None  # the member prefilling the shared part now
 
-    def source(self) -> "GenerationRequest | None":
+    def source(self) -> GenerationRequest | None:
         """A member whose slot holds the shared part now, if any."""
         return next((m for m in self.members if m.slot is not None and m.prefilled >= self.shared), None)
 
@@ -87,7 +91,7 @@ class GenerationRequest:
     #: When a fault took the request's slot away (it is replayed after the repair, or fails past the bound).
     interrupted_at: float | None = None
     #: The engine's per-request state while it holds a KV cache slot, and across a replay.
-    detok: object | None = None
+    detok: StopStringDetokenizer | None = None
     slot: int | None = None
     prefilled: int = 0  # tokens of `context` already in the slot's cache
     decoding: bool = False

@@ -25,11 +25,19 @@ import dataclasses
 import logging
 import random
 import time
+from typing import Literal, TypedDict
 
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
-from neurond.engine.request import (ChoiceGroup, Failed, FinishReason, Finished, GenerationRequest, LogprobEntry,
-                                    TextDelta)
+from neurond.engine.request import (
+    ChoiceGroup,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    LogprobEntry,
+    TextDelta,
+)
 from neurond.observe.events import Event, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankFailed
@@ -45,6 +53,25 @@ _RAISED = (p.FaultKind.EXCEPTION, p.FaultKind.OUT_OF_MEMORY, p.FaultKind.CUDA_ER
 
 class EngineBusy(Exception):
     """The queue is full."""
+
+
+class EngineStats(TypedDict):
+    """Engine.stats: request outcomes since start (for the admin status and `neurond status`)."""
+
+    completed: int
+    failed: int
+    cancelled: int
+    replayed: int
+    quarantined: int
+    repair_wait_expired: int
+    last_cancelled_tokens: int | None
+    max_batch_seen: int
+
+
+def _slot(req: GenerationRequest) -> int:
+    """The slot of a running request (it holds one from admission until it is released)."""
+    assert req.slot is not None, f"request {req.request_id} holds no slot"
+    return req.slot
 
 
 class Engine:
@@ -67,8 +94,8 @@ class Engine:
         self._task: asyncio.Task | None = None
         #: Outcomes since start, for the admin status (and `neurond status`).
         #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
-        self.stats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
-                      "repair_wait_expired": 0, "last_cancelled_tokens": None, "max_batch_seen": 0}
+        self.stats: EngineStats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
+                                   "repair_wait_expired": 0, "last_cancelled_tokens": None, "max_batch_seen": 0}
 
     # ------------------------------------------------------------------ public
     def submit(self, req: GenerationRequest) -> None:
@@ -206,8 +233,8 @@ class Engine:
         return out
 
     async def _copy(self, group: ChoiceGroup, source: GenerationRequest, targets: list[GenerationRequest]) -> None:
-        dsts = tuple(r.slot for r in targets)
-        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, source.slot, dsts, group.shared),
+        dsts = tuple(_slot(r) for r in targets)
+        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, _slot(source), dsts, group.shared),
                                    self.deadline.prefill(1), "copy prefix", None)
         for req in targets:
             req.prefilled = group.shared
@@ -219,7 +246,7 @@ class Engine:
             start = req.prefilled
             last = start + n == len(context)
             history = tuple(req.generated) if last and req.sampling.penalized else ()
-            chunks.append(p.PrefillChunk(req.slot, tuple(context[start : start + n]), start, last, req.sampling,
+            chunks.append(p.PrefillChunk(_slot(req), tuple(context[start : start + n]), start, last, req.sampling,
                                          len(req.generated), history))
         tokens = sum(n for _, n in batch)
         t0 = time.monotonic()
@@ -231,7 +258,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.step("prefill", took)
         logprobs = replies[0].logprobs or (None,) * len(chunks)
-        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs):
+        # The rank's tokens and logprobs are one per chunk; strict=False keeps zip's behaviour with a reply from
+        # another process (a short one is not a ValueError here).
+        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs, strict=False):
             req.prefilled = chunk.start + n
             if chunk.last:
                 req.decoding = True
@@ -242,7 +271,7 @@ class Engine:
         ranks is paid once per call), never more than the batch's smallest remaining max_tokens. Tokens a
         sequence draws after it finished (its end-of-text or stop string came earlier in the call) are
         dropped; its slot went one step further, which the cache's trash column absorbs."""
-        slots = tuple(r.slot for r in batch)
+        slots = tuple(_slot(r) for r in batch)
         steps = 1
         if not self._waiting and all(r.decoding for r in self._running):
             steps = max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
@@ -275,16 +304,19 @@ class Engine:
         req.generated.append(token)
         if logprob is not None:
             req.pending_logprobs.append(LogprobEntry(token, logprob.logprob, logprob.top))
-        text = req.detok.add(token)
+        detok = req.detok
+        assert detok is not None  # made when the request was admitted
+        text = detok.add(token)
         if text:
             req.emit(TextDelta(text, self._take_logprobs(req)))
-        if req.detok.stopped:
+        if detok.stopped:
             self._finish(req, FinishReason.STOP)
         elif len(req.generated) >= req.max_tokens:
             self._finish(req, FinishReason.LENGTH)
 
     def _finish(self, req: GenerationRequest, reason: FinishReason) -> None:
         self._release(req)
+        assert req.detok is not None  # made when the request was admitted
         tail = req.detok.flush()
         if tail or req.pending_logprobs:
             req.emit(TextDelta(tail, self._take_logprobs(req)))
@@ -315,7 +347,7 @@ class Engine:
         if any(r.cancelled for r in self._waiting):
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
 
-    def _outcome(self, outcome: str, tokens: int) -> None:
+    def _outcome(self, outcome: Literal["completed", "cancelled", "repair_wait_expired"], tokens: int) -> None:
         self.stats[outcome] += 1
         if self.metrics is not None:
             self.metrics.request_done(outcome, tokens)
@@ -388,7 +420,7 @@ class Engine:
                 return
             try:
                 await asyncio.wait_for(self.supervisor.healthy.wait(), 0.25)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

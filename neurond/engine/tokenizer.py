@@ -89,9 +89,10 @@ class ChatTokenizer:
         if piece is None:
             return b""
         if type(self._tok.decoder).__name__ == "ByteLevel":
-            decoded = [_BYTE_OF.get(ch) for ch in piece]
-            if None not in decoded:
-                return bytes(decoded)
+            try:
+                return bytes(_BYTE_OF[ch] for ch in piece)
+            except KeyError:  # a character outside the byte alphabet
+                pass
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             try:
                 return bytes([int(piece[3:5], 16)])

@@ -43,7 +43,8 @@ SPECIAL_TOKENS = [BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT]
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
@@ -59,7 +60,7 @@ Hello! How are you today? I am fine, thank you. What is the weather like? It is 
 You are a helpful assistant. Answer the question briefly and clearly.
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 42 100 1000 2026. Punctuation: , . ; : ! ? ' " ( ) [ ] { } - _ / \\ @ # $ % & * + = < >
 system user assistant tool function model token tokens request response stream error ready health
-"""
+"""  # noqa: E501 - the tokenizer's training text: a line longer than 120 stays as it is
 
 
 def builtin_dir(cache_dir: Path) -> Path:

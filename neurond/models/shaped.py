@@ -13,8 +13,12 @@ special tokens would decode to nothing, and streamed output would show no tokens
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neurond.models.builtin import BOS, CHAT_TEMPLATE, EOS, EOT, SEED
+
+if TYPE_CHECKING:
+    import torch
 
 
 def shaped_preset(name: str) -> dict:
@@ -90,7 +94,7 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
             bs.append(b)
             cs.append(256 + extra)
             extra += 1
-    byte_char = {b: chr(c) for b, c in zip(bs, cs)}
+    byte_char = {b: chr(c) for b, c in zip(bs, cs, strict=True)}
     alphabet = [byte_char[b] for b in range(256)]
     printable = [byte_char[b] for b in range(0x20, 0x7F)]
     vocab = {ch: k for k, ch in enumerate(alphabet)}
@@ -103,8 +107,8 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
         merges.append((left, right))
         return True
 
-    for a, b in itertools.product(printable, repeat=2):
-        if not add(a + b, a, b):
+    for left, right in itertools.product(printable, repeat=2):
+        if not add(left + right, left, right):
             break
     if len(vocab) < n_regular:
         rng = random.Random(seed)
@@ -122,7 +126,7 @@ def shaped_tokenizer(vocab_size: int, seed: int = SEED):
     return tok
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, object]]) -> int:
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
     """Write (name, CPU tensor) pairs as one safetensors file without an extra copy; return the data bytes."""
     import json
     import struct
@@ -200,7 +204,7 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
     weight_map, total = {}, 0
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
-        for fname, group in zip(files, groups):
+        for fname, group in zip(files, groups, strict=True):
             tensors = []
             for name, shape in group:
                 if len(shape) == 1:

@@ -134,7 +134,7 @@ between; `systemctl status neurond` (STATUS=) and `neurond status` show the late
 
 Nothing to do. A load that stops making progress ends after load_timeout_s with a rank_timeout fault. A
 slow one points at the disk or the filesystem the checkpoint is on (a cold page cache, a network mount):
-compare the time between the first and the last entry of a rank with the checkpoint's size."""),
+compare the time between the first and the last entry of a rank with the checkpoint's size."""),  # noqa: E501 - the catalog entry's own wrapping
 )}
 
 BY_ID: dict[str, Message] = {m.message_id: m for m in MESSAGES.values()}

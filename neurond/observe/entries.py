@@ -20,6 +20,7 @@ one's stop, or by a second start.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -149,7 +150,7 @@ def instances(entries: list[Entry]) -> list[tuple[Instance, list[Entry]]]:
     for rows in by_process.values():
         rows.sort(key=lambda e: e.order)
         cuts = _starts(rows)
-        runs += [rows[a:b] for a, b in zip(cuts, cuts[1:] + [len(rows)])]
+        runs += [rows[a:b] for a, b in itertools.pairwise(cuts + [len(rows)])]
     found = [(Instance(r[0].host, r[0].unit, r[0].boot, r[0].pid, min(e.realtime_us for e in r),
                        max(e.realtime_us for e in r), r[-1].realtime_us if r[-1].is_stop else None), r) for r in runs]
     found.sort(key=lambda pair: (pair[0].host, pair[0].start_us))

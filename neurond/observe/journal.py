@@ -24,6 +24,7 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import FrameType
 
 from neurond.observe.catalog import MESSAGES, priority_of
 from neurond.observe.events import Event, EventSink
@@ -111,7 +112,8 @@ def parse_structured_line(line: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- code site
 _OBSERVE = str(Path(__file__).resolve().parent) + os.sep
 _STATEMACHINE = importlib.util.find_spec("statemachine")
-_SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,) if _STATEMACHINE else ())
+_SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,)
+                            if _STATEMACHINE and _STATEMACHINE.origin else ())
 _SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
 # Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
 # the on_spawn callback): CODE_* should name the code that decided, not the relay.
@@ -120,7 +122,7 @@ _RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn"})
 
 def call_site() -> tuple[str, int, str]:
     """(file, line, function) of the first frame outside the event/lifecycle plumbing."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     fallback = None
     while frame is not None:
         code = frame.f_code
@@ -251,6 +253,7 @@ class JournalLogHandler(logging.Handler):
             line = self.format(record)
             message = record.getMessage()
             if record.exc_info:
+                assert self.formatter is not None  # set in __init__
                 message += "\n" + self.formatter.formatException(record.exc_info)
             entry = {
                 "MESSAGE": message,

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from neurond.observe.events import Event, EventSink
 from neurond.observe.progress import in_progress, summary

@@ -7,7 +7,7 @@ slices it keeps: every rank reads its part of every file, so each rank's total i
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from neurond.pool.protocol import LoadProgress
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from neurond.config import Config
 from neurond.observe.events import Event
@@ -90,7 +91,7 @@ class Deadlines:
         return min(RELEASE_GRACE_MAX_S, self.abort_s)
 
     @classmethod
-    def from_config(cls, config: Config) -> "Deadlines":
+    def from_config(cls, config: Config) -> Deadlines:
         return cls(abort_s=config.abort_timeout_s, comm_s=config.comm_timeout_s, load_s=config.load_timeout_s)
 
 
@@ -125,7 +126,7 @@ class RepairLadder:
         self.layers_bound_to_group = layers_bound_to_group
 
     @classmethod
-    def from_config(cls, config: Config, emit: Emit, restart: Callable[[], Awaitable[None]]) -> "RepairLadder":
+    def from_config(cls, config: Config, emit: Emit, restart: Callable[[], Awaitable[None]]) -> RepairLadder:
         return cls(Deadlines.from_config(config), emit, restart, world_size=config.tp_size,
                    layers_bound_to_group=config.tp_impl == "transformers")
 
@@ -153,6 +154,7 @@ class RepairLadder:
         """
         victims: set[int] = {r for r in range(pool.world_size) if r not in pool.alive_ranks()}
         if isinstance(fault, RankDied) or not fault.context_ok:
+            assert fault.rank is not None  # a death or a ruined context is one rank's
             victims.add(fault.rank)
         await self._ping_busy(pool, victims)  # the wedged ones join the victims
         await self._kill(pool, victims, cause)
@@ -205,6 +207,7 @@ class RepairLadder:
             return Busy()
         busy = Busy()
         for rank, pong in pongs.items():
+            assert isinstance(pong, p.Pong)  # a Ping's answer
             if pong.busy_s <= 0:
                 continue
             if pong.in_collective:
@@ -268,5 +271,5 @@ class RepairLadder:
         BACKSTOP_S after its worst case with the StepTimeout the pool would have raised."""
         try:
             return await asyncio.wait_for(step, deadline_s * calls + BACKSTOP_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StepTimeout(sorted(ranks), deadline_s, what) from None

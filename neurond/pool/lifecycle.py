@@ -33,7 +33,7 @@ class Cause:
     attempt: int = 0
     detail: str = ""
 
-    def with_(self, **changes) -> "Cause":
+    def with_(self, **changes) -> Cause:
         return replace(self, **changes)
 
 

@@ -13,8 +13,8 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
@@ -137,9 +137,12 @@ class RankPool:
         pool's)."""
         timeout_s = self.comm_timeout_s if timeout_s is None else timeout_s
         opened = await self.call([0], lambda cid: p.OpenStore(cid), timeout_s, "open store")
-        port = opened[0].port
+        store = opened[0]
+        assert isinstance(store, p.StoreOpened)  # an OpenStore's answer
+        port = store.port
         comm_id = next(self._comm_ids)
-        await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s, "join communicator")
+        await self.call_all(lambda cid: p.JoinComm(cid, comm_id, "127.0.0.1", port, timeout_s), timeout_s,
+                            "join communicator")
         return comm_id
 
     async def load(self, ranks, timeout_s: float | None = None) -> None:
@@ -150,6 +153,7 @@ class RankPool:
         replies = await self._call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard",
                                    control=False, stall_s=self.load_stall_timeout_s)
         for rank, reply in replies.items():
+            assert isinstance(reply, p.Done)  # a LoadShard's answer
             self.load_info[rank] = reply.info
 
     # ------------------------------------------------------------------ calls
@@ -190,7 +194,7 @@ class RankPool:
             if stall_s is None:
                 try:
                     return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     missing = sorted(call.ranks - call.replies.keys())
                     raise StepTimeout(missing, deadline_s, what) from None
             return await self._watch_progress(call, deadline_s, stall_s)
@@ -203,6 +207,8 @@ class RankPool:
     async def _watch_progress(call: _Call, deadline_s: float, stall_s: float) -> dict[int, object]:
         """Wait for `call` within `deadline_s`, and fail it as soon as a rank that has not answered went
         `stall_s` without a progress report."""
+        progress_at = call.progress_at
+        assert progress_at is not None  # _call sets it when it watches for progress
         end = time.monotonic() + deadline_s
         while True:
             left = end - time.monotonic()
@@ -210,10 +216,10 @@ class RankPool:
                 raise StepTimeout(sorted(call.ranks - call.replies.keys()), deadline_s, call.what)
             try:
                 return await asyncio.wait_for(asyncio.shield(call.future), min(left, STALL_POLL_S))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 now = time.monotonic()
                 stalled = sorted(r for r in call.ranks - call.replies.keys() - call.failures.keys()
-                                 if now - call.progress_at[r] > stall_s)
+                                 if now - progress_at[r] > stall_s)
                 if stalled:
                     raise StepTimeout(stalled, stall_s, f"{call.what} (no progress)") from None
 
@@ -228,9 +234,9 @@ class RankPool:
         if isinstance(reply, p.Imported):  # a fresh process's imports are done: its Started follows
             return
         if isinstance(reply, p.LoadProgress):  # answers no call
-            for call in self._calls.values():
-                if call.progress_at is not None and reply.rank in call.progress_at:
-                    call.progress_at[reply.rank] = time.monotonic()
+            for watched in self._calls.values():
+                if watched.progress_at is not None and reply.rank in watched.progress_at:
+                    watched.progress_at[reply.rank] = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress(reply)
             return
@@ -262,7 +268,8 @@ class RankPool:
         call.future.set_exception(primary)
 
     def _on_exit(self, rank: int, exitcode: int | None) -> None:
-        log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank, exitcode)
+        log.log(logging.INFO if self._closing else logging.ERROR, "rank %d: process exited with code %s", rank,
+                exitcode)
         fault = RankDied(rank, exitcode)
         fut = self._started.get(rank)
         if fut is not None and not fut.done():
@@ -291,8 +298,8 @@ class RankPool:
         writes every thread's Python stack to stderr (the journal), and a moment for it to do so."""
         if dump_stacks:
             alive = [self.ranks[r] for r in ranks if self.ranks.get(r) is not None and self.ranks[r].alive]
-            for proc in alive:
-                proc.signal(signal.SIGUSR1)
+            for each in alive:
+                each.signal(signal.SIGUSR1)
             if alive:
                 await asyncio.sleep(STACK_DUMP_S)
         for rank in ranks:

@@ -16,8 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
-from typing import Callable
 
 from neurond.pool import protocol as p
 
@@ -35,8 +36,8 @@ class RankProcess:
         self.env: dict[str, str] = {}
         self.process: subprocess.Popen | None = None
         self._pidfd: int | None = None
-        self.step_conn = None
-        self.ctrl_conn = None
+        self.step_conn: Connection | None = None
+        self.ctrl_conn: Connection | None = None
         self.exitcode: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[int] = []
@@ -52,7 +53,7 @@ class RankProcess:
         return self.process is not None and self.exitcode is None
 
     @classmethod
-    def spare(cls, env: tuple[tuple[str, str], ...]) -> "RankProcess":
+    def spare(cls, env: tuple[tuple[str, str], ...]) -> RankProcess:
         """A worker process started before it is needed: it imports torch and transformers, then waits for
         the WorkerSpec that makes it a rank (`assign`). It holds no device until then."""
         proc = cls(None)
@@ -99,13 +100,17 @@ class RankProcess:
         on_exit: Callable[[int, int | None], None],
     ) -> None:
         """Start the process (or take over a spare's) and send it its spec. Raises OSError when a spare died."""
+        spec = self.spec
+        assert spec is not None  # a spare is assigned its spec first
         if self.process is None:
-            self._popen(self.spec.env)
-        self.step_conn.send(self.spec)
+            self._popen(spec.env)
+        process, step_conn, ctrl_conn = self.process, self.step_conn, self.ctrl_conn
+        assert process is not None and step_conn is not None and ctrl_conn is not None  # _popen made them
+        step_conn.send(spec)
         # A pidfd becomes readable when the process exits: death is an event, not something to poll for.
-        self._pidfd = os.pidfd_open(self.process.pid)
+        self._pidfd = os.pidfd_open(process.pid)
         self._loop = loop
-        self._exited = asyncio.Event()
+        self._exited = exited = asyncio.Event()
 
         def drain(conn) -> None:
             try:
@@ -116,19 +121,19 @@ class RankProcess:
 
         def reaped() -> None:
             self._unwatch_all()
-            code = self.process.poll()
+            code = process.poll()
             self.exitcode = code if code is not None else -1
             # Replies sent just before death are still in the pipes: deliver them first.
-            for conn in (self.step_conn, self.ctrl_conn):
+            for conn in (step_conn, ctrl_conn):
                 try:
                     while conn.poll():
                         on_reply(self.rank, conn.recv())
                 except (EOFError, OSError):
                     pass
-            self._exited.set()
+            exited.set()
             on_exit(self.rank, self.exitcode)
 
-        for conn in (self.step_conn, self.ctrl_conn):
+        for conn in (step_conn, ctrl_conn):
             loop.add_reader(conn.fileno(), drain, conn)
             self._watched.append(conn.fileno())
         loop.add_reader(self._pidfd, reaped)
@@ -176,7 +181,7 @@ class RankProcess:
             return True
         try:
             await asyncio.wait_for(self._exited.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return not self.alive
 

@@ -41,7 +41,7 @@ class SpareWorkers:
             return None
         self._idle = [proc for proc in self._idle if self._alive(proc)]
         ready = [proc for proc in self._idle if proc.imported]
-        proc = (ready or self._idle or [None])[0]
+        proc = next(iter(ready or self._idle), None)
         if proc is not None:
             self._idle.remove(proc)
         self.fill()

@@ -16,12 +16,12 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from neurond.config import Config
+from neurond.observe.events import Event, EventSink, emit
 from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable
-from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, Rung
 from neurond.pool.lifecycle import Cause, Lifecycle, new_incident_id
 from neurond.pool.pool import RankPool

@@ -53,7 +53,8 @@ def register(model) -> None:
 
 def norm_eps(module) -> float:
     """An RMSNorm module's epsilon (Llama-style modules call it variance_epsilon, others eps)."""
-    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6))
+    eps = getattr(module, "variance_epsilon", None)
+    return float(eps if eps else getattr(module, "eps", 1e-6))
 
 
 def fused_rms_norm(module, hidden_states):

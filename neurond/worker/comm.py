@@ -31,10 +31,11 @@ class Communicator:
         """Rank 0: open a master TCPStore on an OS-chosen port; return the port."""
         import torch.distributed as dist
 
-        self._store = dist.TCPStore(
+        store = dist.TCPStore(
             "127.0.0.1", 0, self.world_size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
         )
-        return self._store.port
+        self._store = store
+        return store.port
 
     def join(self, comm_id: int, host: str, port: int, timeout_s: float) -> None:
         """Form process group `comm_id` on the store at host:port."""

@@ -18,6 +18,8 @@ activations other than SiLU) are not `supported`; the runner then uses transform
 
 from __future__ import annotations
 
+from typing import Any
+
 from neurond.worker import attention
 
 
@@ -114,10 +116,10 @@ def silu_mul(gate_up, inter: int):
     return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
-_KERNELS: dict[bool, "Kernels"] = {}
+_KERNELS: dict[bool, Kernels] = {}
 
 
-def kernels(compiled: bool) -> "Kernels":
+def kernels(compiled: bool) -> Kernels:
     """The process's one set of kernels of each kind: compiled code is cached per torch.compile wrapper, so
     the runner must use the very wrappers `prewarm` compiled."""
     if compiled not in _KERNELS:
@@ -175,7 +177,7 @@ class DecoderLayer:
         self.in_w, self.in_eps = self.in_norm.weight, attention.norm_eps(self.in_norm)
         self.post_w, self.post_eps = post_norm.weight, attention.norm_eps(post_norm)
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3: RMSNorm of each head before the rotation
-        self.k_norm = getattr(attn, "k_norm", None)
+        self.k_norm: Any = getattr(attn, "k_norm", None)  # a module whenever q_norm is one
         self.o_proj = attn.o_proj
         self.down_proj = mlp.down_proj
         self.scale = getattr(attn, "scaling", head_dim**-0.5)

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("neurond.worker")
 
@@ -35,7 +39,7 @@ class DecodeGraphs:
         import torch
 
         self.runner = runner
-        self._graphs: dict[tuple[int, int], tuple[object, object]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # -> (graph, outputs)
         self._pool = torch.cuda.graph_pool_handle()
         self._released = False
         # True while the compute thread launches a replay. A launch can block while the GPU is stuck on a peer

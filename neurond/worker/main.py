@@ -20,8 +20,15 @@ import sys
 import threading
 import time
 import traceback
+from typing import TYPE_CHECKING, Any
 
 from neurond.pool import protocol as p
+
+if TYPE_CHECKING:
+    from neurond.worker.comm import Communicator
+    from neurond.worker.runner import ModelRunner
+    from neurond.worker.shard import Shard
+    from neurond.worker.tp import CollectiveGuard
 
 log = logging.getLogger("neurond.worker")
 
@@ -52,12 +59,13 @@ class Worker:
         self.rank = spec.rank
         self._send_lock = threading.Lock()  # both threads may answer on the control pipe
         self._busy_since = 0.0
-        self.device = None
+        # Set by start(), before the control thread starts and before any command is served.
+        self.device: Any = None  # a torch.device
         self.backend = ""
-        self.comm = None
-        self.shard = None
-        self.runner = None
-        self.guard = None
+        self.comm: Communicator | None = None
+        self.shard: Shard | None = None
+        self.runner: ModelRunner | None = None  # once a shard is loaded
+        self.guard: CollectiveGuard | None = None
         self._prewarm: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start
@@ -66,8 +74,8 @@ class Worker:
 
         from neurond.worker.comm import Communicator
         from neurond.worker.faults import FaultPlan
-        from neurond.worker.tp import CollectiveGuard
         from neurond.worker.shard import Shard, pick_backend, pick_device
+        from neurond.worker.tp import CollectiveGuard
 
         self.device = pick_device(self.spec.device, self.rank)
         if self.device.type == "cuda":
@@ -118,6 +126,7 @@ class Worker:
                 log.warning("rank %d: control pipe closed, leader gone; exiting", self.rank)
                 os._exit(70)
             if isinstance(cmd, p.Ping):
+                assert self.guard is not None  # set before this thread starts
                 now = time.monotonic()
                 busy = now - self._busy_since if self._busy_since else 0.0
                 # Outside any collective since the call began or the last collective returned: a rank released
@@ -131,7 +140,7 @@ class Worker:
                     continue
                 try:
                     self.faults.arm(cmd.kind, cmd.phase, cmd.count,
-                                    acknowledge=lambda: self._send_ctrl(p.Done(cmd.call_id, self.rank)))
+                                    acknowledge=lambda call_id=cmd.call_id: self._send_ctrl(p.Done(call_id, self.rank)))
                 except ValueError as exc:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))
             elif isinstance(cmd, p.AbortComm):
@@ -151,19 +160,22 @@ class Worker:
         try:
             # CUDA's current device is per thread: without this, CUDA calls here would open a context on GPU 0.
             self._on_device()
-            graphs = self.runner.release_graphs() if self.runner is not None else []
+            runner, comm = self.runner, self.comm
+            assert comm is not None  # set before this thread starts
+            graphs = runner.release_graphs() if runner is not None else []
             outcome: list[tuple[bool, str]] = []
 
             def abort() -> None:
                 self._on_device()
-                outcome.append(self.comm.abort())
+                outcome.append(comm.abort())
 
             aborter = threading.Thread(target=abort, name=f"rank{self.rank}-abort", daemon=True)
             aborter.start()
             failed, taken = "", len(graphs)
             if graphs:
+                assert runner is not None  # it gave the graphs
                 try:
-                    self.runner.destroy_graphs(graphs, ABORT_JOIN_S)
+                    runner.destroy_graphs(graphs, ABORT_JOIN_S)
                 except Exception as exc:  # noqa: BLE001 - reported to the leader, which kills this rank
                     failed = f"decode graphs not destroyed: {exc}"
                 del graphs
@@ -205,7 +217,9 @@ class Worker:
             self.step_conn.send(self._run(cmd))
 
     def _run(self, cmd) -> p.Done | p.StepFailed | p.StoreOpened:
-        mark = self.comm.abort_count()
+        comm = self.comm
+        assert comm is not None  # started
+        mark = comm.abort_count()
         self._busy_since = time.monotonic()
         failed = None
         try:
@@ -217,7 +231,7 @@ class Worker:
         finally:
             duration = time.monotonic() - self._busy_since
             self._busy_since = 0.0
-        if self.comm.aborted_since(mark) and isinstance(cmd, (p.Prefill, p.Decode, p.JoinComm, p.LoadShard)):
+        if comm.aborted_since(mark) and isinstance(cmd, (p.Prefill, p.Decode, p.JoinComm, p.LoadShard)):
             # The communicator was aborted under this call: on NCCL the collective returns normally, so whatever
             # it computed is garbage; an error it raised (graphs released, a collective failed) is the abort's.
             if failed is not None and not failed.context_ok:
@@ -230,27 +244,34 @@ class Worker:
         tokens, info = result
         if self.rank != 0:  # every rank draws the same tokens; rank 0 reports them
             return p.Done(cmd.call_id, self.rank, (), duration, info)
-        logprobs = ()
-        if isinstance(cmd, (p.Prefill, p.Decode)) and any(e is not None for e in self.runner.last_logprobs):
-            logprobs = tuple(self.runner.last_logprobs)
+        logprobs: tuple[p.TokenLogprob | None, ...] = ()
+        if isinstance(cmd, (p.Prefill, p.Decode)):
+            assert self.runner is not None  # the step just ran on it
+            if any(e is not None for e in self.runner.last_logprobs):
+                logprobs = tuple(self.runner.last_logprobs)
         return p.Done(cmd.call_id, self.rank, tuple(tokens), duration, info, logprobs)
 
     def _dispatch(self, cmd):
+        runner, comm = self.runner, self.comm
+        assert comm is not None  # started
         if isinstance(cmd, p.Decode):
             self.faults.fire("decode")
-            return self.runner.decode(cmd.slots, cmd.steps), {}
+            assert runner is not None, "decode before a shard was loaded"
+            return runner.decode(cmd.slots, cmd.steps), {}
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
-            return self.runner.prefill(cmd.chunks), {}
+            assert runner is not None, "prefill before a shard was loaded"
+            return runner.prefill(cmd.chunks), {}
         if isinstance(cmd, p.CopyPrefix):
-            self.runner.copy_prefix(cmd.src, cmd.dsts, cmd.length)
+            assert runner is not None, "copy before a shard was loaded"
+            runner.copy_prefix(cmd.src, cmd.dsts, cmd.length)
             return (), {}
         if isinstance(cmd, p.OpenStore):
-            return p.StoreOpened(cmd.call_id, self.rank, self.comm.open_store())
+            return p.StoreOpened(cmd.call_id, self.rank, comm.open_store())
         if isinstance(cmd, p.JoinComm):
-            if self.runner is not None:
-                self.runner.reset()
-            self.comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
+            if runner is not None:
+                runner.reset()
+            comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
             return (), {}
         if isinstance(cmd, p.LoadShard):
             self.faults.fire("load")
@@ -273,14 +294,17 @@ class Worker:
             if last:
                 report(*last[0])
 
+        shard = self.shard
+        assert shard is not None  # made by start()
         t0 = time.monotonic()
-        info = self.shard.load(progress=report)
+        info = shard.load(progress=report)
         info["load_s"] = round(time.monotonic() - t0, 3)
         spec = self.spec
         self.runner = ModelRunner(
-            self.shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
+            shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
             world_size=spec.world_size, use_graphs=spec.cuda_graphs,
-            compile_kernels=spec.torch_compile and self.device.type == "cuda",  # CPU: 8.7 s of compile per start (built-in model)
+            # Not on CPU: 8.7 s of compile per start (built-in model).
+            compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
@@ -297,7 +321,8 @@ class Worker:
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
         kind, context_ok = classify(exc, self.device)
-        log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__, "".join(traceback.format_exception_only(exc)).strip())
+        log.error("rank %d: %s failed: %s", self.rank, type(cmd).__name__,
+                  "".join(traceback.format_exception_only(exc)).strip())
         if context_ok:
             try:
                 if self.runner is not None:

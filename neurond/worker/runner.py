@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from neurond.pool.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.kv_cache import SlotKVCache
 from neurond.worker.sampler import adjust, logprobs_of, sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from neurond.worker.graphs import DecodeGraphs
 
 log = logging.getLogger("neurond.worker")
 
@@ -97,7 +103,7 @@ class ModelRunner:
         self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
         # [slots, vocab] int32: how often each slot's sequence generated each token (penalties), made on first use
-        self._counts = None
+        self._counts: torch.Tensor | None = None
         #: The last prefill's or decode's log-probabilities, one entry per token it returned (None where the
         #: sequence asked for none).
         self.last_logprobs: list[TokenLogprob | None] = []
@@ -115,7 +121,7 @@ class ModelRunner:
         # One event per queued step, recorded after it: the host waits for the step QUEUED_STEPS_AT_TP back.
         self._pace = [torch.cuda.Event() for _ in range(QUEUED_STEPS_AT_TP)] \
             if device.type == "cuda" and world_size > 1 else None
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
         if use_graphs and device.type == "cuda":
             from neurond.worker.graphs import DecodeGraphs
 
@@ -222,14 +228,14 @@ class ModelRunner:
                 slots_done = [c.slot for c in finished]
                 drawn, lp = self._sample(picked, slots_done, index)
                 tokens = drawn.tolist()  # the step's one host sync
-                for r, entry in zip(done, self._logprob_entries(slots_done, lp)):
+                for r, entry in zip(done, self._logprob_entries(slots_done, lp), strict=True):
                     self.last_logprobs[r] = entry
                 for slot in slots_done:
                     self.drawn[slot] += 1
                 ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
                 self.seq_len.index_copy_(0, index, ends)
                 self.active[index] = True
-                for r, c, t in zip(done, finished, tokens):
+                for r, c, t in zip(done, finished, tokens, strict=True):
                     self.lengths[c.slot] = c.start + len(c.token_ids)
                     out[r] = t
             return out
@@ -277,7 +283,7 @@ class ModelRunner:
                     self.drawn[s] += 1
                     self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
             every = out.tolist()  # the call's one host sync
-            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp))) for lp in step_logprobs] \
+            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp), strict=True)) for lp in step_logprobs] \
                 if any(lp is not None for lp in step_logprobs) else []
         self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
         return [row[s] for row in every for s in slots]
@@ -291,7 +297,7 @@ class ModelRunner:
                 or not 0 < length < self.cache.trash:
             raise ValueError(f"cannot copy {length} positions of slot {src} to {dsts} ({self.slots} slots)")
         with torch.inference_mode():
-            for k, v in zip(self.cache.k, self.cache.v):
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
                 for d in dsts:
                     k[d, :, :length].copy_(k[src, :, :length])
                     v[d, :, :length].copy_(v[src, :, :length])
@@ -304,7 +310,10 @@ class ModelRunner:
         import torch
 
         params = [self.sampling[s] for s in slots]
-        counts = self._counts.index_select(0, index) if any(sp.penalized for sp in params) else None
+        counts = None
+        if any(sp.penalized for sp in params):
+            assert self._counts is not None  # _start_counts made them for the penalized sequence
+            counts = self._counts.index_select(0, index)
         tokens = sample(adjust(logits, params, counts), params, [self.drawn[s] for s in slots])
         self.next_tok.index_copy_(0, index, tokens)
         if self._counts is not None:
@@ -334,7 +343,7 @@ class ModelRunner:
         out: list[TokenLogprob | None] = []
         for i, s in enumerate(slots):
             k = self.sampling[s].logprobs
-            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k]))))
+            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k], strict=True))))
         return out
 
     def reset(self) -> None:
@@ -353,6 +362,7 @@ class ModelRunner:
     def destroy_graphs(self, graphs: list, timeout_s: float) -> None:
         """Control thread, once the abort is under way: destroy what `release_graphs` took (called only when
         it took some)."""
+        assert self.graphs is not None  # they gave the graphs
         self.graphs.destroy(graphs, timeout_s)
 
     def warm_up(self, capture_graphs: bool = True, progress: Callable[[], None] = lambda: None) -> float:

@@ -10,8 +10,10 @@ replaced without touching the survivors' weights) or, with `tp_impl = "transform
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-
+if TYPE_CHECKING:
+    import torch
 
 def pick_device(requested: str, rank: int):
     import torch
@@ -51,13 +53,12 @@ class Shard:
         self.device = device
         self.rank = rank
         self.world_size = world_size
-        self.model = None
+        self.model: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ load
     def load(self, progress=None) -> dict:
         """`progress(done_bytes, total_bytes, files_done, files_total)` as checkpoint files are read (neurond's
         own sharding only; transformers' loader reports nothing)."""
-        import torch
         from transformers import AutoModelForCausalLM
 
         if self.tp_impl == "neurond":
@@ -82,7 +83,8 @@ class Shard:
         """What a rank reports after loading: dtype and device memory (the KV cache's size is the runner's)."""
         import torch
 
-        info = {"dtype": str(next(self.model.parameters()).dtype)}
+        assert self.model is not None  # called once loaded
+        info: dict[str, str | int] = {"dtype": str(next(self.model.parameters()).dtype)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
