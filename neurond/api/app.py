@@ -237,6 +237,14 @@ class API:
             ids = ids["input_ids"]
         return list(ids)
 
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        """Token ids a client sent (a prompt, logit_bias keys) must be rows of the model's embedding."""
+        vocab = self.model.vocab_size or len(self.model.tokenizer)
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is not in the vocabulary (ids 0 to {vocab - 1})",
+                           param=param, code="invalid_value")
+
     async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
                         requested: int | None, shape: _Shape) -> Response:
         """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
@@ -254,10 +262,7 @@ class API:
                 param="max_tokens", code="context_length_exceeded")
         max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
         bias = parsed.bias()
-        vocab = self.model.vocab_size or len(self.model.tokenizer)
-        if bias and bias[-1][0] >= vocab:
-            raise APIError(400, f"logit_bias: token id {bias[-1][0]} is not in the vocabulary (ids 0 to {vocab - 1})",
-                           param="logit_bias", code="invalid_value")
+        self._check_ids([token for token, _ in bias], "logit_bias")
         # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
         # load, so a request that fits the window fits in memory.
         request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
@@ -309,11 +314,7 @@ class API:
             echo = parsed.prompt
         else:
             prompt_ids = list(parsed.prompt)
-            vocab = self.model.vocab_size or len(self.model.tokenizer)
-            bad = next((i for i in prompt_ids if i >= vocab), None)
-            if bad is not None:
-                raise APIError(400, f"prompt: token id {bad} is not in the vocabulary (ids 0 to {vocab - 1})",
-                               param="prompt", code="invalid_value")
+            self._check_ids(prompt_ids, "prompt")
             echo = self.model.tokenizer.decode(prompt_ids) if parsed.echo else ""  # as generated text is
         shape = _completion_shape(echo if parsed.echo else "")
         return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)

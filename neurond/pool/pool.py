@@ -191,32 +191,29 @@ class RankPool:
                         await proc.send_step(cmd)
                 except (BrokenPipeError, OSError):
                     raise RankDied(rank, proc.exitcode) from None
-            if stall_s is None:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(call.future), deadline_s)
-                except TimeoutError:
-                    missing = sorted(call.ranks - call.replies.keys())
-                    raise StepTimeout(missing, deadline_s, what) from None
-            return await self._watch_progress(call, deadline_s, stall_s)
+            return await self._wait(call, deadline_s, stall_s)
         finally:
             self._calls.pop(call_id, None)
             if not call.future.done():
                 call.future.cancel()
 
     @staticmethod
-    async def _watch_progress(call: _Call, deadline_s: float, stall_s: float) -> dict[int, object]:
-        """Wait for `call` within `deadline_s`, and fail it as soon as a rank that has not answered went
-        `stall_s` without a progress report."""
-        progress_at = call.progress_at
-        assert progress_at is not None  # _call sets it when it watches for progress
+    async def _wait(call: _Call, deadline_s: float, stall_s: float | None) -> dict[int, object]:
+        """Wait for `call` within `deadline_s`; with `stall_s`, also fail it as soon as a rank that has not
+        answered went that long without a progress report (call.progress_at)."""
         end = time.monotonic() + deadline_s
         while True:
             left = end - time.monotonic()
             if left <= 0:
                 raise StepTimeout(sorted(call.ranks - call.replies.keys()), deadline_s, call.what)
             try:
-                return await asyncio.wait_for(asyncio.shield(call.future), min(left, STALL_POLL_S))
+                return await asyncio.wait_for(asyncio.shield(call.future),
+                                              left if stall_s is None else min(left, STALL_POLL_S))
             except TimeoutError:
+                if stall_s is None:
+                    continue  # the deadline has passed: raised above
+                progress_at = call.progress_at
+                assert progress_at is not None  # _call sets it when it watches for progress
                 now = time.monotonic()
                 stalled = sorted(r for r in call.ranks - call.replies.keys() - call.failures.keys()
                                  if now - progress_at[r] > stall_s)
