@@ -8,19 +8,7 @@ import json
 import openai
 import pytest
 
-from neurond.engine.tokenizer import ChatTokenizer
 from tests.conftest import MODEL, chat_body, http
-
-
-@pytest.fixture(scope="module")
-def client(daemon_tp1):
-    return openai.OpenAI(base_url=daemon_tp1.url("/v1"), api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(builtin_model):
-    return ChatTokenizer(builtin_model)
-
 
 PROMPT = "The quick brown fox"
 

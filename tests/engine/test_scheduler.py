@@ -105,11 +105,14 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
     return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
 
 
-async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1):
+async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False):
+    """`together`: the requests are one API request's choices (Engine.submit_all)."""
     engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
                     prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps)
     engine.start()
-    for r in reqs:
+    if together:
+        engine.submit_all(reqs)
+    for r in [] if together else reqs:
         engine.submit(r)
         if delay_s:
             await asyncio.sleep(delay_s)
@@ -313,26 +316,9 @@ def test_several_decode_steps_per_call_give_the_same_streams():
 
 
 def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4):
-    async def go():
-        engine = Engine(sup, Tokens(), deadline=StepDeadline(1.0, 10.0, 20.0), max_queued=16, max_batch=max_batch,
-                        prefill_chunk=4)
-        engine.start()
-        reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
-        engine.submit_all(reqs)
-        out = {}
-        for req in reqs:
-            text = ""
-            while True:
-                ev = await asyncio.wait_for(req.events.get(), 10)
-                if isinstance(ev, TextDelta):
-                    text += ev.text
-                else:
-                    out[req.request_id] = (ev, text)
-                    break
-        await engine.stop()
-        return engine, reqs, out
-
-    return asyncio.run(go())
+    reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
+    engine, out = asyncio.run(run(sup, reqs, max_batch=max_batch, chunk=4, together=True))
+    return engine, reqs, out
 
 
 def test_n_choices_prefill_their_prompt_once_and_copy_it():

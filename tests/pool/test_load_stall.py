@@ -1,4 +1,4 @@
-"""A load is watched for progress (RankPool._watch_progress): a rank that stops reporting fails the call after
+"""A load is watched for progress (RankPool._wait): a rank that stops reporting fails the call after
 the stall deadline, long before the load deadline; one that keeps reporting, or has answered, does not."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_a_rank_that_stops_reporting_is_named_after_the_stall_deadline():
         reporter = asyncio.ensure_future(_report(call, 0))
         t0 = time.monotonic()
         with pytest.raises(StepTimeout) as err:
-            await RankPool._watch_progress(call, deadline_s=30.0, stall_s=0.6)
+            await RankPool._wait(call, deadline_s=30.0, stall_s=0.6)
         reporter.cancel()
         return time.monotonic() - t0, err.value
 
@@ -50,7 +50,7 @@ def test_reports_keep_a_slow_load_alive_and_an_answered_rank_is_not_watched():
             call.future.set_result({0: "done", 1: "done"})
 
         asyncio.ensure_future(finish())
-        result = await RankPool._watch_progress(call, deadline_s=30.0, stall_s=0.5)
+        result = await RankPool._wait(call, deadline_s=30.0, stall_s=0.5)
         reporter.cancel()
         return result
 
@@ -62,7 +62,7 @@ def test_the_load_deadline_still_bounds_a_load_that_reports():
         call = _call([0])
         reporter = asyncio.ensure_future(_report(call, 0))
         with pytest.raises(StepTimeout) as err:
-            await RankPool._watch_progress(call, deadline_s=0.8, stall_s=10.0)
+            await RankPool._wait(call, deadline_s=0.8, stall_s=10.0)
         reporter.cancel()
         return err.value
 
