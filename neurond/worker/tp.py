@@ -160,7 +160,8 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
         return out
 
     sizes = [file.stat().st_size for file in files]
-    total, files_done, reported = sum(sizes), 0, (-1, -1)
+    total, files_done = sum(sizes), 0
+    reported = (0, 0)  # the first report's: a wake-up before any byte arrived must not repeat it
     if progress is not None:
         progress(0, total, 0, len(files))
     # One thread per file: page-cache reads and host-to-device copies release the GIL and overlap. (One
