@@ -245,7 +245,7 @@ class Engine:
             context = req.context
             start = req.prefilled
             last = start + n == len(context)
-            history = tuple(req.generated) if last and req.sampling.penalized else ()
+            history = tuple(req.generated) if last and req.sampling.needs_history else ()
             chunks.append(p.PrefillChunk(_slot(req), tuple(context[start : start + n]), start, last, req.sampling,
                                          len(req.generated), history))
         tokens = sum(n for _, n in batch)

@@ -39,12 +39,23 @@ MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
+class Grammar:
+    """What a constrained sequence may generate: an llguidance grammar (from a JSON schema, or Lark with JSON
+    schemas inside), and the tokens that end the sequence once the grammar is complete. Every rank runs the same
+    matcher over the same tokens, so every rank masks the same logits."""
+
+    text: str
+    end_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How a sequence's next tokens are drawn. Applied to the model's logits in this order: `logit_bias` is
     added, the penalties subtract `presence_penalty` once and `frequency_penalty` per occurrence for each token
     the sequence has generated so far, then the token is drawn (greedily, or with temperature and top_p).
     `logprobs`: -1 none; k >= 0 the drawn token's log-probability and the k likeliest alternatives', from the
-    model's own distribution (before bias, penalties, temperature and top_p)."""
+    model's own distribution (before bias, penalties, temperature and top_p). `grammar`: only tokens it allows
+    can be drawn (after the penalties: a disallowed token is never drawn, whatever its bias)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -53,6 +64,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids sorted
     logprobs: int = -1
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:
@@ -64,10 +76,16 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
+    def needs_history(self) -> bool:
+        """Whether a replay must tell the rank what the sequence generated before (penalty counts, the grammar
+        matcher's state)."""
+        return self.penalized or self.grammar is not None
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing to apply or report: the argmax a decode graph computes is the answer."""
         return self.temperature < MIN_TEMPERATURE and not self.penalized and not self.logit_bias \
-            and self.logprobs < 0
+            and self.logprobs < 0 and self.grammar is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +131,8 @@ class PrefillChunk:
     last: bool
     sampling: SamplingParams
     drawn: int = 0
-    #: On a last chunk of a sequence with penalties: the tokens it generated before (a replay continues with
-    #: the same counts).
+    #: On a last chunk of a sequence with penalties or a grammar: the tokens it generated before (a replay
+    #: continues with the same counts and the same grammar state).
     history: tuple[int, ...] = ()
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from neurond.pool.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
+from neurond.worker.grammar import Constraints
 from neurond.worker.kv_cache import SlotKVCache
 from neurond.worker.sampler import adjust, logprobs_of, sample
 
@@ -65,7 +66,7 @@ class ModelRunner:
     def __init__(self, model, *, slots: int, max_len: int, device, guard, world_size: int,
                  use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
-                 eager_only: Callable[[], bool] = lambda: False) -> None:
+                 eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None) -> None:
         import torch
 
         cfg = model.config
@@ -104,6 +105,9 @@ class ModelRunner:
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
         # [slots, vocab] int32: how often each slot's sequence generated each token (penalties), made on first use
         self._counts: torch.Tensor | None = None
+        # The grammars of constrained slots (the checkpoint's tokenizer.json gives their token strings).
+        self.constraints = constraints if constraints is not None else \
+            Constraints(getattr(cfg, "_name_or_path", ""), self.lm_head.out_features)
         #: The last prefill's or decode's log-probabilities, one entry per token it returned (None where the
         #: sequence asked for none).
         self.last_logprobs: list[TokenLogprob | None] = []
@@ -223,11 +227,14 @@ class ModelRunner:
                     self.sampling[c.slot] = c.sampling
                     self.drawn[c.slot] = c.drawn
                     self._start_counts(c, logits.shape[-1])
+                    self.constraints.start(c.slot, c.sampling.grammar, c.history)
                 index = torch.tensor([c.slot for c in finished], device=self.device)
                 picked = logits.index_select(0, torch.tensor(done, device=self.device))
                 slots_done = [c.slot for c in finished]
                 drawn, lp = self._sample(picked, slots_done, index)
                 tokens = drawn.tolist()  # the step's one host sync
+                for slot, token in zip(slots_done, tokens, strict=True):
+                    self.constraints.advance(slot, token)
                 for r, entry in zip(done, self._logprob_entries(slots_done, lp), strict=True):
                     self.last_logprobs[r] = entry
                 for slot in slots_done:
@@ -254,6 +261,10 @@ class ModelRunner:
         batch = batch_bucket(max(slots) + 1, self.slots)
         # Rows with anything to apply or report are drawn outside the graph, from its logits.
         sampled = [s for s in slots if not self.sampling[s].plain_greedy]
+        # Rows with a grammar need each step's token on the host before the next step's mask: it is copied out
+        # as soon as it is drawn and waited for only after the next forward is queued (the mask is computed
+        # while the GPU runs it).
+        constrained = [s for s in sampled if s in self.constraints]
         graphs = None if eager or self._eager_only() else self.graphs
         # At TP>1 the whole call waits on peers: replays and collectives are queued, and `tolist` waits for them.
         with torch.inference_mode(), self.guard.region(self.world_size > 1):
@@ -263,6 +274,8 @@ class ModelRunner:
             index = torch.tensor(sampled, device=self.device) if sampled else None
             out = torch.empty(steps, batch, dtype=torch.long, device=self.device)
             step_logprobs = []  # per step: what logprobs_of returned for the sampled rows, or None
+            picked = torch.tensor([sampled.index(s) for s in constrained], device=self.device) if constrained else None
+            last_drawn = None  # the constrained rows' tokens of the step before, on their way to the host
             pace = self._pace
             for step in range(steps):
                 if pace is not None and step >= len(pace):
@@ -274,15 +287,21 @@ class ModelRunner:
                     logits, tokens = self.decode_forward(batch, kv_len)
                 out[step].copy_(tokens)  # a graph's outputs are overwritten by its next replay
                 if sampled:
+                    if last_drawn is not None:
+                        self._advance(constrained, *last_drawn)
                     drawn, lp = self._sample(logits.index_select(0, index), sampled, index)
                     out[step].index_copy_(0, index, drawn)
                     step_logprobs.append(lp)
+                    if picked is not None:
+                        last_drawn = self._to_host(drawn.index_select(0, picked))
                 if pace is not None:
                     pace[step % len(pace)].record()
                 for s in slots:
                     self.drawn[s] += 1
                     self.lengths[s] = min(self.lengths[s] + 1, self.cache.trash)
             every = out.tolist()  # the call's one host sync
+            for s in constrained:
+                self.constraints.advance(s, every[-1][s])
             per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp), strict=True)) for lp in step_logprobs] \
                 if any(lp is not None for lp in step_logprobs) else []
         self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
@@ -314,12 +333,33 @@ class ModelRunner:
         if any(sp.penalized for sp in params):
             assert self._counts is not None  # _start_counts made them for the penalized sequence
             counts = self._counts.index_select(0, index)
-        tokens = sample(adjust(logits, params, counts), params, [self.drawn[s] for s in slots])
+        allowed = self.constraints.allowed(slots, self.device) if any(s in self.constraints for s in slots) else None
+        tokens = sample(adjust(logits, params, counts, allowed), params, [self.drawn[s] for s in slots])
         self.next_tok.index_copy_(0, index, tokens)
         if self._counts is not None:
             self._counts.index_put_((index, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
         top = max(sp.logprobs for sp in params)
         return tokens, (logprobs_of(logits, tokens, top) if top >= 0 else None)
+
+    def _to_host(self, tokens):
+        """Start copying `tokens` (on the device) to the host; `_advance` waits for the copy alone (a plain
+        read would wait for everything queued after it)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def _advance(self, slots: list[int], tokens, done) -> None:
+        """The constrained `slots` drew `tokens` (from `_to_host`): their grammars move on."""
+        if done is not None:
+            done.synchronize()
+        for slot, token in zip(slots, tokens.tolist(), strict=True):
+            self.constraints.advance(slot, token)
 
     def _start_counts(self, chunk, vocab: int) -> None:
         """A sequence's last prefill chunk: its slot's token counts start from what it generated before (a

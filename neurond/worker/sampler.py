@@ -25,16 +25,17 @@ def _hash(x):
     return x & _MASK63
 
 
-def adjust(logits, params: list[SamplingParams], counts=None):
+def adjust(logits, params: list[SamplingParams], counts=None, allowed=None):
     """logits [N, V] float32 with each row's logit_bias added and penalties applied (counts [N, V]: how often
-    the row's sequence generated each token so far; needed only when a row has penalties). A new tensor where
-    anything changes, `logits` itself where nothing does."""
+    the row's sequence generated each token so far; needed only when a row has penalties), then every token
+    `allowed` [N, V] bool excludes (a grammar's mask) made impossible. A new tensor where anything changes,
+    `logits` itself where nothing does."""
     import torch
 
     biased = [i for i, sp in enumerate(params) if sp.logit_bias]
     penalized = [i for i, sp in enumerate(params) if sp.penalized]
     if not biased and not penalized:
-        return logits
+        return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
     out = logits.clone()
     device = logits.device
     if biased:
@@ -49,6 +50,8 @@ def adjust(logits, params: list[SamplingParams], counts=None):
         frequency = torch.tensor([params[i].frequency_penalty for i in penalized], dtype=out.dtype, device=device)
         penalty = presence[:, None] * (seen > 0).to(out.dtype) + frequency[:, None] * seen
         out.index_copy_(0, pick, out.index_select(0, pick) - penalty)
+    if allowed is not None:
+        out.masked_fill_(~allowed, float("-inf"))
     return out
 
 
