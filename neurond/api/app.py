@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import orjson
@@ -28,10 +28,12 @@ from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
+from neurond.api.structured import response_format_grammar
+from neurond.api.tools import ToolCall, ToolCalling, detect
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
-from neurond.pool.protocol import SamplingParams
+from neurond.pool.protocol import Grammar, SamplingParams
 
 if TYPE_CHECKING:
     from neurond.engine.tokenizer import ChatTokenizer
@@ -226,10 +228,25 @@ class API:
                            param="model", code="model_not_found")
         return parsed
 
+    def _tools(self, chat: ChatCompletionRequest) -> ToolCalling | None:
+        """The request's tools, in the format the checkpoint's template writes calls in (None: no tools)."""
+        if not chat.tools:
+            return None
+        fmt = detect(self.model.tokenizer.template_source)
+        if fmt is None:
+            raise APIError(400, f"tools: the chat template of {self.model.name!r} has no tool support", param="tools",
+                           code="unsupported_parameter")
+        choice = chat.tool_choice_name()
+        if chat.response_format is not None and chat.response_format.type != "text":
+            choice = "none"  # the answer follows response_format: nothing in it is a call
+        return ToolCalling(fmt, {t.function.name: t.function.arguments_schema() for t in chat.tools}, choice)
+
     def _tokenize(self, chat: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in chat.messages]
+        messages = [m.template_dict() for m in chat.messages]
+        tools = [t.model_dump(exclude_none=True) for t in chat.tools] if chat.tools else None
         try:
-            ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           tools=tools)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise APIError(400, f"messages rejected by the chat template: {exc}", param="messages",
                            code="invalid_messages") from None
@@ -246,7 +263,7 @@ class API:
                            param=param, code="invalid_value")
 
     async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
-                        requested: int | None, shape: _Shape) -> Response:
+                        requested: int | None, shape: _Shape, grammar: Grammar | None = None) -> Response:
         """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
         event stream, in `shape`. (A fault after this is the engine's to replay: the request is the same kind
         whatever endpoint made it.)"""
@@ -274,7 +291,7 @@ class API:
             sampling=SamplingParams(parsed.temperature, parsed.top_p,
                                     None if parsed.seed is None else (parsed.seed + i) % 2**64,
                                     parsed.presence_penalty, parsed.frequency_penalty, bias,
-                                    parsed.logprobs_count()),
+                                    parsed.logprobs_count(), grammar),
             stop=parsed.stop or [],
             stop_token_ids=self.model.stop_token_ids,
         ) for i in range(parsed.n)]
@@ -299,8 +316,15 @@ class API:
     # ------------------------------------------------------------------ chat completions
     async def chat_completions(self, request: Request) -> Response:
         chat = self._parse(await self._read_body(request), ChatCompletionRequest)
-        return await self._generate(request, chat, self._tokenize(chat), "messages", chat.requested_max_tokens(),
-                                    CHAT)
+        tools = self._tools(chat)
+        prompt_ids = self._tokenize(chat)
+        ends = self.model.stop_token_ids
+        # In a thread: compiling a large schema can take a good part of a second (llguidance drops the GIL).
+        grammar = await asyncio.to_thread(
+            lambda: (tools.grammar(ends) if tools else None) or response_format_grammar(chat.response_format, ends))
+        shape = CHAT if tools is None or not tools.parses else replace(CHAT, tools=tools)
+        return await self._generate(request, chat, prompt_ids, "messages", chat.requested_max_tokens(), shape,
+                                    grammar)
 
     # ------------------------------------------------------------------ completions (legacy)
     async def completions(self, request: Request) -> Response:
@@ -345,7 +369,7 @@ class API:
                     finished[index] = event
         body = {"id": choices.request_id, "object": shape.object, "created": int(time.time()),
                 "model": self.model.name,
-                "choices": [_at(i, shape.choice(shape.prefix + "".join(parts[i]), finished[i].reason.value,
+                "choices": [_at(i, shape.answer(shape.prefix + "".join(parts[i]), finished[i].reason.value,
                                                 self._logprobs(choices, shape, entries[i], len(shape.prefix))))
                             for i in range(n)],
                 "usage": _usage(list(finished.values()))}
@@ -374,6 +398,8 @@ class API:
         async def events() -> AsyncIterator[bytes]:
             offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
             finished: dict[int, Finished] = {}
+            # With tools, text that may be a call is held back and each call sent whole at the end (tools.py).
+            held = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
             try:
                 if shape.opening is not None:
                     for i in range(n):
@@ -381,16 +407,26 @@ class API:
                 index, event = first
                 while True:
                     if isinstance(event, TextDelta):
+                        text = event.text if held is None else held[index].feed(event.text)
                         logprobs = self._logprobs(choices, shape, event.logprobs, offsets[index]) \
-                            if event.logprobs else None
-                        yield chunk(_at(index, shape.delta(event.text, None, logprobs)))
+                            if event.logprobs and text == event.text else None
+                        if text:
+                            yield chunk(_at(index, shape.delta(text, None, logprobs)))
                         offsets[index] += len(event.text)
                     elif isinstance(event, Failed):
                         yield b"data: " + orjson.dumps(_api_error(event, choices.request_id).body()) + b"\n\n"
                         return
                     elif isinstance(event, Finished):
                         finished[index] = event
-                        yield chunk(_at(index, shape.delta(None, event.reason.value, None)))
+                        reason = event.reason.value
+                        if held is not None:
+                            tail, calls = held[index].finish() if reason == "stop" else (held[index].held, [])
+                            if tail:
+                                yield chunk(_at(index, shape.delta(tail, None, None)))
+                            if calls:
+                                yield chunk(_at(index, _tool_call_delta(calls)))
+                                reason = "tool_calls"
+                        yield chunk(_at(index, shape.delta(None, reason, None)))
                         if len(finished) == n:
                             if include_usage:
                                 yield chunk(None, usage=_usage(list(finished.values())))
@@ -456,6 +492,18 @@ class _Shape:
     logprobs: Callable[..., dict]  # (entries, tokenizer, text offset) -> the choice's `logprobs`
     opening: dict | None = None  # the choice of a stream's first chunk, if it has one of its own
     prefix: str = ""  # text put before the generated text (echo)
+    tools: ToolCalling | None = None  # chat with tools whose calls are parsed out of the answer
+
+    def answer(self, text: str, finish: str, logprobs: dict | None) -> dict:
+        """A whole answer's choice: with tools, calls in the text become `tool_calls` (finish "tool_calls")."""
+        choice = self.choice(text, finish, logprobs)
+        if self.tools is not None and finish == "stop":
+            content, calls = self.tools.parse(text)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": content,
+                                     "tool_calls": [c.as_dict() for c in calls]}
+                choice["finish_reason"] = "tool_calls"
+        return choice
 
 
 CHAT = _Shape(
@@ -467,6 +515,12 @@ CHAT = _Shape(
     logprobs=lambda entries, tokenizer, _offset: logprobs_format.chat(entries, tokenizer),
     opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
 )
+
+
+def _tool_call_delta(calls: list[ToolCall]) -> dict:
+    """A stream's delta carrying whole calls (OpenAI's deltas name each call's index among the answer's)."""
+    return {"index": 0, "delta": {"tool_calls": [{"index": k, **c.as_dict()} for k, c in enumerate(calls)]},
+            "logprobs": None, "finish_reason": None}
 
 
 def _text_choice(text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:

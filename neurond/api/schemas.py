@@ -45,11 +45,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=1_000_000)
+
+    def parsed(self) -> dict:
+        """The arguments as the object chat templates expect (they write it with `tojson`)."""
+        import json
+
+        return json.loads(self.arguments)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value):
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("arguments must be a JSON object (as text)") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object (as text)")
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """A call the assistant made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=128)  # assistant messages only
+    tool_call_id: str | None = Field(default=None, max_length=256)  # tool messages only: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it (Hugging Face's convention: tool call arguments as objects)."""
+        out: dict = {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.parsed()}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -64,9 +119,57 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ResponseFormat(BaseModel):
+class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text`, any JSON object (`json_object`) or JSON valid under a schema (`json_schema`); both JSON kinds are
+    enforced by constrained decoding (api/structured.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only there")
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    def arguments_schema(self) -> dict:
+        """The arguments' JSON schema (OpenAI: none given means a function without parameters)."""
+        return self.parameters if self.parameters is not None else \
+            {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _GenerationRequest(BaseModel):
@@ -119,14 +222,39 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = Field(default=False)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
     @model_validator(mode="after")
     def _messages_have_content(self):
-        if all(not m.text().strip() for m in self.messages):
+        if all(not m.text().strip() and not m.tool_calls for m in self.messages):
             raise ValueError("messages contain no text")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two functions have the same name")
+        choice = self.tool_choice
+        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+            if not names:
+                raise ValueError("tool_choice: a tool call is required but no tools are given")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"tool_choice: function {choice.function.name!r} is not among the tools")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ValueError("tool_choice forces a tool call: response_format cannot apply as well")
+        return self
+
+    def tool_choice_name(self) -> str:
+        """tool_choice as one word: "none", "auto", "required" or the forced function's name ("auto" when
+        tools are given without a choice, "none" without tools)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -48,23 +48,26 @@ class ChatTokenizer:
             template = jinja_file.read_text()
         if template is None:
             raise FileNotFoundError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        self.template_source: str = template  # what the API reads the tool-call format from
         self._template = _compile(template)
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI tool definitions ({"type": "function", "function": {...}}), as templates take them."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                         tools=None, documents=None)
+                                         tools=tools or None, documents=None)
         except TemplateError:
             raise
         except Exception as exc:  # noqa: BLE001 - any template failure is a rejected conversation
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True):
-        text = self.render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
+                            tools: list[dict] | None = None):
+        text = self.render(messages, add_generation_prompt, tools)
         if not tokenize:
             return text
         # The template writes the special tokens itself (bos, headers): no second BOS from the post-processor.

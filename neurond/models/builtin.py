@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when anything below changes, so an old cached copy is never mistaken for the current one.
-BUILTIN_VERSION = "v1"
+BUILTIN_VERSION = "v2"  # v2: the chat template takes tools
 BUILTIN_NAME = "neurond-builtin-llama"
 
 SEED = 20261124
@@ -39,12 +39,32 @@ EOS = "<|end_of_text|>"
 EOT = "<|eot_id|>"
 SPECIAL_TOKENS = [BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT]
 
-# Llama 3's template, minus tool calling: real enough that clients see the usual prompt structure.
+# Llama 3.1's template, shortened: the tools (JSON tool calling, `{"name": ..., "parameters": {...}}`) go into a
+# system block of their own, an assistant's earlier calls are written in that format, and tool results come
+# back as `ipython` messages. Real enough that clients see the usual prompt structure.
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n'"
+    " + 'Given the following functions, respond with a JSON for a function call with its proper arguments that'"
+    " + ' best answers the given prompt. Respond in the format {\"name\": function name, \"parameters\":'"
+    " + ' dictionary of argument name and its value}. Do not use variables.\\n\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson(indent=4) + '\\n\\n' }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '{\"name\": \"' + call['function']['name'] + '\", \"parameters\": '"
+    " + call['function']['arguments'] | tojson + '}' }}"
+    "{%- if not loop.last %}{{- '; ' }}{%- endif %}"
+    "{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role'])"
+    " + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"

@@ -159,7 +159,7 @@ def test_openapi_describes_completions(daemon_tp1):
 def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path, tokenizer):
     """The same engine path as chat: a rank killed during a completion's decode is replaced, the request is
     replayed (prompt + tokens so far, same sampling state) and the answer is exactly the one without a fault,
-    plain and streamed. A rank that raises in a step holding only this request fails it, as for chat."""
+    plain and streamed, and so is a chat answer under a JSON schema. A rank that raises in a step holding only this request fails it, as for chat."""
     from tests.faults import fault_daemon, wait_ready
 
     d = fault_daemon(start_daemon, tmp_path, 2)
@@ -181,7 +181,18 @@ def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path,
     text, _, usage = _stream(client, **{k: v for k, v in kw.items() if k != "model"})
     assert text == clean.choices[0].text and usage == clean.usage
     wait_ready(d)
-    assert d.admin.status()["requests"].get("replayed", 0) >= replayed_before + 2
+    # A constrained chat answer (a JSON schema, sampled) too: the rank's grammar matcher is rebuilt from the
+    # tokens so far and the replay draws exactly what it would have drawn.
+    from tests.api.test_structured_output import JSON_SCHEMA
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Forecast?"}], max_tokens=120, temperature=1.0,
+                seed=4, response_format=JSON_SCHEMA)
+    clean_chat = client.chat.completions.create(**chat)
+    assert clean_chat.choices[0].finish_reason == "stop" and clean_chat.usage.completion_tokens > 8
+    assert d.admin.inject(1, "sigkill", "decode").status_code == 200
+    assert client.chat.completions.create(**chat).choices[0].message.content == clean_chat.choices[0].message.content
+    wait_ready(d)
+    assert d.admin.status()["requests"].get("replayed", 0) >= replayed_before + 3
     assert d.admin.inject(0, "raise", "decode").status_code == 200
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(**kw)
