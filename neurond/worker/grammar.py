@@ -81,7 +81,8 @@ class Constraints:
         from llguidance import LLExecutor
 
         words = (self.vocab + 31) // 32
-        bitmask = torch.full((len(slots), words), -1, dtype=torch.int32)
+        # Pinned on a GPU: the copy then queues behind the step's forward instead of waiting for it.
+        bitmask = torch.full((len(slots), words), -1, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
         rows = [(self._matchers[s], i) for i, s in enumerate(slots) if s in self._matchers]
         if rows:
             if self._executor is None:
