@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neurond.config import ENV_PREFIX, settings
+from neurond.lifecycle import LifecycleState
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PRIORITY_NAMES = {2: "crit", 3: "err", 4: "warning", 5: "notice", 6: "info", 7: "debug"}
@@ -76,8 +77,9 @@ def events() -> str:
     out = []
     for m in MESSAGES.values():
         field = lambda text: re.sub(r"@([A-Z0-9_]+)@", r"<\1>", text)  # noqa: E731
-        worst = min(priority_of(m.event, f) for f in ({}, {"state_to": "poisoned"}, {"outcome": "degraded"},
-                                                       {"state_to": "unloaded", "cause": "breaker_open"}))
+        worst = min(priority_of(m.event, f) for f in ({}, {"state_to": LifecycleState.POISONED},
+                                                       {"outcome": "degraded"},
+                                                       {"state_to": LifecycleState.UNLOADED, "cause": "breaker_open"}))
         priority = f"{m.priority} ({PRIORITY_NAMES[m.priority]})"
         if worst != m.priority:
             priority += f", up to {worst} ({PRIORITY_NAMES[worst]})"

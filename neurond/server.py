@@ -34,6 +34,7 @@ from neurond.api.app import API, ServedModel
 from neurond.config import Config
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.scheduler import RETRY_AFTER_S, Engine
+from neurond.lifecycle import LifecycleState
 from neurond.observe.events import TeeSink
 from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
@@ -244,7 +245,7 @@ class Server:
         """Why the supervisor is not making progress, or None. Every rung of the ladder has a deadline, so a
         repair state that outlives all of them together means the supervisor itself is stuck."""
         sup, c = self.supervisor, self.config
-        if sup is None or sup.state in ("healthy", "unloaded", "stopped"):
+        if sup is None or sup.state in (LifecycleState.HEALTHY, LifecycleState.UNLOADED, LifecycleState.STOPPED):
             return None
         bound = c.load_timeout_s + 2 * c.comm_timeout_s + 2 * c.abort_timeout_s + 2 * c.kill_grace_s + 30.0
         stuck = time.monotonic() - self.status.since
@@ -274,7 +275,7 @@ class Server:
 
         def leave() -> None:
             assert self.supervisor is not None  # _gave_up is the supervisor's own callback
-            if self.supervisor.state == "unloaded":
+            if self.supervisor.state == LifecycleState.UNLOADED:
                 self.exit_code = EXIT_GAVE_UP
                 self.shutdown.set()
 

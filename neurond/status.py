@@ -20,6 +20,7 @@ from pathlib import Path
 
 from neurond.api.admin_client import AdminClient, AdminRefused, AdminUnavailable
 from neurond.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from neurond.lifecycle import LifecycleState
 from neurond.observe.progress import from_json, in_progress, rank_text, summary
 
 EXIT_HEALTHY, EXIT_NOT_SERVING, EXIT_CANNOT_ASK, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -52,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     except AdminRefused as exc:
         return _fail(EXIT_CANNOT_ASK, f"the admin API refused: {exc} (does admin_token_file match the daemon's?)")
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
-    return EXIT_HEALTHY if status.get("state") == "healthy" else EXIT_NOT_SERVING
+    return EXIT_HEALTHY if status.get("state") == LifecycleState.HEALTHY else EXIT_NOT_SERVING
 
 
 def _fail(code: int, message: str) -> int:
@@ -87,7 +88,7 @@ def render(status: dict, now: float | None = None) -> str:
 def _why(status: dict) -> str:
     """' (rank_died on rank 1)': why the model is not healthy, from the cause of the last transition."""
     cause = status.get("last_cause") or {}
-    if status.get("state") == "healthy" or not cause.get("reason"):
+    if status.get("state") == LifecycleState.HEALTHY or not cause.get("reason"):
         return ""
     on_rank = f" on rank {cause['rank']}" if cause.get("rank") is not None else ""
     return f" ({cause['reason']}{on_rank})"
@@ -96,7 +97,8 @@ def _why(status: dict) -> str:
 def _loading(status: dict) -> list[tuple[str, str]]:
     """The pool's load progress and each rank's, while a load is under way."""
     progress, world = from_json(status.get("load_progress") or {}), status.get("tp_size") or 1
-    if status.get("state") not in ("loading", "reloading") or not progress or not in_progress(progress, world):
+    loading = status.get("state") in (LifecycleState.LOADING, LifecycleState.RELOADING)
+    if not loading or not progress or not in_progress(progress, world):
         return []
     return [("loading", summary(progress, world))] + [
         ("", f"rank {rank}: " + rank_text(p.done_bytes, p.total_bytes, p.files_done, p.files_total))

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from neurond import version
 from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
+from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
 
 TRANSITION_FIELDS = ("event", "from", "to", "reason", "tier", "at")  # one entry of Supervisor.history
@@ -121,10 +122,11 @@ class AdminAPI:
         return _json({"accepted": action, "state": state}, status=202)
 
     async def reload(self, request: Request) -> Response:
-        return await self._operator(request, "reload", ("healthy", "unloaded"), self.supervisor.reload)
+        return await self._operator(request, "reload", (LifecycleState.HEALTHY, LifecycleState.UNLOADED),
+                                    self.supervisor.reload)
 
     async def unload(self, request: Request) -> Response:
-        return await self._operator(request, "unload", ("healthy",), self.supervisor.unload)
+        return await self._operator(request, "unload", (LifecycleState.HEALTHY,), self.supervisor.unload)
 
     async def load(self, request: Request) -> Response:
-        return await self._operator(request, "load", ("unloaded",), self.supervisor.load)
+        return await self._operator(request, "load", (LifecycleState.UNLOADED,), self.supervisor.load)

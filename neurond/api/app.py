@@ -33,7 +33,7 @@ from neurond.api.tools import ToolCall, ToolCalling, detect
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
-from neurond.pool.protocol import Grammar, SamplingParams
+from neurond.protocol import Grammar, SamplingParams
 
 if TYPE_CHECKING:
     from neurond.engine.tokenizer import ChatTokenizer

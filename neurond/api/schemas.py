@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from neurond.pool.protocol import MAX_TOP_LOGPROBS
+from neurond.protocol import MAX_TOP_LOGPROBS
 
 #: n: choices per request at most (each takes a KV cache slot; the prompt is prefilled once for all).
 MAX_CHOICES = 16

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from neurond.api.errors import APIError
-from neurond.pool.protocol import Grammar
+from neurond.protocol import Grammar
 
 #: llguidance's JSON options for every schema neurond compiles (see the module's docstring).
 JSON_OPTIONS = {"whitespace_flexible": False}

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from neurond.api.structured import checked, json_schema_grammar, lark_json
-from neurond.pool.protocol import Grammar
+from neurond.protocol import Grammar
 
 
 class ToolFormat(str, enum.Enum):

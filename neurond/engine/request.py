@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from neurond.pool.protocol import SamplingParams
+from neurond.protocol import SamplingParams
 
 if TYPE_CHECKING:
     from neurond.engine.detok import StopStringDetokenizer

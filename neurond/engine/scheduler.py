@@ -27,6 +27,7 @@ import random
 import time
 from typing import Literal, TypedDict
 
+from neurond import protocol as p
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import StopStringDetokenizer
 from neurond.engine.request import (
@@ -38,8 +39,8 @@ from neurond.engine.request import (
     LogprobEntry,
     TextDelta,
 )
+from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event, emit
-from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankFailed
 
 log = logging.getLogger("neurond.engine")
@@ -402,7 +403,7 @@ class Engine:
         recovery gave up."""
         self._interrupt_running()  # a rank died between steps: the slots' caches may not survive the repair
         while not self.supervisor.serving:
-            gone = self.supervisor.state in ("unloaded", "stopped")
+            gone = self.supervisor.state in (LifecycleState.UNLOADED, LifecycleState.STOPPED)
             now = time.monotonic()
             for req in list(self._waiting):
                 since = req.interrupted_at if req.interrupted_at is not None else req.queued_at

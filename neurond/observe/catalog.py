@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event
 
 # syslog priorities (what PRIORITY= carries)
@@ -144,11 +145,11 @@ def priority_of(event: Event, fields: dict) -> int:
     """Severity of one entry: a few events are worse in some states than in others."""
     if event is Event.TRANSITION:
         to = fields.get("state_to")
-        if to == "poisoned":
+        if to == LifecycleState.POISONED:
             return WARNING
-        if to == "unloaded" and fields.get("cause") == "breaker_open":
+        if to == LifecycleState.UNLOADED and fields.get("cause") == "breaker_open":
             return ERR
-        return NOTICE if to in ("unloaded", "stopped") else INFO
+        return NOTICE if to in (LifecycleState.UNLOADED, LifecycleState.STOPPED) else INFO
     if event is Event.RECOVERY_FINISHED and fields.get("outcome") == "degraded":
         return WARNING
     return MESSAGES[event].priority

@@ -25,6 +25,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
+from neurond.lifecycle import LifecycleState
+
 
 def value(entry: dict, name: str) -> str | None:
     """A field of a `journalctl -o json` entry: a repeated field is a list, non-UTF-8 a list of byte values."""
@@ -83,12 +85,12 @@ class Entry:
 
     @property
     def is_stop(self) -> bool:
-        return self.event == "transition" and self.state_to == "stopped"
+        return self.event == "transition" and self.state_to == LifecycleState.STOPPED
 
     @property
     def is_startup(self) -> bool:
         """The daemon's first load finished: sent once per daemon run (Supervisor.start at serve)."""
-        return self.event == "transition" and self.state_to == "healthy" and self.cause == "startup"
+        return self.event == "transition" and self.state_to == LifecycleState.HEALTHY and self.cause == "startup"
 
     @property
     def is_loading(self) -> bool:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from neurond.lifecycle import LifecycleState, Rung
 from neurond.observe.entries import Entry, Instance, instances
 
 # Ladder rungs, cheapest first (docs/recovery.md, neurond/pool/supervisor.py).
-RUNGS = ("comm_rebuild", "replace_ranks", "full_reload", "give_up")
+RUNGS = tuple(Rung)  # cheapest first
 # Faults after which the rank's process and device context are intact: a fresh communicator among the same
 # processes repairs them. Any other fault costs the rank its process: replace it (or, alone, reload).
 PROCESS_INTACT = ("rank_failed", "out_of_memory")
@@ -144,7 +145,7 @@ def _add(inc: Incident, e: Entry) -> None:
         inc.cause, inc.rank = e.cause, e.rank
     elif e.event == "transition":
         inc.state = e.state_to
-        if inc.cause is None and inc.state == "poisoned":
+        if inc.cause is None and inc.state == LifecycleState.POISONED:
             inc.cause, inc.rank = e.cause, e.rank
     elif e.event == "abort_failed":
         inc.abort_failed = True
@@ -163,7 +164,7 @@ def _classify(inc: Incident, now_us: int, bound_us: int) -> None:
         inc.cls, inc.why = judge_recovery(inc.cause, inc.tp_size, inc.tier, inc.attempts, inc.abort_failed,
                                           inc.tp_impl, inc.mttr_ms)
         return
-    daemon, state = inc.instance, inc.state or "poisoned"
+    daemon, state = inc.instance, inc.state or LifecycleState.POISONED
     if daemon.stopped_us is not None:
         inc.end, inc.end_us = "stopped", daemon.stopped_us
         if daemon.stopped_us - inc.start_us <= bound_us:

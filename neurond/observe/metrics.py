@@ -11,9 +11,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event, EventSink
 
-STATES = ("loading", "healthy", "poisoned", "aborting", "reloading", "unloaded", "stopped")
+STATES = tuple(LifecycleState)  # every state, in the order they are declared
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _RECOVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 # Detection is the step deadline for a hang (floor 5 s, ceiling 60 s by default) and milliseconds otherwise.
@@ -58,7 +59,7 @@ class MetricsSink(EventSink):
         self.load_progress = Gauge("neurond_load_progress_ratio", "Share of its checkpoint files a rank has read in "
                                    "the latest load (1 when loaded)", ["rank"], registry=r)
         for state in STATES:
-            self.state.labels(state).set(1 if state == "loading" else 0)
+            self.state.labels(state).set(1 if state == LifecycleState.LOADING else 0)
 
     # ------------------------------------------------------------------ from the events
     def event(self, name: Event, **f) -> None:

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event, EventSink
 from neurond.observe.progress import in_progress, summary
 
@@ -116,15 +117,16 @@ class LifecycleStatus(EventSink):
         self.tp_size = tp_size
         self.incidents: Callable[[], int] = lambda: 0
         self.progress: Callable[[], Mapping] = dict  # rank -> LoadProgress of the pool being loaded
-        self.state = "loading"
+        self.state = LifecycleState.LOADING
         self.since = time.monotonic()
         self.reason = ""
 
     def line(self) -> str:
-        why = f" ({self.reason})" if self.reason and self.state != "healthy" else ""
+        why = f" ({self.reason})" if self.reason and self.state != LifecycleState.HEALTHY else ""
         text = f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.incidents()}"
         progress = self.progress()
-        if self.state in ("loading", "reloading") and progress and in_progress(progress, self.tp_size):
+        loading = self.state in (LifecycleState.LOADING, LifecycleState.RELOADING)
+        if loading and progress and in_progress(progress, self.tp_size):
             text += "; " + summary(progress, self.tp_size)
         return text
 

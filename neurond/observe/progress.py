@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from neurond.pool.protocol import LoadProgress
+from neurond.protocol import LoadProgress
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

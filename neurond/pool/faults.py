@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neurond.pool.protocol import FaultKind
+from neurond.protocol import FaultKind
 
 
 class PoolFault(Exception):

@@ -22,18 +22,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from neurond import protocol as p
 from neurond.config import Config
+from neurond.lifecycle import Cause, Rung
 from neurond.observe.events import Event
-from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, StepTimeout
-from neurond.pool.lifecycle import Cause
 
-Rung = Literal["comm_rebuild", "replace_ranks", "full_reload"]
-COMM_REBUILD: Rung = "comm_rebuild"
-REPLACE_RANKS: Rung = "replace_ranks"
-FULL_RELOAD: Rung = "full_reload"
+COMM_REBUILD, REPLACE_RANKS, FULL_RELOAD = Rung.COMM_REBUILD, Rung.REPLACE_RANKS, Rung.FULL_RELOAD
 
 # A rank busy outside any collective for longer than this (since its call began or its last collective
 # returned), after a step failed or timed out, is wedged.

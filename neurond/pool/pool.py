@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from neurond.pool import protocol as p
+from neurond import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
 from neurond.pool.ranks import RankProcess
 

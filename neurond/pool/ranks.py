@@ -20,7 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
-from neurond.pool import protocol as p
+from neurond import protocol as p
 
 log = logging.getLogger("neurond.pool")
 

@@ -18,12 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from neurond import protocol as p
 from neurond.config import Config
+from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
-from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, PoolUnavailable
-from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, Rung
-from neurond.pool.lifecycle import Cause, Lifecycle, new_incident_id
+from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
 
@@ -112,7 +112,7 @@ class Supervisor:
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
         self.history.append((str(event), source.id, target.id, cause.reason if cause else "",
                              cause.tier if cause else None, time.time()))
-        if target.id == "healthy":
+        if target.id == LifecycleState.HEALTHY:
             self.healthy.set()
             if not self._stopping:
                 self.spares.fill()
@@ -180,10 +180,8 @@ class Supervisor:
             raise PermissionError("fault injection is disabled (set fault_injection = true)")
         if not 0 <= rank < self.config.tp_size:
             raise ValueError(f"rank must be 0..{self.config.tp_size - 1}")
-        from neurond.worker.faults import KINDS, PHASES
-
-        if kind not in KINDS or phase not in PHASES or count < 1:
-            raise ValueError(f"kind must be one of {KINDS}, phase one of {PHASES}, count >= 1")
+        if kind not in p.FAULT_KINDS or phase not in p.FAULT_PHASES or count < 1:
+            raise ValueError(f"kind must be one of {p.FAULT_KINDS}, phase one of {p.FAULT_PHASES}, count >= 1")
         if phase == "load":
             self._load_faults.setdefault(rank, []).extend([kind] * count)
             return
@@ -215,7 +213,7 @@ class Supervisor:
         except PoolFault as fault:
             self._fault(fault, None)
             return
-        if self.pool is pool and self.state == "loading":
+        if self.pool is pool and self.state == LifecycleState.LOADING:
             self._send("loaded", Cause(reason))
 
     # ------------------------------------------------------------------ steps (called by the engine)
@@ -227,13 +225,13 @@ class Supervisor:
         try:
             return await pool.call_all(make, deadline_s, what)
         except PoolFault as fault:
-            if self.pool is pool and self.state == "healthy":
+            if self.pool is pool and self.state == LifecycleState.HEALTHY:
                 self._fault(fault, request_id, detect_ms=_ms_since(t0))
             raise
 
     def _on_pool_fault(self, fault: PoolFault) -> None:
         """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""
-        if self.state == "healthy" and not self._stopping:
+        if self.state == LifecycleState.HEALTHY and not self._stopping:
             self._fault(fault, None)
 
     # ------------------------------------------------------------------ faults and recovery
@@ -267,7 +265,7 @@ class Supervisor:
                 self._failures.append(time.monotonic())
             if self._breaker_open():
                 await self._stop_pool()
-                gave_up = cause.with_(reason="breaker_open", tier="give_up", attempt=attempt)
+                gave_up = cause.with_(reason="breaker_open", tier=Rung.GIVE_UP, attempt=attempt)
                 self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(),
                            detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
                 self._send("give_up", gave_up)
@@ -292,7 +290,7 @@ class Supervisor:
                 # A fault during recovery: record it and climb the ladder.
                 fault = again
                 cause = cause.with_(reason=again.cause, rank=again.rank, detail=again.message)
-                if self.state == "reloading":
+                if self.state == LifecycleState.RELOADING:
                     self._send("fault", cause.with_(attempt=attempt))
                 continue
             if self._stopping:
@@ -321,10 +319,10 @@ class Supervisor:
     # ------------------------------------------------------------------ operator actions (admin API, SIGHUP)
     async def reload(self, reason: str = "operator_reload") -> None:
         """Reload every rank from the checkpoint; from `unloaded` this is a load."""
-        if self.state == "unloaded":
+        if self.state == LifecycleState.UNLOADED:
             await self.load(reason)
             return
-        cause = Cause(reason, tier="full_reload")
+        cause = Cause(reason, tier=Rung.FULL_RELOAD)
         self._send("reload", cause)
         try:
             await self._restart_pool()
@@ -351,7 +349,7 @@ class Supervisor:
                 await self._recovery
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        if self.state != "stopped":
+        if self.state != LifecycleState.STOPPED:
             self._send("stop", Cause("shutdown"))
         self.spares.close()
         await self._stop_pool()

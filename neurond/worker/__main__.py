@@ -39,7 +39,7 @@ def main() -> None:
     step_conn = Connection(int(sys.argv[1]))
     ctrl_conn = Connection(int(sys.argv[2]))
     preimport()
-    from neurond.pool.protocol import Imported
+    from neurond.protocol import Imported
 
     try:
         ctrl_conn.send(Imported(os.getpid()))

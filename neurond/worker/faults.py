@@ -23,8 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-KINDS = ("raise", "oom", "exit", "sigkill", "segfault", "wedge", "hang_kernel", "cuda_error")
-PHASES = ("load", "prefill", "decode", "collective")
+from neurond.protocol import FAULT_KINDS as KINDS, FAULT_PHASES as PHASES
 
 
 class InjectedFault(RuntimeError):

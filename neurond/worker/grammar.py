@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neurond.pool.protocol import Grammar
+from neurond.protocol import Grammar
 
 if TYPE_CHECKING:
     import torch

@@ -22,7 +22,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from neurond.pool import protocol as p
+from neurond import protocol as p
 
 if TYPE_CHECKING:
     from neurond.worker.comm import Communicator

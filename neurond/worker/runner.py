@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from neurond.pool.protocol import SamplingParams, TokenLogprob
+from neurond.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
 from neurond.worker.kv_cache import SlotKVCache
@@ -409,7 +409,7 @@ class ModelRunner:
         """Compile and capture now (at load), so the first requests do not pay for it: decode steps of one row
         and of two compile the kernels (the two shapes they are compiled for), then the decode graphs (unless
         `capture_graphs` is false: each is then captured on its first use). `progress()` after each step."""
-        from neurond.pool.protocol import PrefillChunk
+        from neurond.protocol import PrefillChunk
 
         t0 = time.monotonic()
         if self.compiled_kernels:

@@ -8,7 +8,7 @@ with u uniform from a splitmix64 hash, all rows at once.
 
 from __future__ import annotations
 
-from neurond.pool.protocol import MIN_TEMPERATURE, SamplingParams
+from neurond.protocol import MIN_TEMPERATURE, SamplingParams
 
 _MASK63 = (1 << 63) - 1
 

@@ -70,7 +70,7 @@ def test_a_forced_call_grammar_only_admits_calls_that_validate(builtin_model, to
     in an answer that parses into one call of an allowed function with valid arguments."""
     from llguidance import LLMatcher, LLTokenizer
 
-    from neurond.pool.protocol import Grammar
+    from neurond.protocol import Grammar
 
     ends = frozenset({tokenizer.eos_token_id})
     grammar = ToolCalling(fmt, FUNCTIONS, choice).grammar(ends)

@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
+from neurond import protocol as p
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.scheduler import Engine
 from neurond.observe.events import Event, EventSink
 from neurond.observe.metrics import MetricsSink
-from neurond.pool import protocol as p
 from neurond.pool.faults import RankDied, RankFailed, StepTimeout
 
 

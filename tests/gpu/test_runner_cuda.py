@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from neurond.pool.protocol import PrefillChunk, SamplingParams  # noqa: E402
+from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.shard import Shard  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402

@@ -12,7 +12,7 @@ from neurond.config import Config
 from neurond.observe import journal
 from neurond.observe.catalog import MESSAGES
 from neurond.observe.events import Event, emit
-from neurond.pool.lifecycle import Cause
+from neurond.lifecycle import Cause
 from tests.observe.journald import (HOSTNAME, need_private_journald, read_journal, remove_cgroup,
                                     run_with_journal, unit_cgroup, wrap)
 

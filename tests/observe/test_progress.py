@@ -10,7 +10,7 @@ from neurond.observe import journal
 from neurond.observe.events import Event, emit
 from neurond.observe.notify import LifecycleStatus, Notifier
 from neurond.observe.progress import human_bytes, in_progress, rank_text, summary
-from neurond.pool.protocol import LoadProgress
+from neurond.protocol import LoadProgress
 
 GIB = 1024**3
 

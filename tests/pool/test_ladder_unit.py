@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from neurond import protocol as p
+from neurond.lifecycle import Cause
 from neurond.observe.events import Event
 from neurond.pool import ladder as ladder_mod
-from neurond.pool import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
 from neurond.pool.ladder import Deadlines, RepairLadder
-from neurond.pool.lifecycle import Cause
-from neurond.pool.protocol import FaultKind
+from neurond.protocol import FaultKind
 
 DEADLINES = Deadlines(abort_s=0.2, comm_s=0.3, load_s=0.4, kill_s=0.05)
 SLACK_S = 0.3  # scheduling noise allowed on a shared CPU

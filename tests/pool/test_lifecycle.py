@@ -1,7 +1,7 @@
 import pytest
 from statemachine.exceptions import TransitionNotAllowed
 
-from neurond.pool.lifecycle import Cause, Lifecycle, mermaid_diagram, transitions_table
+from neurond.lifecycle import Cause, Lifecycle, mermaid_diagram, transitions_table
 
 
 class Recorder:
@@ -53,5 +53,12 @@ def test_diagram_in_docs_matches_code():
     from pathlib import Path
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "lifecycle.md"
-    assert mermaid_diagram() in doc.read_text(), "docs/lifecycle.md is stale: run python -m neurond.pool.lifecycle"
+    assert mermaid_diagram() in doc.read_text(), "docs/lifecycle.md is stale: run python -m neurond.lifecycle"
     assert ("healthy", "fault", "poisoned") in transitions_table()
+
+
+def test_the_state_names_are_the_machines_states():
+    """LifecycleState (what the rest of the code compares against) names exactly the machine's states."""
+    from neurond.lifecycle import Lifecycle, LifecycleState
+
+    assert [s.id for s in Lifecycle.states] == [s.value for s in LifecycleState]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from neurond.pool import protocol as p
+from neurond import protocol as p
 from neurond.worker.main import Worker
 from neurond.worker.tp import CollectiveGuard
 

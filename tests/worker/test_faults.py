@@ -13,7 +13,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from neurond.pool import protocol as p
+from neurond import protocol as p
 from neurond.worker.faults import FaultPlan, InjectedFault
 from neurond.worker.main import Worker
 

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 llguidance = pytest.importorskip("llguidance")
 
-from neurond.pool.protocol import Grammar, PrefillChunk, SamplingParams  # noqa: E402
+from neurond.protocol import Grammar, PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.grammar import Constraints, GrammarError  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.shard import Shard  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neurond.pool.protocol import SamplingParams
+from neurond.protocol import SamplingParams
 from neurond.worker.sampler import adjust, logprobs_of, sample
 
 

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from neurond.pool.protocol import PrefillChunk, SamplingParams  # noqa: E402
+from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.tp import CollectiveGuard, load_shard  # noqa: E402
 

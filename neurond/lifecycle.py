@@ -15,10 +15,32 @@ Observers attach as listeners with `after_transition(event, source, target, caus
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass, replace
 
 from statemachine import State, StateMachine
+
+
+class LifecycleState(enum.StrEnum):
+    """The lifecycle's states, by name (the machine below defines their transitions)."""
+
+    LOADING = "loading"
+    HEALTHY = "healthy"
+    POISONED = "poisoned"
+    ABORTING = "aborting"
+    RELOADING = "reloading"
+    UNLOADED = "unloaded"
+    STOPPED = "stopped"
+
+
+class Rung(enum.StrEnum):
+    """The repair ladder's rungs, cheapest first (pool/ladder.py runs them); GIVE_UP ends in `unloaded`."""
+
+    COMM_REBUILD = "comm_rebuild"
+    REPLACE_RANKS = "replace_ranks"
+    FULL_RELOAD = "full_reload"
+    GIVE_UP = "give_up"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +51,7 @@ class Cause:
     incident: str = ""
     rank: int | None = None
     request_id: str | None = None
-    tier: str | None = None  # ladder rung: "comm_rebuild" | "replace_ranks" | "full_reload" | "give_up"
+    tier: Rung | None = None  # the ladder rung of a repair (journal field NEUROND_TIER)
     attempt: int = 0
     detail: str = ""
 
@@ -81,7 +103,7 @@ class Lifecycle(StateMachine):
 
     @property
     def serving(self) -> bool:
-        return self.current_state_value == "healthy"
+        return self.current_state_value == LifecycleState.HEALTHY
 
     def on_transition(self, cause: Cause | None = None) -> None:
         self.last_cause = cause
@@ -108,7 +130,7 @@ def render_doc() -> str:
     """docs/lifecycle.md, generated from the state machine above."""
     return (
         "# Model lifecycle\n\n"
-        "Generated from `neurond/pool/lifecycle.py` by `python -m neurond.pool.lifecycle > docs/lifecycle.md`;\n"
+        "Generated from `neurond/lifecycle.py` by `python -m neurond.lifecycle > docs/lifecycle.md`;\n"
         "a test fails when this file and the code disagree.\n\n"
         "```mermaid\n" + mermaid_diagram() + "\n```\n\n"
         "| from | event | to |\n| --- | --- | --- |\n"

@@ -26,6 +26,12 @@ class FaultKind(str, enum.Enum):
     COMM_ABORTED = "comm_aborted"  # the communicator was aborted under the step (the step's result is void)
 
 
+# The fault-injection vocabulary (worker/faults.py injects them; the supervisor's admin API arms them): what a
+# fault does, and where in a rank's work it fires.
+FAULT_KINDS = ("raise", "oom", "exit", "sigkill", "segfault", "wedge", "hang_kernel", "cuda_error")
+FAULT_PHASES = ("load", "prefill", "decode", "collective")
+
+
 # ---------------------------------------------------------------- step channel: commands
 
 
