@@ -9,14 +9,14 @@ additive float mask) = may attend.
 
 from __future__ import annotations
 
+import torch
+
 NAME = "neurond_slots"
 
 
 def attend(query, key, value, mask, scale: float):
     """query [B, Hq, T, D]; key/value [B, Hkv, L, D] (views into the cache); mask [B, 1, T, L], bool or
     additive. Returns [B, Hq, T, D]."""
-    import torch
-
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     if tokens == 1:
@@ -60,8 +60,6 @@ def norm_eps(module) -> float:
 def fused_rms_norm(module, hidden_states):
     """RMSNorm in one call (torch's fused kernel on CUDA) instead of the seven elementwise kernels of
     transformers' module; same math, computed in float32."""
-    import torch
-
     return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), module.weight, norm_eps(module))
 
 

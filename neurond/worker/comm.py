@@ -14,6 +14,9 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
 
 class Communicator:
     def __init__(self, rank: int, world_size: int, backend: str, device) -> None:
@@ -29,8 +32,6 @@ class Communicator:
     # ------------------------------------------------------------------ rendezvous
     def open_store(self, timeout_s: float = 60.0) -> int:
         """Rank 0: open a master TCPStore on an OS-chosen port; return the port."""
-        import torch.distributed as dist
-
         store = dist.TCPStore(
             "127.0.0.1", 0, self.world_size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
         )
@@ -39,9 +40,6 @@ class Communicator:
 
     def join(self, comm_id: int, host: str, port: int, timeout_s: float) -> None:
         """Form process group `comm_id` on the store at host:port."""
-        import torch
-        import torch.distributed as dist
-
         if self.rank == 0 and self._store is not None:
             store = self._store
         else:
@@ -69,7 +67,6 @@ class Communicator:
     # ------------------------------------------------------------------ abort (control thread)
     def abort(self) -> tuple[bool, str]:
         """Abort every process group of this rank. Safe to call from any thread, and when none exists."""
-        import torch.distributed as dist
         from torch.distributed import distributed_c10d as c10d
 
         with self._lock:

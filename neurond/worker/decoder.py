@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from neurond.worker import attention
 
 
@@ -44,8 +47,6 @@ def supported(model) -> str | None:
 
 def _fuse(*linears):
     """One weight (and bias) for several linears of the same input; theirs become views of it."""
-    import torch
-
     weight = torch.cat([m.weight.detach() for m in linears])
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
@@ -64,16 +65,12 @@ def _fuse(*linears):
 def signed_sin(sin):
     """rotate_half(x) * sin == cat(x2, x1) * signed_sin(sin): the sign of the first half is folded in, once
     per step, so each layer's rotation is cat + mul + addcmul."""
-    import torch
-
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def additive_mask(mask, dtype):
     """The bool mask (True = may attend) as the float mask SDPA adds; once per step, not once per layer."""
-    import torch
-
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -84,8 +81,6 @@ def additive_mask(mask, dtype):
 
 def rotate(x, cos, sin_signed):
     """x [N, H, D]; cos/sin_signed [N, 1, D]. transformers' apply_rotary_pos_emb."""
-    import torch
-
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, swapped, sin_signed)
@@ -94,8 +89,6 @@ def rotate(x, cos, sin_signed):
 def add_rms_norm(h, delta, weight, eps: float):
     """(h + delta, RMSNorm(h + delta)) with transformers' LlamaRMSNorm math (float32 statistics): the residual
     add of one sublayer and the norm of the next, one pass when compiled."""
-    import torch
-
     h = h + delta
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -104,15 +97,11 @@ def add_rms_norm(h, delta, weight, eps: float):
 
 def add_rms_norm_eager(h, delta, weight, eps: float):
     """add_rms_norm uncompiled: torch's fused RMSNorm kernel (the math above is six kernels eagerly)."""
-    import torch.nn.functional as F
-
     h = h + delta
     return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
 
 
 def silu_mul(gate_up, inter: int):
-    import torch.nn.functional as F
-
     return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
@@ -134,7 +123,6 @@ def prewarm(config, world_size: int, dtype, device) -> float:
     cache loads (8B, H100) to the repair. Should a guard still differ, the runner's own warm-up compiles it."""
     import time
 
-    import torch
 
     t0 = time.monotonic()
     k = kernels(compiled=True)
@@ -158,8 +146,6 @@ def prewarm(config, world_size: int, dtype, device) -> float:
 
 class Kernels:
     def __init__(self, compiled: bool) -> None:
-        import torch
-
         wrap = (lambda fn: torch.compile(fn, dynamic=True)) if compiled else (lambda fn: fn)
         self.compiled = compiled
         self.rotate = wrap(rotate)
@@ -192,9 +178,6 @@ class DecoderLayer:
         """h [N, hidden] the residual stream (N = batch x tokens) and delta, the previous layer's output still to
         be added to it (None for the first layer); cos/sin_signed [N, 1, D]; mask float [B, 1, T, L].
         Returns (h, delta) for the next layer."""
-        import torch
-        import torch.nn.functional as F
-
         k = self.decode_kernels if tokens == 1 else self.prefill_kernels
         hq, hkv, dim = self.q_heads, self.kv_heads, self.head_dim
         h, x = (h, self.in_norm(h)) if delta is None else k.add_rms_norm(h, delta, self.in_w, self.in_eps)

@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from neurond.protocol import Grammar
 
 if TYPE_CHECKING:
-    import torch
     from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
 
@@ -77,7 +78,6 @@ class Constraints:
     def allowed(self, slots: list[int], device) -> torch.Tensor:
         """[len(slots), vocab] bool on `device`: the tokens each slot's grammar allows next (all of them for a
         slot without one). The masks are computed on the host, in parallel over the rows."""
-        import torch
         from llguidance import LLExecutor
 
         words = (self.vocab + 31) // 32

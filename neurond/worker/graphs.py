@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 log = logging.getLogger("neurond.worker")
 
@@ -36,8 +34,6 @@ class GraphsReleased(RuntimeError):
 
 class DecodeGraphs:
     def __init__(self, runner) -> None:
-        import torch
-
         self.runner = runner
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}  # -> (graph, outputs)
         self._pool = torch.cuda.graph_pool_handle()
@@ -57,8 +53,6 @@ class DecodeGraphs:
 
     def clear(self) -> None:
         """Compute thread: drop every graph; new ones may be captured (for a new communicator)."""
-        import torch
-
         self._graphs = {}
         self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one's graphs may still be in flight
         self._released = False
@@ -104,8 +98,6 @@ class DecodeGraphs:
         return outputs
 
     def _capture(self, batch: int, kv_len: int):
-        import torch
-
         runner = self.runner
         t0 = time.monotonic()
         saved = runner.active.clone()

@@ -12,11 +12,11 @@ before each forward with `bind`.
 
 from __future__ import annotations
 
+import torch
+
 
 class SlotKVCache:
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device) -> None:
-        import torch
-
         shape = (slots, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
 from neurond.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
@@ -26,8 +28,6 @@ from neurond.worker.kv_cache import SlotKVCache
 from neurond.worker.sampler import adjust, logprobs_of, sample
 
 if TYPE_CHECKING:
-    import torch
-
     from neurond.worker.graphs import DecodeGraphs
 
 log = logging.getLogger("neurond.worker")
@@ -67,8 +67,6 @@ class ModelRunner:
                  use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None) -> None:
-        import torch
-
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -159,8 +157,6 @@ class ModelRunner:
         if last_index is None:
             h = h[:, -1]
         else:
-            import torch
-
             h = h[torch.arange(h.shape[0], device=h.device), last_index]
         logits = self.lm_head(self.norm(h))
         if hasattr(logits, "full_tensor"):  # a DTensor when transformers' plan leaves logits sharded
@@ -172,8 +168,6 @@ class ModelRunner:
         only (what a CUDA graph captures). Inactive rows write to the trash column, outside what is read.
         Active rows also advance here: their greedy token becomes the next input and their length grows (the
         host then has nothing to do for a greedy batch but read the tokens). Returns (logits, greedy tokens)."""
-        import torch
-
         active = self.active[:batch]
         pos = torch.where(active, self.seq_len[:batch], self.cache.trash).view(batch, 1)
         mask = (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= pos.view(batch, 1, 1, 1))
@@ -191,8 +185,6 @@ class ModelRunner:
         forward pass, rows padded to the longest chunk. For each last chunk, draw the sequence's next token and
         make the slot ready to decode. Returns one entry per chunk: the token, or -1 for a chunk that is not
         its sequence's last."""
-        import torch
-
         rows = len(chunks)
         width = max(len(c.token_ids) for c in chunks)
         trash = self.cache.trash
@@ -254,8 +246,6 @@ class ModelRunner:
         The steps are queued back to back and read with one host sync at the end: the device advances each
         row's input and length itself, so the host has nothing to wait for in between (a sync per step left the
         GPU idle while Python bookkept and launched the next graph)."""
-        import torch
-
         if not slots:
             return []
         batch = batch_bucket(max(slots) + 1, self.slots)
@@ -310,8 +300,6 @@ class ModelRunner:
     def copy_prefix(self, src: int, dsts: tuple[int, ...], length: int) -> None:
         """Slots `dsts` get the first `length` cached positions of slot `src` (its prompt, prefilled once for
         several choices); each then prefills the rest of its own context from there."""
-        import torch
-
         if not 0 <= src < self.slots or not all(0 <= d < self.slots and d != src for d in dsts) \
                 or not 0 < length < self.cache.trash:
             raise ValueError(f"cannot copy {length} positions of slot {src} to {dsts} ({self.slots} slots)")
@@ -326,8 +314,6 @@ class ModelRunner:
         """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
         slot's next input. Returns the tokens on the device, and what `logprobs_of` gives for them where a
         row asked for log-probabilities (else None)."""
-        import torch
-
         params = [self.sampling[s] for s in slots]
         counts = None
         if any(sp.penalized for sp in params):
@@ -344,8 +330,6 @@ class ModelRunner:
     def _to_host(self, tokens):
         """Start copying `tokens` (on the device) to the host; `_advance` waits for the copy alone (a plain
         read would wait for everything queued after it)."""
-        import torch
-
         if self.device.type != "cuda":
             return tokens, None
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -364,8 +348,6 @@ class ModelRunner:
     def _start_counts(self, chunk, vocab: int) -> None:
         """A sequence's last prefill chunk: its slot's token counts start from what it generated before (a
         replay), or from nothing."""
-        import torch
-
         if self._counts is None and not chunk.sampling.penalized:
             return
         if self._counts is None:
@@ -442,7 +424,6 @@ def _check_fits(device, nbytes: int, slots: int, max_len: int) -> None:
     """Refuse a KV cache that does not fit, with the numbers an operator needs (not a bare CUDA OOM later)."""
     if device.type != "cuda":
         return
-    import torch
 
     free, _total = torch.cuda.mem_get_info(device)
     if nbytes > KV_CACHE_SHARE * free:

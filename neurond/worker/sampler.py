@@ -8,6 +8,8 @@ with u uniform from a splitmix64 hash, all rows at once.
 
 from __future__ import annotations
 
+import torch
+
 from neurond.protocol import MIN_TEMPERATURE, SamplingParams
 
 _MASK63 = (1 << 63) - 1
@@ -15,8 +17,6 @@ _MASK63 = (1 << 63) - 1
 
 def _hash(x):
     """splitmix64 finalizer on int64 tensors (wrapping arithmetic), result in [0, 2^63)."""
-    import torch
-
     x = x ^ torch.bitwise_right_shift(x, 30) & 0x3FFFFFFFF
     x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64
     x = x ^ torch.bitwise_right_shift(x, 27) & 0x1FFFFFFFFF
@@ -30,8 +30,6 @@ def adjust(logits, params: list[SamplingParams], counts=None, allowed=None):
     the row's sequence generated each token so far; needed only when a row has penalties), then every token
     `allowed` [N, V] bool excludes (a grammar's mask) made impossible. A new tensor where anything changes,
     `logits` itself where nothing does."""
-    import torch
-
     biased = [i for i, sp in enumerate(params) if sp.logit_bias]
     penalized = [i for i, sp in enumerate(params) if sp.penalized]
     if not biased and not penalized:
@@ -58,8 +56,6 @@ def adjust(logits, params: list[SamplingParams], counts=None, allowed=None):
 def logprobs_of(logits, tokens, top: int):
     """The model's log-probabilities (logits [N, V] before any adjustment) of the drawn `tokens` [N], and of
     each row's `top` likeliest tokens: (chosen [N], top ids [N, top], top log-probabilities [N, top])."""
-    import torch
-
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, tokens.view(-1, 1)).view(-1)
     if top <= 0:
@@ -73,8 +69,6 @@ def sample(logits, params: list[SamplingParams], indices: list[int]):
     """logits [N, V] float32 on the device (adjusted: `adjust`); params[i] and indices[i] (tokens the row's
     sequence has drawn before) per row. Returns the chosen token ids as an int64 tensor [N] on the device (no
     host sync)."""
-    import torch
-
     tokens = torch.argmax(logits, dim=-1)
     rows = [i for i, sp in enumerate(params) if sp.temperature >= MIN_TEMPERATURE]
     if not rows:

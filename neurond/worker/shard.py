@@ -10,14 +10,11 @@ replaced without touching the survivors' weights) or, with `tp_impl = "transform
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
 
 def pick_device(requested: str, rank: int):
-    import torch
-
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     count = torch.cuda.device_count()
@@ -33,8 +30,6 @@ def pick_backend(requested: str, device) -> str:
 
 
 def requested_dtype(name: str, device):
-    import torch
-
     if name == "auto":
         # CPU kernels for half types are slow and imprecise; a real checkpoint keeps its own dtype on GPU.
         return torch.float32 if device.type == "cpu" else "auto"
@@ -81,8 +76,6 @@ class Shard:
 
     def memory_info(self) -> dict:
         """What a rank reports after loading: dtype and device memory (the KV cache's size is the runner's)."""
-        import torch
-
         assert self.model is not None  # called once loaded
         info: dict[str, str | int] = {"dtype": str(next(self.model.parameters()).dtype)}
         if self.device.type == "cuda":

@@ -25,6 +25,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 log = logging.getLogger("neurond.worker")
 
 # A slow load reports at most this often (the leader turns reports into STATUS= and journal entries).
@@ -55,7 +58,6 @@ class CollectiveGuard:
     def all_reduce(self, tensor) -> None:
         if self._local:
             return
-        import torch.distributed as dist
 
         with self.region():
             dist.all_reduce(tensor)
@@ -103,8 +105,6 @@ def _style(plan: dict[str, str], module_name: str) -> str | None:
 
 def checkpoint_dtype(config, dtype):
     """`dtype`, or for "auto" the checkpoint's own (bf16 when its config names none)."""
-    import torch
-
     if dtype != "auto":
         return dtype
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
@@ -115,7 +115,6 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     """This rank's shard of the checkpoint as a model. `progress(done_bytes, total_bytes, files_done, files_total)`,
     when given, is called on this thread at the start, while bytes arrive (at most every PROGRESS_INTERVAL_S)
     and at the end."""
-    import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -200,8 +199,6 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
 
 def _read(slice_, style: str | None, param_name: str, rank: int, world: int):
     """This rank's part of one checkpoint tensor."""
-    import torch
-
     shape = slice_.get_shape()
     if style == "colwise":  # output features split: weight rows and bias
         n = shape[0] // world
@@ -224,7 +221,6 @@ def _rebuild_buffers(model, config, device) -> None:
         if name.endswith("rotary_emb"):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            import torch
 
             with torch.device(device):  # the constructor's own buffers land on the device
                 setattr(parent, attr, type(module)(config=config))
