@@ -32,6 +32,27 @@ class GraphsReleased(RuntimeError):
     """A decode graph was asked for after `release`: the communicator is being aborted."""
 
 
+def batch_bucket(n: int, max_batch: int) -> int:
+    """Decode batches are padded to a power of two (the shapes CUDA graphs are captured for)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_batch)
+
+
+# Decode attention reads only the first `kv_len` positions of each row: the smallest power of two (at least
+# this) that covers the longest sequence in the batch. Reading all of max_len instead doubles the step time of
+# a full batch on a GPU (the whole cache is as large as the weights) and is 10x slower on a CPU.
+MIN_KV_BUCKET = 256
+
+
+def kv_bucket(longest: int, max_len: int) -> int:
+    b = MIN_KV_BUCKET
+    while b < longest:
+        b *= 2
+    return min(b, max_len)
+
+
 class DecodeGraphs:
     def __init__(self, runner) -> None:
         self.runner = runner
@@ -44,8 +65,6 @@ class DecodeGraphs:
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, kv_len) a decode step can ask for: the values of the runner's bucket functions."""
-        from neurond.worker.runner import batch_bucket, kv_bucket
-
         slots, top = self.runner.slots, self.runner.cache.max_len
         batches = sorted({batch_bucket(n, slots) for n in range(1, slots + 1)})
         lengths = sorted({kv_bucket(n, top) for n in range(1, top + 1)})

@@ -106,8 +106,8 @@ class Worker:
             from transformers import AutoConfig
 
             from neurond.worker import decoder
+            from neurond.worker.loader import checkpoint_dtype
             from neurond.worker.shard import requested_dtype
-            from neurond.worker.tp import checkpoint_dtype
 
             self._on_device()
             config = AutoConfig.from_pretrained(self.spec.model_dir)

@@ -17,49 +17,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from neurond.protocol import SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
+from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
 from neurond.worker.kv_cache import SlotKVCache
 from neurond.worker.sampler import adjust, logprobs_of, sample
-
-if TYPE_CHECKING:
-    from neurond.worker.graphs import DecodeGraphs
 
 log = logging.getLogger("neurond.worker")
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def batch_bucket(n: int, max_batch: int) -> int:
-    """Decode batches are padded to a power of two (the shapes CUDA graphs are captured for)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max_batch)
-
-
-# Decode attention reads only the first `kv_len` positions of each row: the smallest power of two (at least
-# this) that covers the longest sequence in the batch. Reading all of max_len instead doubles the step time of
-# a full batch on a GPU (the whole cache is as large as the weights) and is 10x slower on a CPU.
-MIN_KV_BUCKET = 256
-
 # At TP>1 at most this many decode steps of one call are queued on the GPU ahead of the host. After an abort
 # every queued NCCL kernel still runs, spinning ~1M times (NCCL_SPINS_BEFORE_CHECK_ABORT) before it sees the
 # abort flag, and the abort returns only once they have: with 8 steps of an 8B model queued (512 all-reduces)
 # it took 1.96 s on 2xH100. Two keep the GPU busy (the next step is queued while one runs).
 QUEUED_STEPS_AT_TP = 2
-
-
-def kv_bucket(longest: int, max_len: int) -> int:
-    b = MIN_KV_BUCKET
-    while b < longest:
-        b *= 2
-    return min(b, max_len)
 
 
 class ModelRunner:
@@ -125,8 +102,6 @@ class ModelRunner:
             if device.type == "cuda" and world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
         if use_graphs and device.type == "cuda":
-            from neurond.worker.graphs import DecodeGraphs
-
             self.graphs = DecodeGraphs(self)
 
     # ------------------------------------------------------------------ forward

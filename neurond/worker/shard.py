@@ -57,7 +57,7 @@ class Shard:
         from transformers import AutoModelForCausalLM
 
         if self.tp_impl == "neurond":
-            from neurond.worker.tp import load_shard
+            from neurond.worker.loader import load_shard
 
             model = load_shard(self.model_dir, self.device, requested_dtype(self.dtype, self.device), self.rank,
                                self.world_size, self.guard, progress)

@@ -78,7 +78,7 @@ def test_load_shard_reports_as_bytes_arrive_and_only_then(tmp_path_factory, monk
     """The leader takes a loading rank's silence as a stalled load (load_stall_timeout_s): reports come while
     bytes arrive and as files finish, and never repeat themselves (a stuck read must look silent)."""
     from neurond.models.shaped import shaped_preset, write_shaped_checkpoint
-    from neurond.worker import tp
+    from neurond.worker import loader, tp
 
     model = tmp_path_factory.mktemp("tiny")
     write_shaped_checkpoint(model, shaped_preset("tiny"))
@@ -88,8 +88,8 @@ def test_load_shard_reports_as_bytes_arrive_and_only_then(tmp_path_factory, monk
 
     def load(interval: float) -> list[tuple[int, int, int, int]]:
         calls = []
-        monkeypatch.setattr(tp, "PROGRESS_INTERVAL_S", interval)
-        tp.load_shard(str(model), "cpu", "auto", 0, 1, tp.CollectiveGuard(), lambda *c: calls.append(c))
+        monkeypatch.setattr(loader, "PROGRESS_INTERVAL_S", interval)
+        loader.load_shard(str(model), "cpu", "auto", 0, 1, tp.CollectiveGuard(), lambda *c: calls.append(c))
         return calls
 
     for interval in (0.0, 3600.0):

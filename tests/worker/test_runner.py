@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
-from neurond.worker.runner import ModelRunner, batch_bucket  # noqa: E402
+from neurond.worker.graphs import batch_bucket  # noqa: E402
+from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.shard import Shard  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402
 
