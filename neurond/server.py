@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from statemachine.exceptions import TransitionNotAllowed
 
 from neurond.api import connections
-from neurond.api.app import API, ServedModel
+from neurond.api.app import API
 from neurond.config import Config
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.scheduler import RETRY_AFTER_S, Engine
@@ -40,6 +37,7 @@ from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
 from neurond.observe.notify import LifecycleStatus, Notifier, watchdog
 from neurond.pool.supervisor import Supervisor
+from neurond.served_model import load_served_model, resolve_model_dir
 
 log = logging.getLogger("neurond")
 
@@ -48,41 +46,6 @@ EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or model directory
 EXIT_SERVE_FAILED = 3  # the HTTP server could not start (port in use, ...)
 EXIT_GAVE_UP = 4  # recovery gave up (crash-loop breaker); systemd's Restart= may start a fresh daemon
-
-
-def resolve_model_dir(config: Config) -> Path:
-    """The configured checkpoint directory, or the built-in model (written on first use by a child process)."""
-    if config.model:
-        path = Path(config.model)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-        return path
-    from neurond.models.builtin import builtin_dir
-
-    target = builtin_dir(Path(config.cache_dir))
-    if not (target / "model.safetensors").exists():
-        log.info("writing the built-in model to %s (first use)", target)
-        subprocess.run([sys.executable, "-m", "neurond.models.builtin", config.cache_dir], check=True)
-    return target
-
-
-def load_served_model(model_dir: Path, name: str) -> ServedModel:
-    # Not transformers' tokenizer classes: on some versions importing them loads torch (and CUDA libraries),
-    # and the leader must not (tests check libtorch is never mapped here).
-    from neurond.engine.tokenizer import ChatTokenizer
-
-    tokenizer = ChatTokenizer(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    context = int(cfg.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
-    stop_ids: set[int] = set()
-    for source in (cfg, _read_json(model_dir / "generation_config.json")):
-        eos = source.get("eos_token_id")
-        stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        stop_ids.add(tokenizer.eos_token_id)
-    vocab = cfg.get("vocab_size")
-    return ServedModel(name, tokenizer, context, frozenset(stop_ids), int(time.time()),
-                       int(vocab) if isinstance(vocab, int) else None)
 
 
 def _read_token(path: str) -> str | None:
@@ -109,10 +72,6 @@ def read_tokens(config: Config) -> Tokens:
     if tokens.admin is not None and tokens.admin == tokens.api:
         raise ValueError("the admin token must differ from the API token (admin_token_file, api_token_file)")
     return tokens
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class Server:

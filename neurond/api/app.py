@@ -1,59 +1,40 @@
-"""The HTTP API: OpenAI-compatible chat completions and (legacy) completions, plus health and readiness.
+"""The HTTP API's routes: OpenAI-compatible chat completions and (legacy) completions, plus health, readiness,
+the model list, metrics and the OpenAPI description.
 
 Every request is validated here, completely, before anything reaches a rank: body size, JSON, schema, model
-name, chat template or prompt, context window. Both completion endpoints share one path to the engine
-(`_generate`): only how the prompt is made and how the answer is shaped (`_Shape`) differ. The app never
-loads the model itself (that would block ASGI startup); it reports `/ready` 503 until the supervisor says the
-pool is healthy.
+name, chat template or prompt, tools and response format, context window. Both completion endpoints share one
+path to the engine (`_generate`): only how the prompt is made and how the answer is shaped (`answers.Shape`)
+differ. In front of the routes sits the guard (`guard.py`: head size, token, concurrency); behind them the
+answers (`answers.py`: JSON or a stream). The app never loads the model itself (that would block ASGI
+startup); it reports `/ready` 503 until the supervisor says the pool is healthy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 import orjson
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from neurond.api import logprobs as logprobs_format
-from neurond.api.errors import REQUEST_ID_HEADER, APIError
-from neurond.api.http import bearer_matches, json_response as _json
+from neurond.api import answers
+from neurond.api.errors import APIError
+from neurond.api.guard import RequestGuard
+from neurond.api.http import json_response as _json
 from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
 from neurond.api.structured import response_format_grammar
-from neurond.api.tools import ToolCall, ToolCalling, detect
-from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
+from neurond.api.tools import ToolCalling, detect
+from neurond.engine.request import GenerationRequest
 from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
 from neurond.pool.faults import PoolUnavailable
 from neurond.protocol import Grammar, SamplingParams
-
-if TYPE_CHECKING:
-    from neurond.engine.tokenizer import ChatTokenizer
-
-# Besides /v1/*, what needs the API token when api_token_file is set. /health and /ready stay open: load
-# balancers' and systemd's probes cannot carry a token. (Any other path is a 404 either way.)
-TOKEN_PATHS = frozenset({"/metrics", "/openapi.json"})
-
-
-@dataclass(slots=True)
-class ServedModel:
-    """What the API needs to know of the model; all of it read in the leader without touching CUDA."""
-
-    name: str
-    tokenizer: ChatTokenizer
-    context_len: int
-    stop_token_ids: frozenset[int]
-    created: int
-    #: Rows of the embedding (config.json's vocab_size): a prompt's token ids must be below it.
-    vocab_size: int | None = None
+from neurond.served_model import ServedModel
 
 
 class API:
@@ -66,11 +47,9 @@ class API:
         self.supervisor = supervisor
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
-        self.api_token = api_token.encode() if api_token else None
-        self.max_concurrent = max_concurrent
+        self.guard = RequestGuard(max_header_bytes=max_header_bytes, max_concurrent=max_concurrent,
+                                  api_token=api_token.encode() if api_token else None, retry_after_s=RETRY_AFTER_S)
         self.body_timeout_s = body_timeout_s
-        self.max_header_bytes = max_header_bytes
-        self.in_flight = 0
 
     def app(self) -> Starlette:
         routes = [
@@ -96,52 +75,7 @@ class API:
             return APIError(status, f"{request.method} {request.url.path}: {detail}").response()
 
         app = Starlette(routes=routes, exception_handlers={APIError: api_error, 404: not_found, 405: not_found})
-        return self._guard(app)
-
-    def _guard(self, app):
-        """ASGI wrapper: the size of the request head for every request; the bearer token (when configured)
-        for /v1/*, /metrics and /openapi.json; for /v1/*, the limit on concurrent requests. Runs before
-        routing, so a refused request costs no parsing."""
-
-        async def guarded(scope, receive, send):
-            if scope["type"] != "http":
-                return await app(scope, receive, send)
-            path = scope["path"]
-            v1 = path.startswith("/v1/")
-            error = self._check_head(scope)
-            if error is None and (v1 or path in TOKEN_PATHS):
-                error = self._check_token(scope)
-            if error is None and not v1:
-                return await app(scope, receive, send)
-            if error is None and self.in_flight >= self.max_concurrent:
-                error = APIError(429, f"more than {self.max_concurrent} concurrent requests", code="too_many_requests",
-                                 retry_after_s=RETRY_AFTER_S)
-            if error is not None:
-                return await error.response()(scope, receive, send)
-            self.in_flight += 1
-            try:
-                await app(scope, receive, send)
-            finally:
-                self.in_flight -= 1
-
-        return guarded
-
-    def _check_head(self, scope) -> APIError | None:
-        """hypercorn's h11 limit (h11_max_incomplete_size) holds only for a head that arrives in pieces: one
-        read of up to 64 KiB is parsed whole. The head's size is checked again here, whatever way it came."""
-        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
-            sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-        if size <= self.max_header_bytes:
-            return None
-        return APIError(431, f"request head of about {size} bytes exceeds the limit of {self.max_header_bytes}",
-                        code="request_header_fields_too_large")
-
-    def _check_token(self, scope) -> APIError | None:
-        if self.api_token is None:
-            return None
-        if bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.api_token):
-            return None
-        return APIError(401, "missing or wrong API token (Authorization: Bearer ...)", code="invalid_api_key")
+        return self.guard.wrap(app)
 
     # ------------------------------------------------------------------ simple endpoints
     async def health(self, request: Request) -> Response:
@@ -161,7 +95,7 @@ class API:
         return Response(body, media_type=content_type)
 
     async def openapi(self, request: Request) -> Response:
-        return _json(openapi_spec(self.model.name, self.api_token is not None))
+        return _json(openapi_spec(self.model.name, self.guard.api_token is not None))
 
     async def models(self, request: Request) -> Response:
         return _json({"object": "list", "data": [
@@ -263,7 +197,7 @@ class API:
                            param=param, code="invalid_value")
 
     async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
-                        requested: int | None, shape: _Shape, grammar: Grammar | None = None) -> Response:
+                        requested: int | None, shape: answers.Shape, grammar: Grammar | None = None) -> Response:
         """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
         event stream, in `shape`. (A fault after this is the engine's to replay: the request is the same kind
         whatever endpoint made it.)"""
@@ -303,12 +237,12 @@ class API:
         except EngineBusy as exc:
             raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
                            retry_after_s=RETRY_AFTER_S) from None
-        choices = _Choices(request_id, members)
+        choices = answers.Choices(request_id, members)
         try:
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                return await self._stream(choices, shape, include_usage, request)
-            return await self._complete(choices, shape, request)
+                return await answers.stream(self.model, choices, shape, include_usage, request)
+            return await answers.complete(self.model, choices, shape, request)
         except BaseException:
             choices.close(cancel=True)
             raise
@@ -322,7 +256,7 @@ class API:
         # In a thread: compiling a large schema can take a good part of a second (llguidance drops the GIL).
         grammar = await asyncio.to_thread(
             lambda: (tools.grammar(ends) if tools else None) or response_format_grammar(chat.response_format, ends))
-        shape = CHAT if tools is None or not tools.parses else replace(CHAT, tools=tools)
+        shape = answers.CHAT if tools is None or not tools.parses else replace(answers.CHAT, tools=tools)
         return await self._generate(request, chat, prompt_ids, "messages", chat.requested_max_tokens(), shape,
                                     grammar)
 
@@ -340,236 +274,5 @@ class API:
             prompt_ids = list(parsed.prompt)
             self._check_ids(prompt_ids, "prompt")
             echo = self.model.tokenizer.decode(prompt_ids) if parsed.echo else ""  # as generated text is
-        shape = _completion_shape(echo if parsed.echo else "")
+        shape = answers.completion_shape(echo if parsed.echo else "")
         return await self._generate(request, parsed, prompt_ids, "prompt", parsed.max_tokens, shape)
-
-    # ------------------------------------------------------------------ answering
-    def _logprobs(self, choices: _Choices, shape: _Shape, entries, offset: int) -> dict | None:
-        """A choice's `logprobs` for these entries: null unless the request asked for them."""
-        if choices.members[0].sampling.logprobs < 0:
-            return None
-        return shape.logprobs(entries, self.model.tokenizer, offset)
-
-    async def _complete(self, choices: _Choices, shape: _Shape, request: Request) -> Response:
-        n = len(choices.members)
-        parts: list[list[str]] = [[] for _ in range(n)]
-        entries: list[list] = [[] for _ in range(n)]
-        finished: dict[int, Finished] = {}
-        with _HangUpWatch(request, choices):
-            while len(finished) < n:
-                index, event = await choices.next()
-                if event is _HUNG_UP:
-                    return Response(status_code=499)  # nobody is left to read it
-                if isinstance(event, TextDelta):
-                    parts[index].append(event.text)
-                    entries[index].extend(event.logprobs)
-                elif isinstance(event, Failed):
-                    raise _api_error(event, choices.request_id)
-                elif isinstance(event, Finished):
-                    finished[index] = event
-        body = {"id": choices.request_id, "object": shape.object, "created": int(time.time()),
-                "model": self.model.name,
-                "choices": [_at(i, shape.answer(shape.prefix + "".join(parts[i]), finished[i].reason.value,
-                                                self._logprobs(choices, shape, entries[i], len(shape.prefix))))
-                            for i in range(n)],
-                "usage": _usage(list(finished.values()))}
-        return _json(body, headers={REQUEST_ID_HEADER: choices.request_id})
-
-    async def _stream(self, choices: _Choices, shape: _Shape, include_usage: bool,
-                      request: Request) -> Response:
-        # Wait for the first event so that a request failing before its first token gets a real status code.
-        # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
-        with _HangUpWatch(request, choices):
-            first = await choices.next()
-        if first[1] is _HUNG_UP:
-            return Response(status_code=499)
-        if isinstance(first[1], Failed):
-            raise _api_error(first[1], choices.request_id)
-        created = int(time.time())
-        n = len(choices.members)
-
-        def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
-            body = {"id": choices.request_id, "object": shape.chunk_object, "created": created,
-                    "model": self.model.name, "choices": [choice] if choice is not None else []}
-            if include_usage:
-                body["usage"] = usage
-            return b"data: " + orjson.dumps(body) + b"\n\n"
-
-        async def events() -> AsyncIterator[bytes]:
-            offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
-            finished: dict[int, Finished] = {}
-            # With tools, text that may be a call is held back and each call sent whole at the end (tools.py).
-            held = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
-            try:
-                if shape.opening is not None:
-                    for i in range(n):
-                        yield chunk(_at(i, dict(shape.opening)))
-                index, event = first
-                while True:
-                    if isinstance(event, TextDelta):
-                        text = event.text if held is None else held[index].feed(event.text)
-                        logprobs = self._logprobs(choices, shape, event.logprobs, offsets[index]) \
-                            if event.logprobs and text == event.text else None
-                        if text:
-                            yield chunk(_at(index, shape.delta(text, None, logprobs)))
-                        offsets[index] += len(event.text)
-                    elif isinstance(event, Failed):
-                        yield b"data: " + orjson.dumps(_api_error(event, choices.request_id).body()) + b"\n\n"
-                        return
-                    elif isinstance(event, Finished):
-                        finished[index] = event
-                        reason = event.reason.value
-                        if held is not None:
-                            tail, calls = held[index].finish() if reason == "stop" else (held[index].held, [])
-                            if tail:
-                                yield chunk(_at(index, shape.delta(tail, None, None)))
-                            if calls:
-                                yield chunk(_at(index, _tool_call_delta(calls)))
-                                reason = "tool_calls"
-                        yield chunk(_at(index, shape.delta(None, reason, None)))
-                        if len(finished) == n:
-                            if include_usage:
-                                yield chunk(None, usage=_usage(list(finished.values())))
-                            yield b"data: [DONE]\n\n"
-                            return
-                    index, event = await choices.next()
-            finally:
-                choices.close(cancel=True)  # a client that went away stops the generation at the next step
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          REQUEST_ID_HEADER: choices.request_id})
-
-
-class _Choices:
-    """The generation requests of one API request (its n choices), their events merged in arrival order as
-    (choice index, event)."""
-
-    def __init__(self, request_id: str, members: list[GenerationRequest]) -> None:
-        self.request_id = request_id
-        self.members = members
-        self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._forward(i, m)) for i, m in enumerate(members)]
-
-    async def _forward(self, index: int, member: GenerationRequest) -> None:
-        while True:
-            event = await member.events.get()
-            self.queue.put_nowait((index, event))
-            if isinstance(event, (Finished, Failed)):
-                return
-
-    async def next(self) -> tuple[int, object]:
-        return await self.queue.get()
-
-    def hung_up(self) -> None:
-        self.close(cancel=True)
-        self.queue.put_nowait((0, _HUNG_UP))
-
-    def close(self, cancel: bool) -> None:
-        """Stop forwarding; with `cancel`, stop generating every choice that has not finished."""
-        for task in self._tasks:
-            task.cancel()
-        if cancel:
-            for member in self.members:
-                member.cancelled = True
-
-
-def _at(index: int, choice: dict) -> dict:
-    choice["index"] = index
-    return choice
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    """How one endpoint's answer looks (what differs between chat and completions; the rest is shared)."""
-
-    id_prefix: str
-    object: str
-    chunk_object: str
-    choice: Callable[[str, str, dict | None], dict]  # (text, finish_reason, logprobs) -> a whole answer's choice
-    delta: Callable[[str | None, str | None, dict | None], dict]  # (text or None, finish_reason, logprobs)
-    logprobs: Callable[..., dict]  # (entries, tokenizer, text offset) -> the choice's `logprobs`
-    opening: dict | None = None  # the choice of a stream's first chunk, if it has one of its own
-    prefix: str = ""  # text put before the generated text (echo)
-    tools: ToolCalling | None = None  # chat with tools whose calls are parsed out of the answer
-
-    def answer(self, text: str, finish: str, logprobs: dict | None) -> dict:
-        """A whole answer's choice: with tools, calls in the text become `tool_calls` (finish "tool_calls")."""
-        choice = self.choice(text, finish, logprobs)
-        if self.tools is not None and finish == "stop":
-            content, calls = self.tools.parse(text)
-            if calls:
-                choice["message"] = {"role": "assistant", "content": content,
-                                     "tool_calls": [c.as_dict() for c in calls]}
-                choice["finish_reason"] = "tool_calls"
-        return choice
-
-
-CHAT = _Shape(
-    "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda text, finish, lp: {"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": lp, "finish_reason": finish},
-    delta=lambda text, finish, lp: {"index": 0, "delta": {"content": text} if text is not None else {},
-                                    "logprobs": lp, "finish_reason": finish},
-    logprobs=lambda entries, tokenizer, _offset: logprobs_format.chat(entries, tokenizer),
-    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
-)
-
-
-def _tool_call_delta(calls: list[ToolCall]) -> dict:
-    """A stream's delta carrying whole calls (OpenAI's deltas name each call's index among the answer's)."""
-    return {"index": 0, "delta": {"tool_calls": [{"index": k, **c.as_dict()} for k, c in enumerate(calls)]},
-            "logprobs": None, "finish_reason": None}
-
-
-def _text_choice(text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-
-
-def _completion_shape(echo: str) -> _Shape:
-    """`text_completion` objects; with `echo`, the prompt's text comes first (a stream's first chunk)."""
-    return _Shape("cmpl", "text_completion", "text_completion", choice=_text_choice, delta=_text_choice,
-                  logprobs=logprobs_format.completion, opening=_text_choice(echo, None) if echo else None,
-                  prefix=echo)
-
-
-def _usage(finished: list[Finished]) -> dict:
-    """The prompt counts once however many choices were drawn from it; their completions add up."""
-    prompt = finished[0].prompt_tokens
-    completion = sum(f.completion_tokens for f in finished)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _api_error(event: Failed, request_id: str) -> APIError:
-    return APIError(event.status, event.message, code=event.code, retry_after_s=event.retry_after_s,
-                    request_id=request_id)
-
-
-# Put into a request's event queue when its client hangs up before the response started.
-_HUNG_UP = object()
-
-
-class _HangUpWatch:
-    """While a handler waits on the engine with no response started, a client that hangs up cancels its
-    generation (the engine skips it in the queue, or stops it at the next step) and wakes the handler: nobody
-    keeps generating, or waiting, for a closed connection. (hypercorn says `http.disconnect` on receive().)"""
-
-    def __init__(self, request: Request, choices: _Choices) -> None:
-        self._receive = request.receive
-        self._choices = choices
-        self._task: asyncio.Task | None = None
-
-    async def _watch(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self._choices.hung_up()
-
-    def __enter__(self) -> _HangUpWatch:
-        self._task = asyncio.get_running_loop().create_task(self._watch())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        # Cancelling a receive() loses no message: a disconnect still queued is read by whoever receives next.
-        assert self._task is not None  # __enter__ made it
-        self._task.cancel()

@@ -41,7 +41,7 @@ def test_template_errors_are_template_errors(tmp_path, builtin_model):
 
 def test_the_leader_imports_neither_torch_nor_transformers(builtin_model):
     """transformers 5.17 (the GPU image) loads torch and CUDA libraries on `import PreTrainedTokenizerFast`."""
-    code = (f"import sys; from neurond.server import load_served_model; from pathlib import Path; "
+    code = (f"import sys; from neurond.served_model import load_served_model; from pathlib import Path; "
             f"load_served_model(Path({str(builtin_model)!r}), 'x'); "
             f"print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
