@@ -56,7 +56,8 @@ class Failed:
     retry_after_s: float | None = None
 
 
-Event = TextDelta | Finished | Failed
+#: What a request streams to its API handler (distinct from observe.events.Event, the journal's vocabulary).
+RequestEvent = TextDelta | Finished | Failed
 
 
 @dataclass(eq=False, slots=True)
@@ -106,5 +107,5 @@ class GenerationRequest:
         (after a fault, a replay prefills all of it and the stream continues where it was)."""
         return self.prompt_ids + self.generated
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: RequestEvent) -> None:
         self.events.put_nowait(event)
