@@ -35,9 +35,6 @@ class Config:
     #: Weight dtype on the ranks: "auto" (checkpoint's own; float32 on CPU), "bfloat16", "float16", "float32".
     dtype: str = "auto"
     # --- ranks ---
-    #: Tensor parallelism: "neurond" (own sharding; communicator rebuild and single-rank replacement work at
-    #: any TP size) or "transformers" (tp_plan="auto"; at TP>1 every fault takes a full reload).
-    tp_impl: str = "neurond"
     #: Number of rank worker processes (one per GPU).
     tp_size: int = 1
     #: "auto": NCCL when the ranks have GPUs, gloo otherwise; or "nccl" / "gloo" to force one.
@@ -143,8 +140,6 @@ class Config:
     def validate(self) -> Config:
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be >= 1, got {self.tp_size}")
-        if self.tp_impl not in ("neurond", "transformers"):
-            raise ConfigError(f"tp_impl must be neurond or transformers, got {self.tp_impl!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -205,6 +200,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {name} must be a {kind.__name__}, got {value!r}") from None
 
 
+#: Settings that no longer exist: (the one value still accepted, as a no-op; why the others are gone).
+RETIRED = {
+    "tp_impl": ("neurond", "tensor parallelism is neurond's own (worker/tp.py); transformers' tp_plan=\"auto\" "
+                           "bound every rank to the group it loaded with, so any fault at TP>1 took a full reload"),
+}
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     env: Mapping[str, str] | None = None,
@@ -229,6 +231,10 @@ def load_config(
             raise ConfigError(f"{file_path}: {exc}") from None
         for key, value in data.items():
             name = key.replace("-", "_")
+            if name in RETIRED:
+                if value != RETIRED[name][0]:
+                    raise ConfigError(f"{file_path}: {key} = {value!r} is no longer supported: {RETIRED[name][1]}")
+                continue  # its one remaining value is what neurond does anyway
             if name not in known:
                 raise ConfigError(f"{file_path}: unknown setting {key!r}")
             values[name] = _coerce(name, value, str(file_path))

@@ -314,7 +314,6 @@ class WorkerSpec:
     #: Faults armed before the process starts (kind, phase, count): how a load-phase fault is injected.
     faults: tuple[tuple[str, str, int], ...] = ()
     fault_injection: bool = False
-    tp_impl: str = "neurond"  # "neurond" (worker/tp.py) | "transformers" (tp_plan="auto")
     max_batch: int = 8  # KV cache slots: sequences decoded together at most
     max_len: int = 2048  # tokens per sequence at most (prompt + completion)
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)

@@ -114,10 +114,10 @@ class Server:
         except OSError as exc:
             log.error("HTTP server failed: cannot listen on %s:%d: %s", c.host, c.port, exc)
             return EXIT_SERVE_FAILED
-        self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size, tp_impl=c.tp_impl)
+        self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
         # The journal, the metrics and STATUS= see the same events. (The audit judges rungs by the TP
         # implementation too.)
-        events = TeeSink(JournalSink(tp_impl=c.tp_impl), self.metrics, self.status)
+        events = TeeSink(JournalSink(), self.metrics, self.status)
         # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
         model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
         self.supervisor = supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,

@@ -67,7 +67,7 @@ def render(status: dict, now: float | None = None) -> str:
     now = time.time() if now is None else now
     state, since = status.get("state", "?"), status.get("state_since")
     rows = [
-        ("model", f"{status.get('model')}  tp_size={status.get('tp_size')}  tp_impl={status.get('tp_impl')}"),
+        ("model", f"{status.get('model')}  tp_size={status.get('tp_size')}"),
         ("uptime", f"{duration(status.get('uptime_s'))} (since {_clock(status.get('started_at'))}, "
                    f"pid {status.get('pid')}, neurond {status.get('version')})"),
         ("incidents", _incidents(status)),

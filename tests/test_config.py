@@ -35,3 +35,16 @@ def test_every_setting_is_described():
     for name in Config.__dataclass_fields__:
         line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
         assert len(line.split("  ", 2)[-1]) > 3, f"{name} has no description"
+
+
+def test_a_retired_setting_is_accepted_only_at_its_one_remaining_value(tmp_path):
+    """tp_impl was retired: an operator's file that says what neurond does anyway still loads; one that asks
+    for the removed behaviour is refused with the reason."""
+    from neurond.config import ConfigError, load_config
+
+    path = tmp_path / "neurond.toml"
+    path.write_text('tp_impl = "neurond"\ntp_size = 2\n')
+    assert load_config(path, env={}).tp_size == 2
+    path.write_text('tp_impl = "transformers"\n')
+    with pytest.raises(ConfigError, match="tp_impl = 'transformers' is no longer supported"):
+        load_config(path, env={})

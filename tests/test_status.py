@@ -53,7 +53,7 @@ def test_status_shows_a_healthy_daemon_at_a_glance(daemon):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("neurond: healthy for ")
     rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
-    assert rows["model"] == "neurond-builtin  tp_size=2  tp_impl=neurond"
+    assert rows["model"] == "neurond-builtin  tp_size=2"
     assert rows["incidents"] == "0"
     assert rows["last"].startswith("loaded: loading -> healthy (startup), ")
     assert rows["requests"].startswith("1 completed, 0 failed")
@@ -128,7 +128,7 @@ def test_status_exit_codes_and_errors(daemon, tmp_path):
 def test_render_shows_a_load_in_progress():
     now = 1_800_000_000.0
     status = {
-        "state": "reloading", "state_since": now - 75, "model": "llama", "tp_size": 2, "tp_impl": "neurond",
+        "state": "reloading", "state_since": now - 75, "model": "llama", "tp_size": 2,
         "version": "1.2.3", "pid": 42, "started_at": now - 7300, "uptime_s": 7300, "incidents": 3,
         "current_incident": "feed1234", "pids": {"0": 100, "1": 101},
         "last_cause": {"reason": "rank_died", "rank": 1, "tier": "replace_ranks"},
@@ -173,7 +173,7 @@ def test_a_repair_shows_in_status_metrics_and_journal(daemon):
     assert samples[("neurond_load_progress_ratio", (("rank", "1"),))] == 1.0
     assert samples[("neurond_lifecycle_state", (("state", "healthy"),))] == 1
     info = [labels for name, labels in samples if name == "neurond_info"]
-    assert info == [(("model", "neurond-builtin"), ("tp_impl", "neurond"), ("tp_size", "2"), ("version", ANY))]
+    assert info == [(("model", "neurond-builtin"), ("tp_size", "2"), ("version", ANY))]
     assert ("process_start_time_seconds", ()) in samples
 
     incident = json.loads(neurond("status", "--json", "--config", daemon.conf).stdout)["last_cause"]["incident"]

@@ -68,7 +68,6 @@ class AdminAPI:
             "model": sup.config.model_name(),
             "model_dir": sup.model_dir,
             "tp_size": sup.config.tp_size,
-            "tp_impl": sup.config.tp_impl,
             "version": version(),
             "pid": os.getpid(),
             "started_at": self.started_at,

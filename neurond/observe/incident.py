@@ -44,7 +44,9 @@ def needed_rung(cause: str | None, tp_size: int | None, tp_impl: str | None = No
     may not have ruined the context): a cheaper rung than this is never held against a recovery."""
     tp = tp_size or 1
     if tp > 1 and tp_impl == "transformers":
-        return "full_reload"  # its TP layers stay bound to the process group they were loaded with
+        # Journals of daemons before tp_impl was retired: their TP layers stayed bound to the process group
+        # they were loaded with, so a full reload was the cheapest repair at TP>1.
+        return "full_reload"
     if cause in PROCESS_INTACT:
         return "comm_rebuild"
     return "replace_ranks" if tp > 1 else "full_reload"

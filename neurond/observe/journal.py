@@ -189,7 +189,7 @@ class JournalSink(EventSink):
     incident, judged from the incident's own events, so one field match finds clean recoveries."""
 
     def __init__(self, **static) -> None:
-        self.static = static  # fields for every entry that producers do not know, e.g. tp_impl
+        self.static = static  # fields for every entry that producers do not know
         self.errors = 0
         self.sent = 0
         self._incidents: OrderedDict[str, dict] = OrderedDict()

@@ -22,14 +22,14 @@ _DETECTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
 class MetricsSink(EventSink):
-    def __init__(self, model: str = "", tp_size: int = 1, tp_impl: str = "") -> None:
+    def __init__(self, model: str = "", tp_size: int = 1) -> None:
         from neurond import version
 
         self.registry = r = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
-        self.info = Gauge("neurond_info", "What this daemon serves (always 1)", ["model", "tp_size", "tp_impl",
-                          "version"], registry=r)
-        self.info.labels(model, str(tp_size), tp_impl, version()).set(1)
+        self.info = Gauge("neurond_info", "What this daemon serves (always 1)", ["model", "tp_size", "version"],
+                          registry=r)
+        self.info.labels(model, str(tp_size), version()).set(1)
         self.state = Gauge("neurond_lifecycle_state", "1 for the current lifecycle state", ["state"], registry=r)
         self.transitions = Counter("neurond_transitions_total", "Lifecycle transitions",
                                    ["event", "cause", "tier"], registry=r)

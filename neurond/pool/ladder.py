@@ -6,8 +6,7 @@ a fake pool without processes (tests/pool/test_ladder_unit.py).
 Rungs, cheapest first (each recorded on the transition as `tier`):
   comm_rebuild   nobody was killed: a fresh communicator among the same processes, weights kept
   replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
-  full_reload    all were killed, a previous rung failed, or tp_impl="transformers" at TP>1 (its layers stay
-                 bound to the group they loaded with): stop every rank and start a new pool
+  full_reload    all were killed, or a previous rung failed: stop every rank and start a new pool
 (give_up, the breaker's end, is the supervisor's: it is a decision about attempts, not a repair.)
 
 Every step has a deadline of its own (`Deadlines`). The pool enforces it and raises a PoolFault naming the
@@ -112,26 +111,21 @@ def _ms_since(t0: float) -> int:
 
 class RepairLadder:
     def __init__(self, deadlines: Deadlines, emit: Emit, restart: Callable[[], Awaitable[None]], *,
-                 world_size: int, layers_bound_to_group: bool = False) -> None:
+                 world_size: int) -> None:
         """`emit`: the journal (the supervisor's `_emit`). `restart`: stop the current pool and start a new one
-        (the supervisor owns the pool object, so it makes the new one). `layers_bound_to_group`: the model's
-        TP layers cannot move to a new communicator (tp_impl="transformers")."""
+        (the supervisor owns the pool object, so it makes the new one)."""
         self.deadlines = deadlines
         self._emit = emit
         self._restart = restart
         self.world_size = world_size
-        self.layers_bound_to_group = layers_bound_to_group
 
     @classmethod
     def from_config(cls, config: Config, emit: Emit, restart: Callable[[], Awaitable[None]]) -> RepairLadder:
-        return cls(Deadlines.from_config(config), emit, restart, world_size=config.tp_size,
-                   layers_bound_to_group=config.tp_impl == "transformers")
+        return cls(Deadlines.from_config(config), emit, restart, world_size=config.tp_size)
 
     # ------------------------------------------------------------------ choosing a rung
     def rung(self, victims: set[int]) -> Rung:
         """The cheapest rung that repairs the pool once `victims` are gone."""
-        if self.layers_bound_to_group and self.world_size > 1:
-            return FULL_RELOAD  # its TP layers stay bound to the aborted group
         if not victims:
             return COMM_REBUILD
         return REPLACE_RANKS if len(victims) < self.world_size else FULL_RELOAD

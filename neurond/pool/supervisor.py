@@ -143,7 +143,6 @@ class Supervisor:
                 env=self.spares.env,
                 log_level=c.log_level,
                 fault_injection=c.fault_injection,
-                tp_impl=c.tp_impl,
                 max_batch=c.max_batch_size,
                 max_len=self.context_len,
                 cuda_graphs=c.cuda_graphs,

@@ -91,7 +91,7 @@ class Worker:
             self.faults.arm(kind, phase, count)
         self.guard = CollectiveGuard()
         self.shard = Shard(self.spec.model_dir, self.spec.dtype, self.device, self.rank, self.spec.world_size,
-                           tp_impl=self.spec.tp_impl, guard=self.guard)
+                           guard=self.guard)
         threading.Thread(target=self._control_loop, name=f"rank{self.rank}-control", daemon=True).start()
         if self.spec.torch_compile and self.device.type == "cuda":
             self._prewarm = threading.Thread(target=self._prewarm_kernels, name=f"rank{self.rank}-prewarm",

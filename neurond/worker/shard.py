@@ -1,10 +1,10 @@
 """A rank's model shard: loading it, and what the leader needs to know about it.
 
-The model code knows nothing about tensor parallelism. Loading goes through neurond's own sharding
-(`worker/tp.py`, the default: collectives on the default group, so a communicator can be rebuilt and a rank
-replaced without touching the survivors' weights) or, with `tp_impl = "transformers"`, through transformers'
-`tp_plan="auto"` (kept for comparison; its ranks are bound to the group they loaded with). One code path for
-1..N ranks.
+The model code knows nothing about tensor parallelism. The daemon loads through neurond's own sharding
+(`worker/loader.py` with `worker/tp.py`'s plan: collectives on the default group, so a communicator can be
+rebuilt and a rank replaced without touching the survivors' weights). `tp_impl="transformers"` loads through
+transformers' `tp_plan="auto"` instead, for scripts/bench-tp's comparison only (its ranks stay bound to the
+group they loaded with, which is why the daemon does not use it). One code path for 1..N ranks.
 """
 
 from __future__ import annotations

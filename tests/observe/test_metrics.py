@@ -21,7 +21,7 @@ REQUIRED = {
     "neurond_generated_tokens": ("counter", set()),
     "neurond_requests": ("counter", {"outcome"}),
     "neurond_load_progress_ratio": ("gauge", {"rank"}),
-    "neurond_info": ("gauge", {"model", "tp_size", "tp_impl", "version"}),
+    "neurond_info": ("gauge", {"model", "tp_size", "version"}),
     "process_start_time_seconds": ("gauge", set()),
 }
 
@@ -65,7 +65,7 @@ def test_every_required_family_is_there_with_its_labels():
 
 
 def _fed() -> MetricsSink:
-    sink = MetricsSink(model="m", tp_size=2, tp_impl="neurond")
+    sink = MetricsSink(model="m", tp_size=2)
     one_incident(sink)
     return sink
 
@@ -89,7 +89,7 @@ def test_values_follow_the_events():
     assert s[("neurond_generated_tokens_total", ())] == 17
     assert s[("neurond_requests_total", (("outcome", "completed"),))] == 1
     assert s[("neurond_requests_total", (("outcome", "failed_by_fault"),))] == 1
-    assert s[("neurond_info", (("model", "m"), ("tp_impl", "neurond"), ("tp_size", "2"), ("version", _version())))] == 1
+    assert s[("neurond_info", (("model", "m"), ("tp_size", "2"), ("version", _version())))] == 1
 
 
 def test_a_fault_between_steps_is_counted_but_not_timed():

@@ -122,7 +122,6 @@ class Harness:
     pool: FakePool
     events: list[tuple[Event, Cause | None, dict]] = field(default_factory=list)
     restarts: int = 0
-    tp_impl_bound: bool = False
 
     def emit(self, name, cause=None, **fields):
         self.events.append((name, cause, fields))
@@ -131,8 +130,7 @@ class Harness:
         self.restarts += 1
 
     def ladder(self) -> RepairLadder:
-        return RepairLadder(DEADLINES, self.emit, self.restart, world_size=self.pool.world_size,
-                            layers_bound_to_group=self.tp_impl_bound)
+        return RepairLadder(DEADLINES, self.emit, self.restart, world_size=self.pool.world_size)
 
     def names(self) -> list[str]:
         return [str(e[0].value) for e in self.events]
@@ -240,13 +238,6 @@ def test_all_ranks_dead_takes_a_full_reload():
     assert (victims, rung) == ({0, 1}, "full_reload")
     assert h.restarts == 1 and "spawn" not in h.pool.steps() and h.killed_events() == []
     assert ("abort", [], DEADLINES.abort_s) in h.pool.log  # nobody left to abort: returns at once
-
-
-def test_transformers_tp_layers_always_take_a_full_reload_at_tp_gt_1():
-    h = Harness(pool_of(FakeRank(), FakeRank()), tp_impl_bound=True)
-    assert h.ladder().rung(set()) == "full_reload"
-    h1 = Harness(pool_of(FakeRank()), tp_impl_bound=True)
-    assert h1.ladder().rung(set()) == "comm_rebuild"  # TP=1 has no group to be bound to
 
 
 def test_two_deaths_in_one_step_count_both():
