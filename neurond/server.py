@@ -30,7 +30,8 @@ from neurond.api import connections
 from neurond.api.app import API
 from neurond.config import Config
 from neurond.engine.deadline import StepDeadline
-from neurond.engine.scheduler import RETRY_AFTER_S, Engine
+from neurond.engine.engine import Engine
+from neurond.engine.request import RETRY_AFTER_S
 from neurond.lifecycle import LifecycleState
 from neurond.observe.events import TeeSink
 from neurond.observe.journal import JournalSink

@@ -82,7 +82,7 @@ def _error_codes() -> dict[str, int | None]:
     engine = "".join(p.read_text() for p in (REPO / "neurond/engine").glob("*.py"))
     for status, code in re.findall(r'Failed\((\d{3}), "([a-z_]+)"', engine):
         codes[code] = int(status)
-    from neurond.engine.scheduler import FAULT_STATUS
+    from neurond.engine.blame import FAULT_STATUS
 
     codes.update(FAULT_STATUS)
     return codes

@@ -30,8 +30,8 @@ from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
 from neurond.api.structured import response_format_grammar
 from neurond.api.tools import ToolCalling, detect
-from neurond.engine.request import GenerationRequest
-from neurond.engine.scheduler import RETRY_AFTER_S, EngineBusy
+from neurond.engine.engine import EngineBusy
+from neurond.engine.request import RETRY_AFTER_S, GenerationRequest
 from neurond.pool.faults import PoolUnavailable
 from neurond.protocol import Grammar, SamplingParams
 from neurond.served_model import ServedModel

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 _seq_ids = itertools.count(1)
 
+#: Retry-After (seconds) of the retriable errors a request gets: the pool repairs itself within seconds.
+RETRY_AFTER_S = 2.0
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"

@@ -62,7 +62,7 @@ def test_a_fault_in_a_real_journal_is_one_complete_clean_incident(cache_dir, bui
     assert fault["CODE_FILE"].endswith("neurond/pool/supervisor.py") and fault["CODE_FUNC"] == "Supervisor._fault"
     assert (fault["NEUROND_MODEL"], fault["NEUROND_TP_SIZE"]) == ("neurond-builtin", "1")
     failed = by["request_failed"]
-    assert failed["CODE_FILE"].endswith("neurond/engine/scheduler.py") and failed["NEUROND_STATUS"] == "500"
+    assert failed["CODE_FILE"].endswith("neurond/engine/engine.py") and failed["NEUROND_STATUS"] == "500"
     assert failed["NEUROND_REQUEST_ID"] == fault["NEUROND_REQUEST_ID"]
     done = by["recovery_finished"]
     assert (done["NEUROND_TIER"], done["NEUROND_ATTEMPT"], done["NEUROND_OUTCOME"]) == ("comm_rebuild", "1", "clean")

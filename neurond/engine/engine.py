@@ -1,0 +1,324 @@
+"""The engine: continuous batching of generation requests over the rank pool's KV cache slots.
+
+One loop, readable top to bottom (`_run`): drop cancelled requests, wait (bounded) for a repair if the pool is
+not serving, admit waiting requests to free slots, run one turn. A turn (`_turn`) is what the scheduler
+(`scheduler.py`, pure) says: copy shared prompts of n choices, one prefill step, the decode steps. Each step
+is one call to the ranks with the step deadline; its tokens go to their requests (`_accept`: detokenise,
+stream, stop). A failed step is blamed (`blame.py`: who fails), everyone else is replayed after the repair;
+requests wait for the repair at most `resume_wait_s` from the fault (or from when they were queued), then get
+a retriable 503. Nothing here waits without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from typing import Literal, TypedDict
+
+from neurond import protocol as p
+from neurond.engine.blame import blame
+from neurond.engine.deadline import StepDeadline
+from neurond.engine.detok import StopStringDetokenizer
+from neurond.engine.request import (
+    RETRY_AFTER_S,
+    ChoiceGroup,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    LogprobEntry,
+    TextDelta,
+)
+from neurond.engine.scheduler import Scheduler
+from neurond.lifecycle import LifecycleState
+from neurond.observe.events import Event, emit
+from neurond.pool.faults import PoolFault, PoolUnavailable
+
+log = logging.getLogger("neurond.engine")
+
+
+class EngineBusy(Exception):
+    """The queue is full."""
+
+
+class EngineStats(TypedDict):
+    """Engine.stats: request outcomes since start (for the admin status and `neurond status`)."""
+
+    completed: int
+    failed: int
+    cancelled: int
+    replayed: int
+    quarantined: int
+    repair_wait_expired: int
+    last_cancelled_tokens: int | None
+    max_batch_seen: int
+
+
+def _slot(req: GenerationRequest) -> int:
+    """The slot of a running request (it holds one from admission until it is released)."""
+    assert req.slot is not None, f"request {req.request_id} holds no slot"
+    return req.slot
+
+
+class Engine:
+    def __init__(self, supervisor, tokenizer, *, deadline: StepDeadline, max_queued: int, metrics=None,
+                 resume_wait_s: float = 30.0, max_batch: int = 1, prefill_chunk: int = 512,
+                 max_request_faults: int = 2, decode_steps: int = 1) -> None:
+        self.supervisor = supervisor
+        self.tokenizer = tokenizer
+        self.deadline = deadline
+        self.max_queued = max_queued
+        self.metrics = metrics  # a MetricsSink, or None
+        self.resume_wait_s = resume_wait_s
+        self.max_request_faults = max_request_faults
+        self.decode_steps = decode_steps
+        self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        #: Outcomes since start, for the admin status (and `neurond status`).
+        #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
+        self.stats: EngineStats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
+                                   "repair_wait_expired": 0, "last_cancelled_tokens": None, "max_batch_seen": 0}
+
+    # ------------------------------------------------------------------ public
+    def submit(self, req: GenerationRequest) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[GenerationRequest]) -> None:
+        """Queue every request or none (the n choices of one API request). Several with the same prompt form
+        a ChoiceGroup: their prompt is prefilled once."""
+        if not self.supervisor.serving:
+            raise PoolUnavailable(None, f"model is {self.supervisor.state}")
+        waiting = len(self.scheduler.waiting)
+        if waiting + len(reqs) > self.max_queued:
+            raise EngineBusy(f"{waiting} requests are already waiting")
+        for req in reqs:
+            if req.sampling.seed is None and not req.sampling.greedy:
+                # Every rank, and a replay after a fault, must draw the same tokens: the seed is fixed here.
+                req.sampling = dataclasses.replace(req.sampling, seed=random.getrandbits(63))
+        self.scheduler.queue(reqs)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="neurond-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            req.emit(Failed(503, "shutting_down", "the server is shutting down", RETRY_AFTER_S))
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+
+    # ------------------------------------------------------------------ loop
+    async def _run(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if self.scheduler.idle:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self.supervisor.serving:
+                await self._wait_for_repair()
+                continue
+            self.scheduler.admit(self._start)
+            try:
+                await self._turn()
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the requests involved, not the engine
+                log.exception("engine error")
+                for req in list(self.scheduler.running):
+                    self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+    async def _turn(self) -> None:
+        """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
+        for group, source, targets in self.scheduler.copies():
+            if not await self._step([source, *targets], self._copy(group, source, targets)):
+                return
+        prefilling = self.scheduler.prefill_batch()
+        if prefilling and not await self._step([r for r, _ in prefilling], self._prefill(prefilling)):
+            return
+        for batch in self.scheduler.decode_batches():
+            if not await self._step(batch, self._decode(batch)):
+                return
+
+    async def _step(self, members: list[GenerationRequest], step) -> bool:
+        try:
+            await step
+            return True
+        except PoolFault as fault:
+            self._on_fault(fault, members)
+            return False
+
+    def _start(self, req: GenerationRequest) -> None:
+        """A request was given a slot: it streams text through its own detokeniser (kept across a replay)."""
+        if req.detok is None:
+            req.detok = StopStringDetokenizer(self.tokenizer, req.stop)
+
+    async def _copy(self, group: ChoiceGroup, source: GenerationRequest, targets: list[GenerationRequest]) -> None:
+        dsts = tuple(_slot(r) for r in targets)
+        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, _slot(source), dsts, group.shared),
+                                   self.deadline.prefill(1), "copy prefix", None)
+        for req in targets:
+            req.prefilled = group.shared
+
+    async def _prefill(self, batch: list[tuple[GenerationRequest, int]]) -> None:
+        chunks = []
+        for req, n in batch:
+            context = req.context
+            start = req.prefilled
+            last = start + n == len(context)
+            history = tuple(req.generated) if last and req.sampling.needs_history else ()
+            chunks.append(p.PrefillChunk(_slot(req), tuple(context[start : start + n]), start, last, req.sampling,
+                                         len(req.generated), history))
+        tokens = sum(n for _, n in batch)
+        t0 = time.monotonic()
+        replies = await self.supervisor.call(
+            lambda cid: p.Prefill(cid, tuple(chunks)), self.deadline.prefill(tokens), "prefill",
+            batch[0][0].request_id if len(batch) == 1 else None)
+        took = time.monotonic() - t0
+        self.deadline.observe_prefill(took, tokens)
+        if self.metrics is not None:
+            self.metrics.step("prefill", took)
+        logprobs = replies[0].logprobs or (None,) * len(chunks)
+        # The rank's tokens and logprobs are one per chunk; strict=False keeps zip's behaviour with a reply from
+        # another process (a short one is not a ValueError here).
+        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs, strict=False):
+            req.prefilled = chunk.start + n
+            if chunk.last:
+                req.decoding = True
+                self._accept(req, token, logprob)
+
+    async def _decode(self, batch: list[GenerationRequest]) -> None:
+        """Decode steps for `batch`: several per call while nobody waits for a prefill (the round trip to the
+        ranks is paid once per call), never more than the batch's smallest remaining max_tokens. Tokens a
+        sequence draws after it finished (its end-of-text or stop string came earlier in the call) are
+        dropped; its slot went one step further, which the cache's trash column absorbs."""
+        slots = tuple(_slot(r) for r in batch)
+        steps = 1
+        if self.scheduler.only_decoding():
+            steps = max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        t0 = time.monotonic()
+        replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots, steps),
+                                             self.deadline.decode(steps), "decode",
+                                             batch[0].request_id if len(batch) == 1 else None)
+        took = (time.monotonic() - t0) / steps
+        self.deadline.observe_decode(took)
+        if self.metrics is not None:
+            for _ in range(steps):
+                self.metrics.step("decode", took)
+        tokens = replies[0].tokens
+        logprobs = replies[0].logprobs or (None,) * len(tokens)
+        for step in range(steps):
+            for i, req in enumerate(batch):
+                if req.slot is not None:  # not finished earlier in this call (a finished request has none)
+                    self._accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
+
+    def _accept(self, req: GenerationRequest, token: int, logprob: p.TokenLogprob | None = None) -> None:
+        """A token drawn for `req`: stream it (with its log-probabilities, if asked for), and finish the request
+        if it is done."""
+        if req.cancelled:
+            self._cancel(req)
+            return
+        if token in req.stop_token_ids:
+            self._finish(req, FinishReason.STOP)
+            return
+        req.generated.append(token)
+        if logprob is not None:
+            req.pending_logprobs.append(LogprobEntry(token, logprob.logprob, logprob.top))
+        detok = req.detok
+        assert detok is not None  # made when the request was admitted
+        text = detok.add(token)
+        if text:
+            req.emit(TextDelta(text, self._take_logprobs(req)))
+        if detok.stopped:
+            self._finish(req, FinishReason.STOP)
+        elif len(req.generated) >= req.max_tokens:
+            self._finish(req, FinishReason.LENGTH)
+
+    def _finish(self, req: GenerationRequest, reason: FinishReason) -> None:
+        self.scheduler.release(req)
+        assert req.detok is not None  # made when the request was admitted
+        tail = req.detok.flush()
+        if tail or req.pending_logprobs:
+            req.emit(TextDelta(tail, self._take_logprobs(req)))
+        self._outcome("completed", len(req.generated))
+        req.emit(Finished(reason, len(req.prompt_ids), len(req.generated)))
+
+    @staticmethod
+    def _take_logprobs(req: GenerationRequest) -> tuple[LogprobEntry, ...]:
+        taken = tuple(req.pending_logprobs)
+        req.pending_logprobs.clear()
+        return taken
+
+    def _cancel(self, req: GenerationRequest) -> None:
+        """The client went away: free the slot, count it."""
+        self.scheduler.release(req)
+        self.stats["last_cancelled_tokens"] = len(req.generated)
+        self._outcome("cancelled", len(req.generated))
+
+    def _drop_cancelled(self) -> None:
+        for req in self.scheduler.cancelled():
+            self._cancel(req)
+
+    def _outcome(self, outcome: Literal["completed", "cancelled", "repair_wait_expired"], tokens: int) -> None:
+        self.stats[outcome] += 1
+        if self.metrics is not None:
+            self.metrics.request_done(outcome, tokens)
+
+    def _fail(self, req: GenerationRequest, failed: Failed, fault: PoolFault | None = None) -> None:
+        self.scheduler.forget(req)
+        self.stats["failed"] += 1
+        if self.metrics is not None:
+            self.metrics.request_done("failed", len(req.generated))
+        req.emit(failed)
+        if fault is not None and not isinstance(fault, PoolUnavailable):
+            emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
+                 rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
+                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), faults=req.faults)
+
+    # ------------------------------------------------------------------ faults
+    def _on_fault(self, fault: PoolFault, members: list[GenerationRequest]) -> None:
+        for req, failed, quarantined in blame(fault, members, self.max_request_faults):
+            self.stats["quarantined"] += quarantined
+            self._fail(req, failed, fault)
+        self._interrupt_running()
+
+    def _interrupt_running(self) -> None:
+        interrupted = self.scheduler.interrupt(time.monotonic())
+        self.stats["replayed"] += len(interrupted)
+        if interrupted:
+            log.info("%d request(s) will be replayed after the repair", len(interrupted))
+
+    async def _wait_for_repair(self) -> None:
+        """Wait (bounded) until the pool serves again; fail the requests whose wait is over, or all of them if
+        recovery gave up."""
+        self._interrupt_running()  # a rank died between steps: the slots' caches may not survive the repair
+        while not self.supervisor.serving:
+            gone = self.supervisor.state in (LifecycleState.UNLOADED, LifecycleState.STOPPED)
+            now = time.monotonic()
+            for req in list(self.scheduler.waiting):
+                since = req.interrupted_at if req.interrupted_at is not None else req.queued_at
+                if gone or now - since >= self.resume_wait_s:
+                    self.scheduler.forget(req)
+                    if not gone:
+                        # Its own count: how often repairs outlast resume_wait_s is what tunes that setting.
+                        self._outcome("repair_wait_expired", 0)
+                    self._fail(req, Failed(
+                        503, "model_unavailable",
+                        f"model is {self.supervisor.state}: not repaired within {self.resume_wait_s:.0f}s"
+                        if not gone else f"model is {self.supervisor.state}", RETRY_AFTER_S))
+            self._drop_cancelled()
+            if self.scheduler.idle:
+                return
+            try:
+                await asyncio.wait_for(self.supervisor.healthy.wait(), 0.25)
+            except TimeoutError:
+                pass

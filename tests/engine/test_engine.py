@@ -1,0 +1,347 @@
+"""The engine's batching and fault policy, against a scripted pool (no processes): who fails, who is replayed,
+who is quarantined, and that a replay continues each stream exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from neurond import protocol as p
+from neurond.engine.deadline import StepDeadline
+from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
+from neurond.engine.engine import Engine
+from neurond.observe.events import Event, EventSink
+from neurond.observe.metrics import MetricsSink
+from neurond.pool.faults import RankDied, RankFailed, StepTimeout
+
+
+class Tokens:
+    """Token i decodes to 't{i} '."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"t{i} " for i in ids)
+
+
+def next_token(context: list[int]) -> int:
+    return (sum(context) * 31 + len(context)) % 97 + 3  # a deterministic "model"; 0..2 never drawn
+
+
+class Recorder(EventSink):
+    def __init__(self):
+        self.seen = []
+
+    def event(self, name, **fields):
+        self.seen.append((name, fields))
+
+
+class FakeSupervisor:
+    """Serves Prefill/Decode from per-slot contexts; `faults` maps call number -> exception to raise there.
+    A fault makes the pool unserving for a moment, as a real repair does, and wipes the slots."""
+
+    def __init__(self, faults: dict[int, Exception] | None = None):
+        self.faults = faults or {}
+        self.calls: list[object] = []
+        self.slots: dict[int, list[int]] = {}
+        self.healthy = asyncio.Event()
+        self.healthy.set()
+        self.events = Recorder()
+        self.current_incident = None
+        self.state = "healthy"
+
+    @property
+    def serving(self):
+        return self.state == "healthy"
+
+    async def call(self, make, deadline_s, what, request_id=None):
+        cmd = make(len(self.calls) + 1)
+        self.calls.append(cmd)
+        await asyncio.sleep(0)
+        fault = self.faults.get(len(self.calls))
+        if fault is not None:
+            self.state, self.current_incident = "poisoned", f"incident{len(self.calls)}"
+            self.healthy.clear()
+            self.slots.clear()
+            asyncio.get_running_loop().call_later(0.05, self._repaired)
+            raise fault
+        if isinstance(cmd, p.Prefill):
+            tokens = []
+            for c in cmd.chunks:
+                ctx = self.slots.setdefault(c.slot, [])
+                if c.start == 0:
+                    ctx.clear()
+                assert len(ctx) == c.start
+                ctx.extend(c.token_ids)
+                tokens.append(next_token(ctx) if c.last else -1)
+                if c.last:
+                    ctx.append(tokens[-1])
+            return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
+        if isinstance(cmd, p.CopyPrefix):
+            for dst in cmd.dsts:
+                self.slots[dst] = list(self.slots[cmd.src][: cmd.length])
+            return {0: p.Done(cmd.call_id, 0)}
+        assert isinstance(cmd, p.Decode)
+        out = []
+        for _ in range(cmd.steps):
+            for slot in cmd.slots:
+                ctx = self.slots[slot]
+                out.append(next_token(ctx))
+                ctx.append(out[-1])
+        return {0: p.Done(cmd.call_id, 0, tuple(out))}
+
+    def _repaired(self):
+        self.state = "healthy"
+        self.healthy.set()
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    ctx = list(prompt)
+    for _ in range(n):
+        ctx.append(next_token(ctx))
+    return ctx[len(prompt):]
+
+
+def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
+    return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
+
+
+async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False):
+    """`together`: the requests are one API request's choices (Engine.submit_all)."""
+    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
+                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps)
+    engine.start()
+    if together:
+        engine.submit_all(reqs)
+    for r in [] if together else reqs:
+        engine.submit(r)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+    outcomes = {}
+    for r in reqs:
+        text = ""
+        while True:
+            ev = await asyncio.wait_for(r.events.get(), 10)
+            if isinstance(ev, TextDelta):
+                text += ev.text
+            else:
+                outcomes[r.request_id] = (ev, text)
+                break
+    await engine.stop()
+    return engine, outcomes
+
+
+def text_of(tokens):
+    return Tokens().decode(tokens)
+
+
+PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [1, 2], "c": [40, 41, 42, 43]}
+
+
+def test_requests_batch_together_and_each_gets_its_own_answer():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    for k, v in PROMPTS.items():
+        assert isinstance(out[k][0], Finished) and out[k][1] == text_of(expected(v, 6))
+    decodes = [c for c in sup.calls if isinstance(c, p.Decode)]
+    assert max(len(c.slots) for c in decodes) == 3  # they decoded together
+    assert engine.stats["max_batch_seen"] == 3
+    # At most 3 prompt tokens per prefill step (the chunk budget), oldest request first: "a" (7 tokens) went in
+    # chunks of 3, 3, 1; "b" (2) joined a's last chunk; then "c" (4) in 3 + 1.
+    steps = [[(c.slot, len(c.token_ids), c.last) for c in call.chunks] for call in sup.calls
+             if isinstance(call, p.Prefill)]
+    assert steps == [[(0, 3, False)], [(0, 3, False)], [(0, 1, True), (1, 2, True)], [(2, 3, False)],
+                     [(2, 1, True)]], steps
+
+
+def test_more_requests_than_slots_wait_for_one():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 4) for k, v in PROMPTS.items()]
+    _, out = asyncio.run(run(sup, reqs, max_batch=1))
+    assert all(out[k][1] == text_of(expected(v, 4)) for k, v in PROMPTS.items())
+    assert all(len(c.slots) == 1 for c in sup.calls if isinstance(c, p.Decode))
+
+
+def test_a_death_replays_every_request_and_streams_continue_exactly():
+    # Call 9 is a decode step of the batch: a rank died. Nobody is blamed for good; all are replayed.
+    sup = FakeSupervisor({9: RankDied(1, -9)})
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    for k, v in PROMPTS.items():
+        assert isinstance(out[k][0], Finished), out[k]
+        assert out[k][1] == text_of(expected(v, 6))  # no token lost, none repeated
+    assert engine.stats["replayed"] >= 1 and engine.stats["failed"] == 0
+    replays = [c for call in sup.calls[9:] if isinstance(call, p.Prefill) for c in call.chunks
+               if c.start == 0 and c.drawn > 0]
+    assert replays, "replays prefill prompt + tokens so far, continuing the draw count"
+
+
+def test_an_error_in_a_single_request_step_fails_that_request_only():
+    # Call 1 is "a"'s first prefill chunk: the rank raised about it. "b" and "c" are not involved.
+    sup = FakeSupervisor({1: RankFailed(0, p.FaultKind.OUT_OF_MEMORY, "CUDA out of memory")})
+    reqs = [request(k, v, 5) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs))
+    assert isinstance(out["a"][0], Failed) and out["a"][0].code == "out_of_memory" and out["a"][0].status == 503
+    for k in ("b", "c"):
+        assert out[k][1] == text_of(expected(PROMPTS[k], 5))
+    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
+    assert [f["request_id"] for f in failed] == ["a"] and failed[0]["incident"] == "incident1"
+
+
+def test_request_in_repeated_faults_is_quarantined_and_named():
+    # "a" alone: its decode steps time out twice (a wedge says nothing about the cause: strike, replay, strike).
+    sup = FakeSupervisor({3: StepTimeout([1], 1.0, "decode"), 6: StepTimeout([1], 1.0, "decode")})
+    engine, out = asyncio.run(run(sup, [request("a", [5, 6], 8)]))
+    ev = out["a"][0]
+    assert isinstance(ev, Failed) and ev.code == "request_quarantined" and ev.status == 500
+    assert engine.stats["quarantined"] == 1
+    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
+    assert failed[-1]["request_id"] == "a" and failed[-1]["cause"] == "request_quarantined"
+    assert failed[-1]["incident"] == "incident6" and failed[-1]["faults"] == 2
+
+
+def test_errors_in_a_batch_strike_everyone_in_it_but_fail_nobody_at_once():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 6) for k, v in PROMPTS.items()]
+
+    async def go():
+        # Fault the first decode step that holds all three.
+        orig = sup.call
+
+        async def call(make, deadline_s, what, request_id=None):
+            cmd = make(0)
+            if isinstance(cmd, p.Decode) and len(cmd.slots) == 3 and not getattr(sup, "done", False):
+                sup.done = True
+                sup.faults[len(sup.calls) + 1] = RankFailed(1, p.FaultKind.EXCEPTION, "boom")
+            return await orig(make, deadline_s, what, request_id)
+
+        sup.call = call
+        return await run(sup, reqs)
+
+    engine, out = asyncio.run(go())
+    for k, v in PROMPTS.items():
+        assert out[k][1] == text_of(expected(v, 6)), k
+    assert all(r.faults == 1 for r in reqs)
+    assert engine.stats["failed"] == 0
+
+
+def test_cancelled_request_leaves_the_batch():
+    sup = FakeSupervisor()
+    a, b = request("a", [5, 6], 50), request("b", [7], 6)
+
+    async def go():
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
+                        prefill_chunk=8)
+        engine.start()
+        engine.submit(a)
+        engine.submit(b)
+        await asyncio.wait_for(a.events.get(), 5)
+        a.cancelled = True
+        while not isinstance(ev := await asyncio.wait_for(b.events.get(), 5), Finished):
+            pass
+        await asyncio.sleep(0.05)
+        await engine.stop()
+        return engine
+
+    engine = asyncio.run(go())
+    assert engine.stats["cancelled"] == 1 and engine.stats["last_cancelled_tokens"] < 50
+    last_decodes = [c.slots for c in sup.calls if isinstance(c, p.Decode)][-2:]
+    assert all(0 not in slots for slots in last_decodes)
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_interrupted_requests_wait_at_most_resume_wait(gone):
+    """If the repair takes longer than resume_wait_s (or gives up), the interrupted request gets a 503."""
+    sup = FakeSupervisor({2: RankDied(0, -9)})
+    sup._repaired = (lambda: setattr(sup, "state", "unloaded")) if gone else (lambda: None)
+
+    metrics = MetricsSink()
+
+    async def go():
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
+                        resume_wait_s=0.3, metrics=metrics)
+        engine.start()
+        r = request("a", [5, 6], 8)
+        engine.submit(r)
+        while not isinstance(ev := await asyncio.wait_for(r.events.get(), 5), Failed):
+            pass
+        await engine.stop()
+        return engine, ev
+
+    engine, ev = asyncio.run(go())
+    assert ev.status == 503 and ev.code == "model_unavailable" and ev.retry_after_s
+    # Counted like every other ending: a failure, and (unless recovery gave up) one of its own kind, which is
+    # what says resume_wait_s is shorter than the repairs.
+    expired = 0 if gone else 1
+    assert (engine.stats["failed"], engine.stats["repair_wait_expired"]) == (1, expired), engine.stats
+    counts = {s.labels["outcome"]: s.value for s in metrics.requests.collect()[0].samples
+              if s.name == "neurond_requests_total"}
+    assert counts.get("failed") == 1 and counts.get("repair_wait_expired", 0) == expired, counts
+
+
+def test_a_request_struck_before_is_prefilled_alone():
+    """After a fault in a prefill step of several requests, each of them is prefilled alone, so a request whose
+    prompt faults deterministically fails by itself and the others complete."""
+    sup = FakeSupervisor()
+    real_call = sup.call
+
+    async def call(make, deadline_s, what, request_id=None):
+        cmd = make(0)
+        if isinstance(cmd, p.Prefill) and any(c.slot == 0 and c.token_ids[:1] == (66,) for c in cmd.chunks):
+            sup.faults[len(sup.calls) + 1] = RankFailed(0, p.FaultKind.OUT_OF_MEMORY, "CUDA out of memory")
+        return await real_call(make, deadline_s, what, request_id)
+
+    sup.call = call
+    bad = request("bad", [66, 1, 1], 4)
+    good = [request(k, v, 4) for k, v in (("b", [1, 2]), ("c", [7]))]
+    engine, out = asyncio.run(run(sup, [bad, *good], chunk=16))
+    assert isinstance(out["bad"][0], Failed) and out["bad"][0].code == "out_of_memory"
+    for r in good:
+        assert out[r.request_id][1] == text_of(expected(r.prompt_ids, 4))
+    assert bad.faults == 1 and all(r.faults == 1 for r in good)  # one shared strike, then isolation
+
+
+def test_several_decode_steps_per_call_give_the_same_streams():
+    """With decode_steps=4 the leader calls the ranks once per 4 tokens while nobody waits for a prefill;
+    tokens past a request's end (max_tokens, here 6 and 9) are dropped, and every stream is exact."""
+    sup = FakeSupervisor()
+    reqs = [request("a", PROMPTS["a"], 6), request("b", PROMPTS["b"], 9)]
+    _, out = asyncio.run(run(sup, reqs, chunk=16, decode_steps=4))
+    assert out["a"][1] == text_of(expected(PROMPTS["a"], 6))
+    assert out["b"][1] == text_of(expected(PROMPTS["b"], 9))
+    steps = [c.steps for c in sup.calls if isinstance(c, p.Decode)]
+    assert max(steps) == 4 and sum(steps) < 9  # fewer calls than tokens
+    # never past the smallest remaining max_tokens of the batch: a's 5 decode tokens end a call exactly
+    assert steps[0] == 4 and steps[1] == 1
+
+
+def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4):
+    reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
+    engine, out = asyncio.run(run(sup, reqs, max_batch=max_batch, chunk=4, together=True))
+    return engine, reqs, out
+
+
+def test_n_choices_prefill_their_prompt_once_and_copy_it():
+    sup = FakeSupervisor()
+    prompt = list(range(10, 21))  # 11 tokens: three chunks of 4 for the shared 10
+    engine, reqs, out = _run_group(sup, 3, prompt, 5)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 5)) for ev, text in out.values())
+    shared = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks if c.start < 10]
+    assert sum(len(c.token_ids) for c in shared) == 10, "the shared prompt was prefilled more than once"
+    copies = [c for c in sup.calls if isinstance(c, p.CopyPrefix)]
+    assert len(copies) == 1 and copies[0].length == 10 and len(copies[0].dsts) == 2
+    lasts = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks if c.last]
+    assert sorted(c.slot for c in lasts) == [0, 1, 2] and all(c.start == 10 for c in lasts)
+
+
+def test_n_choices_with_too_few_slots_still_share_and_a_fault_replays_them_all():
+    # Two slots for three choices: the third copies from a member still holding the prompt, or prefills it.
+    sup = FakeSupervisor()
+    prompt = list(range(30, 39))
+    _, _, out = _run_group(sup, 3, prompt, 6, max_batch=2)
+    assert all(text == text_of(expected(prompt, 6)) for _, text in out.values())
+    # A death in the group's decode: every choice is replayed and continues exactly.
+    sup = FakeSupervisor({7: RankDied(1, -9)})
+    engine, _, out = _run_group(sup, 3, prompt, 6)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 6)) for ev, text in out.values())
+    assert engine.stats["replayed"] >= 3
