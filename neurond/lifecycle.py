@@ -51,7 +51,7 @@ class Cause:
     incident: str = ""
     rank: int | None = None
     request_id: str | None = None
-    tier: Rung | None = None  # the ladder rung of a repair (journal field NEUROND_TIER)
+    rung: Rung | None = None  # the ladder rung of a repair (journal field NEUROND_RUNG)
     attempt: int = 0
     detail: str = ""
 

@@ -115,7 +115,7 @@ def _incidents(status: dict) -> str:
 def _transition(t: dict | None, now: float) -> str:
     if not t:
         return "none yet"
-    reason = ", ".join(x for x in (t.get("reason"), t.get("tier")) if x)
+    reason = ", ".join(x for x in (t.get("reason"), t.get("rung")) if x)
     at = t.get("at")
     when = f", {duration(now - at)} ago ({_clock(at)})" if at else ""
     return f"{t.get('event')}: {t.get('from')} -> {t.get('to')}" + (f" ({reason})" if reason else "") + when

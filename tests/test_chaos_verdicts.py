@@ -47,7 +47,7 @@ def _incident(incident: str, cause: str, end: str = "healthy", request: str = "c
             ("transition", dict(lifecycle_event="abort", state_from="poisoned", state_to="aborting", cause=cause)),
             ("transition", dict(lifecycle_event="repair", state_from="aborting", state_to="reloading", cause=cause))]
     if end == "healthy":
-        rows += [("recovery_finished", dict(cause=cause, tier="replace_ranks", duration_ms=900)),
+        rows += [("recovery_finished", dict(cause=cause, rung="replace_ranks", duration_ms=900)),
                  ("transition", dict(lifecycle_event="recovered", state_from="reloading", state_to="healthy"))]
     return [_event(n, name, incident, **f) for n, (name, f) in enumerate(rows)]
 

@@ -131,9 +131,9 @@ def test_render_shows_a_load_in_progress():
         "state": "reloading", "state_since": now - 75, "model": "llama", "tp_size": 2,
         "version": "1.2.3", "pid": 42, "started_at": now - 7300, "uptime_s": 7300, "incidents": 3,
         "current_incident": "feed1234", "pids": {"0": 100, "1": 101},
-        "last_cause": {"reason": "rank_died", "rank": 1, "tier": "replace_ranks"},
+        "last_cause": {"reason": "rank_died", "rank": 1, "rung": "replace_ranks"},
         "last_transition": {"event": "repair", "from": "aborting", "to": "reloading", "reason": "rank_died",
-                            "tier": "replace_ranks", "at": now - 75},
+                            "rung": "replace_ranks", "at": now - 75},
         "load_progress": {"0": {"rank": 0, "done_bytes": 4 << 30, "total_bytes": 4 << 30, "files_done": 2,
                                 "files_total": 2},
                           "1": {"rank": 1, "done_bytes": 1 << 30, "total_bytes": 4 << 30, "files_done": 1,
@@ -168,8 +168,8 @@ def test_a_repair_shows_in_status_metrics_and_journal(daemon):
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text.decode()) for s in family.samples}
     assert samples[("neurond_fault_detection_seconds_count", (("cause", "rank_died"),))] == 1
-    assert samples[("neurond_recoveries_total", (("cause", "rank_died"), ("tier", "replace_ranks")))] == 1
-    assert samples[("neurond_recovery_seconds_count", (("tier", "replace_ranks"),))] == 1
+    assert samples[("neurond_recoveries_total", (("cause", "rank_died"), ("rung", "replace_ranks")))] == 1
+    assert samples[("neurond_recovery_seconds_count", (("rung", "replace_ranks"),))] == 1
     assert samples[("neurond_load_progress_ratio", (("rank", "1"),))] == 1.0
     assert samples[("neurond_lifecycle_state", (("state", "healthy"),))] == 1
     info = [labels for name, labels in samples if name == "neurond_info"]

@@ -22,7 +22,7 @@ from neurond.api.http import bearer_matches, json_response as _json
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
 
-TRANSITION_FIELDS = ("event", "from", "to", "reason", "tier", "at")  # one entry of Supervisor.history
+TRANSITION_FIELDS = ("event", "from", "to", "reason", "rung", "at")  # one entry of Supervisor.history
 
 
 class AdminAPI:
@@ -82,7 +82,7 @@ class AdminAPI:
             "last_transition": last,
             "last_cause": None if cause is None else {
                 "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
-                "request_id": cause.request_id, "tier": cause.tier, "attempt": cause.attempt, "detail": cause.detail},
+                "request_id": cause.request_id, "rung": cause.rung, "attempt": cause.attempt, "detail": cause.detail},
             "transitions": [list(t) for t in sup.history],
             "requests": dict(self.engine.stats) if self.engine is not None else {},
         })

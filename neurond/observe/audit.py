@@ -98,7 +98,7 @@ def report(raw_entries: list[dict], source: list[str], stuck_after_s: float, now
                        "mttr_ms": percentiles([i.mttr_ms for i in mine if i.mttr_ms is not None])}
     by_cause: dict[str, Counter] = defaultdict(Counter)
     for inc in incidents:
-        by_cause[inc.cause or "?"][inc.tier or "-"] += 1
+        by_cause[inc.cause or "?"][inc.rung or "-"] += 1
     needs = [i for i in incidents if i.cls in NEEDS_ACTION]
     return {
         "source": shlex.join(source) or "local journal",

@@ -65,7 +65,7 @@ Nothing to do; an abort_finished or abort_failed entry follows."""),
     Message(Event.ABORT_FINISHED, "40498e9f2cee42a0bca24bba12f57b9d", INFO,
             "neurond aborted the communicator in @NEUROND_DURATION_MS@ ms",
             """Every live rank confirmed the communicator abort within abort_timeout_s. The repair goes on with
-the cheapest rung that fits (NEUROND_TIER on the next transitions).
+the cheapest rung that fits (NEUROND_RUNG on the next transitions).
 
 Nothing to do."""),
     Message(Event.ABORT_FAILED, "eb777724fa2f4a8db8f6236ac94fd434", WARNING,
@@ -99,9 +99,9 @@ replacement ranks with the survivors, which keep their weights.
 
 Nothing to do."""),
     Message(Event.RECOVERY_FINISHED, "3e00fbab0cd245b9a899a1fffc06fcab", NOTICE,
-            "neurond recovered in @NEUROND_DURATION_MS@ ms via @NEUROND_TIER@ (@NEUROND_OUTCOME@)",
+            "neurond recovered in @NEUROND_DURATION_MS@ ms via @NEUROND_RUNG@ (@NEUROND_OUTCOME@)",
             """The pool is healthy again and serving, @NEUROND_DURATION_MS@ ms after the fault was detected, by
-the rung @NEUROND_TIER@ on attempt @NEUROND_ATTEMPT@ (incident @NEUROND_INCIDENT@).
+the rung @NEUROND_RUNG@ on attempt @NEUROND_ATTEMPT@ (incident @NEUROND_INCIDENT@).
 
 NEUROND_OUTCOME is clean when the cheapest rung that fits the fault worked on the first attempt with a
 confirmed abort, within 900 s of the fault, and degraded otherwise (NEUROND_OUTCOME_WHY says why).

@@ -70,7 +70,7 @@ class Entry:
     state_to: str | None
     cause: str | None
     rank: str | None
-    tier: str | None
+    rung: str | None
     attempt: int | None
     duration_ms: int | None
     tp_size: int | None
@@ -106,7 +106,8 @@ def parse(raw: dict) -> Entry:
         realtime_us=_int(f("__REALTIME_TIMESTAMP")) or 0, monotonic_us=_int(f("__MONOTONIC_TIMESTAMP")),
         unit=f("_SYSTEMD_UNIT") or "", event=f("NEUROND_EVENT"), incident=f("NEUROND_INCIDENT") or None,
         lifecycle_event=f("NEUROND_LIFECYCLE_EVENT"), state_from=f("NEUROND_STATE_FROM"),
-        state_to=f("NEUROND_STATE_TO"), cause=f("NEUROND_CAUSE"), rank=f("NEUROND_RANK"), tier=f("NEUROND_TIER"),
+        state_to=f("NEUROND_STATE_TO"), cause=f("NEUROND_CAUSE"), rank=f("NEUROND_RANK"),
+        rung=f("NEUROND_RUNG") or f("NEUROND_TIER"),  # NEUROND_TIER: journals of daemons before the rename
         attempt=_int(f("NEUROND_ATTEMPT")), duration_ms=_int(f("NEUROND_DURATION_MS")),
         tp_size=_int(f("NEUROND_TP_SIZE")), tp_impl=f("NEUROND_TP_IMPL"), model=f("NEUROND_MODEL"),
         outcome=f("NEUROND_OUTCOME"))

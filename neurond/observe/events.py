@@ -1,7 +1,7 @@
 """The notable events of neurond, and where they go.
 
 Every lifecycle transition and every step of a recovery is one event: a name from `Event` and fields (cause,
-rank, tier, incident, request_id, duration_ms, attempt, ...). Producers (the supervisor, the engine) call
+rank, rung, incident, request_id, duration_ms, attempt, ...). Producers (the supervisor, the engine) call
 `sink.event(Event.X, **fields)`; what a sink does with it (journald entries, stderr lines, metrics) is its own
 business. Producers never fail because a sink did: `emit()` swallows and counts sink errors.
 """

@@ -52,18 +52,18 @@ def needed_rung(cause: str | None, tp_size: int | None, tp_impl: str | None = No
     return "replace_ranks" if tp > 1 else "full_reload"
 
 
-def rung_cost(tier: str | None) -> int:
-    return RUNGS.index(tier) if tier in RUNGS else len(RUNGS)
+def rung_cost(rung: str | None) -> int:
+    return RUNGS.index(rung) if rung in RUNGS else len(RUNGS)
 
 
-def judge_recovery(cause: str | None, tp_size: int | None, tier: str | None, attempt: int | None,
+def judge_recovery(cause: str | None, tp_size: int | None, rung: str | None, attempt: int | None,
                    abort_failed: bool, tp_impl: str | None = None,
                    duration_ms: int | None = None) -> tuple[str, str]:
     """("clean" | "degraded", why) for a finished recovery that took `duration_ms` from the fault."""
     why = []
     need = needed_rung(cause, tp_size, tp_impl)
-    if rung_cost(tier) > rung_cost(need):
-        why.append(f"{tier} where {need} fits {cause}")
+    if rung_cost(rung) > rung_cost(need):
+        why.append(f"{rung} where {need} fits {cause}")
     if (attempt or 1) > 1:
         why.append(f"{attempt} attempts")
     if abort_failed:
@@ -83,7 +83,7 @@ class Incident:
     tp_size: int | None = None
     tp_impl: str | None = None
     model: str | None = None
-    tier: str | None = None  # rung that ended it
+    rung: str | None = None  # rung that ended it
     attempts: int = 0
     abort_failed: bool = False
     end_us: int | None = None
@@ -109,7 +109,7 @@ class Incident:
         return (self.end_us - self.start_us) // 1000 if self.end_us else None
 
     def summary(self) -> dict:
-        d = {k: getattr(self, k) for k in ("host", "incident", "cls", "why", "cause", "rank", "tier", "attempts",
+        d = {k: getattr(self, k) for k in ("host", "incident", "cls", "why", "cause", "rank", "rung", "attempts",
                                            "abort_failed", "end", "requests_failed", "tp_size", "model", "state",
                                            "outcome")}
         d["class"] = d.pop("cls")
@@ -155,7 +155,7 @@ def _add(inc: Incident, e: Entry) -> None:
         inc.requests_failed += 1
     elif e.event in ("recovery_finished", "gave_up") and inc.end is None:
         inc.end = "recovered" if e.event == "recovery_finished" else "gave_up"
-        inc.end_us, inc.tier, inc.duration_ms, inc.outcome = e.realtime_us, e.tier, e.duration_ms, e.outcome
+        inc.end_us, inc.rung, inc.duration_ms, inc.outcome = e.realtime_us, e.rung, e.duration_ms, e.outcome
 
 
 def _classify(inc: Incident, now_us: int, bound_us: int) -> None:
@@ -163,7 +163,7 @@ def _classify(inc: Incident, now_us: int, bound_us: int) -> None:
         inc.cls, inc.why = "gave_up", "the breaker opened; the model was unloaded"
         return
     if inc.end == "recovered":
-        inc.cls, inc.why = judge_recovery(inc.cause, inc.tp_size, inc.tier, inc.attempts, inc.abort_failed,
+        inc.cls, inc.why = judge_recovery(inc.cause, inc.tp_size, inc.rung, inc.attempts, inc.abort_failed,
                                           inc.tp_impl, inc.mttr_ms)
         return
     daemon, state = inc.instance, inc.state or LifecycleState.POISONED

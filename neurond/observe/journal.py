@@ -147,7 +147,7 @@ def message_text(event: Event, f: dict) -> str:
     text = {
         Event.TRANSITION: lambda: f"{g('state_from')} -> {g('state_to')} on {g('lifecycle_event')}, cause "
                                   f"{g('cause')}" + (f", rank {f['rank']}" if "rank" in f else "")
-                                  + (f", tier {f['tier']}" if "tier" in f else ""),
+                                  + (f", rung {f['rung']}" if "rung" in f else ""),
         Event.FAULT_DETECTED: lambda: f"{g('cause')} on rank {g('rank')}"
                                       + (f", request {f['request_id']}" if "request_id" in f else ""),
         Event.ABORT_STARTED: lambda: f"aborting the communicator, attempt {g('attempt', 1)}",
@@ -156,7 +156,7 @@ def message_text(event: Event, f: dict) -> str:
         Event.RANK_KILLED: lambda: f"rank {g('rank')} killed with SIGKILL",
         Event.RANK_SPAWNED: lambda: f"rank {g('rank')} started as pid {g('pid')}",
         Event.COMM_REBUILT: lambda: f"new communicator in {g('duration_ms')} ms, weights kept",
-        Event.RECOVERY_FINISHED: lambda: f"healthy after {g('duration_ms')} ms via {g('tier')}, attempt "
+        Event.RECOVERY_FINISHED: lambda: f"healthy after {g('duration_ms')} ms via {g('rung')}, attempt "
                                          f"{g('attempt', 1)}, {g('outcome')}"
                                          + (f" ({f['outcome_why']})" if "outcome_why" in f else ""),
         Event.GAVE_UP: lambda: f"recovery gave up ({g('detail', '')}); model unloaded",
@@ -226,7 +226,7 @@ class JournalSink(EventSink):
         elif name is Event.ABORT_FAILED:
             facts["abort_failed"] = True
         elif name is Event.RECOVERY_FINISHED:
-            outcome, why = judge_recovery(facts.get("cause", f.get("cause")), f.get("tp_size"), f.get("tier"),
+            outcome, why = judge_recovery(facts.get("cause", f.get("cause")), f.get("tp_size"), f.get("rung"),
                                           f.get("attempt"), facts.get("abort_failed", False), f.get("tp_impl"),
                                           f.get("duration_ms"))
             f["outcome"] = outcome

@@ -32,9 +32,9 @@ class MetricsSink(EventSink):
         self.info.labels(model, str(tp_size), version()).set(1)
         self.state = Gauge("neurond_lifecycle_state", "1 for the current lifecycle state", ["state"], registry=r)
         self.transitions = Counter("neurond_transitions_total", "Lifecycle transitions",
-                                   ["event", "cause", "tier"], registry=r)
+                                   ["event", "cause", "rung"], registry=r)
         self.recoveries = Counter("neurond_recoveries_total", "Finished recoveries by cause and ladder rung",
-                                  ["cause", "tier"], registry=r)
+                                  ["cause", "rung"], registry=r)
         self.gave_up = Counter("neurond_gave_up_total", "Times recovery gave up (-> unloaded)", registry=r)
         self.faults = Counter("neurond_faults_total", "Faults detected by cause", ["cause"], registry=r)
         self.detection_seconds = Histogram(
@@ -42,7 +42,7 @@ class MetricsSink(EventSink):
             "step deadline for a hang, about the step time otherwise (faults between steps are seen at once and "
             "not observed)", ["cause"], buckets=_DETECTION_BUCKETS, registry=r)
         self.recovery_seconds = Histogram("neurond_recovery_seconds", "Fault detected to healthy again",
-                                          ["tier"], buckets=_RECOVERY_BUCKETS, registry=r)
+                                          ["rung"], buckets=_RECOVERY_BUCKETS, registry=r)
         self.abort_seconds = Histogram("neurond_abort_seconds", "Communicator abort on all live ranks",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.step_seconds = Histogram("neurond_step_seconds", "Prefill/decode step latency as the leader sees it",
@@ -66,7 +66,7 @@ class MetricsSink(EventSink):
         if name is Event.TRANSITION:
             for state in STATES:
                 self.state.labels(state).set(1 if state == f.get("state_to") else 0)
-            self.transitions.labels(f.get("lifecycle_event") or "", f.get("cause") or "", f.get("tier") or "").inc()
+            self.transitions.labels(f.get("lifecycle_event") or "", f.get("cause") or "", f.get("rung") or "").inc()
         elif name is Event.FAULT_DETECTED:
             self.faults.labels(f.get("cause") or "").inc()
             if f.get("detect_ms") is not None:
@@ -75,9 +75,9 @@ class MetricsSink(EventSink):
             if f.get("total_bytes"):
                 self.load_progress.labels(str(f.get("rank"))).set(f.get("done_bytes", 0) / f["total_bytes"])
         elif name is Event.RECOVERY_FINISHED:
-            self.recoveries.labels(f.get("cause") or "", f.get("tier") or "").inc()
+            self.recoveries.labels(f.get("cause") or "", f.get("rung") or "").inc()
             if f.get("duration_ms") is not None:
-                self.recovery_seconds.labels(f.get("tier") or "").observe(f["duration_ms"] / 1000)
+                self.recovery_seconds.labels(f.get("rung") or "").observe(f["duration_ms"] / 1000)
         elif name in (Event.ABORT_FINISHED, Event.ABORT_FAILED):
             if f.get("duration_ms") is not None:
                 self.abort_seconds.observe(f["duration_ms"] / 1000)

@@ -3,7 +3,7 @@ pool. The supervisor owns everything around it (lifecycle transitions, incident 
 spares, operator actions) and calls in here; this module owns only the mechanics, so it can be tested against
 a fake pool without processes (tests/pool/test_ladder_unit.py).
 
-Rungs, cheapest first (each recorded on the transition as `tier`):
+Rungs, cheapest first (each recorded on the transition as `rung`):
   comm_rebuild   nobody was killed: a fresh communicator among the same processes, weights kept
   replace_ranks  some were killed: respawn only those, load only their shards, fresh communicator for all
   full_reload    all were killed, or a previous rung failed: stop every rank and start a new pool
@@ -219,7 +219,7 @@ class RepairLadder:
 
     # ------------------------------------------------------------------ the rungs
     async def repair(self, pool: LadderPool | None, rung: Rung, victims: set[int], cause: Cause) -> None:
-        """Run `rung`. `cause` carries the tier and attempt for the journal. Raises PoolFault on any failure."""
+        """Run `rung`. `cause` carries the rung and attempt for the journal. Raises PoolFault on any failure."""
         if rung == COMM_REBUILD:
             assert pool is not None
             await self._form_comm(pool, cause)

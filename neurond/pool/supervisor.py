@@ -75,7 +75,7 @@ class Supervisor:
         self._fault_at: float | None = None
         self.config = config
         self.model_dir = model_dir
-        # (event, from, to, reason, tier, wall-clock time) of recent transitions, for /admin/status and the tests
+        # (event, from, to, reason, rung, wall-clock time) of recent transitions, for /admin/status and the tests
         self.history: deque[tuple[str, str, str, str, str | None, float]] = deque(maxlen=256)
         self.load_progress: dict[int, p.LoadProgress] = {}  # the latest report of each rank of the current pool
         self.healthy = asyncio.Event()  # set exactly while the state is `healthy`
@@ -111,7 +111,7 @@ class Supervisor:
 
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
         self.history.append((str(event), source.id, target.id, cause.reason if cause else "",
-                             cause.tier if cause else None, time.time()))
+                             cause.rung if cause else None, time.time()))
         if target.id == LifecycleState.HEALTHY:
             self.healthy.set()
             if not self._stopping:
@@ -123,7 +123,7 @@ class Supervisor:
     def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
         if cause is not None:
             base = dict(incident=cause.incident or None, cause=cause.reason, rank=cause.rank,
-                        request_id=cause.request_id, tier=cause.tier, attempt=cause.attempt or None,
+                        request_id=cause.request_id, rung=cause.rung, attempt=cause.attempt or None,
                         detail=cause.detail or None)
             base.update(fields)
             fields = base
@@ -264,7 +264,7 @@ class Supervisor:
                 self._failures.append(time.monotonic())
             if self._breaker_open():
                 await self._stop_pool()
-                gave_up = cause.with_(reason="breaker_open", tier=Rung.GIVE_UP, attempt=attempt)
+                gave_up = cause.with_(reason="breaker_open", rung=Rung.GIVE_UP, attempt=attempt)
                 self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(),
                            detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
                 self._send("give_up", gave_up)
@@ -273,18 +273,18 @@ class Supervisor:
                     callback(self.lifecycle.last_cause)
                 return
             self._send("abort", cause.with_(attempt=attempt))
-            tier: Rung = FULL_RELOAD
+            rung: Rung = FULL_RELOAD
             victims: set[int] = set()
             try:
                 if self.pool is not None and attempt == 1:
                     victims = await self.ladder.unblock(self.pool, fault, cause.with_(attempt=attempt))
-                    tier = self.ladder.rung(victims)
-                self._send("repair", cause.with_(tier=tier, attempt=attempt,
+                    rung = self.ladder.rung(victims)
+                self._send("repair", cause.with_(rung=rung, attempt=attempt,
                                                  detail=f"replacing ranks {sorted(victims)}" if victims else ""))
-                if tier == REPLACE_RANKS:
+                if rung == REPLACE_RANKS:
                     for rank in victims:  # their progress is of the processes being replaced
                         self.load_progress.pop(rank, None)
-                await self.ladder.repair(self.pool, tier, victims, cause.with_(tier=tier, attempt=attempt))
+                await self.ladder.repair(self.pool, rung, victims, cause.with_(rung=rung, attempt=attempt))
             except PoolFault as again:
                 # A fault during recovery: record it and climb the ladder.
                 fault = again
@@ -294,7 +294,7 @@ class Supervisor:
                 continue
             if self._stopping:
                 return
-            done = cause.with_(tier=tier, attempt=attempt)
+            done = cause.with_(rung=rung, attempt=attempt)
             self._emit(Event.RECOVERY_FINISHED, done, duration_ms=self._since_fault_ms())
             self._send("recovered", done)
             self._incident = None
@@ -321,7 +321,7 @@ class Supervisor:
         if self.state == LifecycleState.UNLOADED:
             await self.load(reason)
             return
-        cause = Cause(reason, tier=Rung.FULL_RELOAD)
+        cause = Cause(reason, rung=Rung.FULL_RELOAD)
         self._send("reload", cause)
         try:
             await self._restart_pool()

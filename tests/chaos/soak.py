@@ -195,10 +195,10 @@ class SoakReport:
         classes = dict(Counter(i.cls for i in incidents))
         lines.append(f"incidents: {len(incidents)}, by cause {causes}, by class {classes}")
         rows = []
-        for tier in ("comm_rebuild", "replace_ranks", "full_reload"):
-            ms = [i.mttr_ms for i in incidents if i.tier == tier and i.mttr_ms is not None]
+        for rung in ("comm_rebuild", "replace_ranks", "full_reload"):
+            ms = [i.mttr_ms for i in incidents if i.rung == rung and i.mttr_ms is not None]
             if ms:
-                rows.append([tier, len(ms), f"{statistics.median(ms) / 1000:.2f}", f"{max(ms) / 1000:.2f}"])
+                rows.append([rung, len(ms), f"{statistics.median(ms) / 1000:.2f}", f"{max(ms) / 1000:.2f}"])
         lines += [""] + _table(["recovered by", "incidents", "MTTR p50 s", "MTTR max s"], rows)
         lines.append("")
         lines.append(f"leader fds {self.fds_before} -> {self.fds_after}; RSS {self.rss_before / 2**20:.1f} -> "

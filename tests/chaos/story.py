@@ -40,11 +40,11 @@ class Transition:
     state_from: str
     state_to: str
     cause: str | None
-    tier: str | None
+    rung: str | None
 
 
 def transitions(incident: Incident) -> list[Transition]:
-    return [Transition(e.lifecycle_event or "?", e.state_from or "?", e.state_to or "?", e.cause, e.tier)
+    return [Transition(e.lifecycle_event or "?", e.state_from or "?", e.state_to or "?", e.cause, e.rung)
             for e in incident.entries if e.event == "transition"]
 
 

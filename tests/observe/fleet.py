@@ -41,21 +41,21 @@ def abort(inc, cause, attempt, ok=True, state_from="poisoned"):
                                         detail="abort did not finish within 2.00s; ranks [1] did not answer"))]
 
 
-def repair(inc, cause, attempt, tier, victims=(), killed=()):
-    out = [(E.TRANSITION, dict(incident=inc, cause=cause, attempt=attempt, tier=tier, lifecycle_event="repair",
+def repair(inc, cause, attempt, rung, victims=(), killed=()):
+    out = [(E.TRANSITION, dict(incident=inc, cause=cause, attempt=attempt, rung=rung, lifecycle_event="repair",
                                state_from="aborting", state_to="reloading"))]
-    out += [(E.RANK_KILLED, dict(incident=inc, cause="recovery", rank=r, tier=tier)) for r in killed]
-    if tier == "comm_rebuild":
-        return out + [(E.COMM_REBUILT, dict(incident=inc, cause=cause, tier=tier, attempt=attempt, duration_ms=80))]
-    if tier == "replace_ranks":
+    out += [(E.RANK_KILLED, dict(incident=inc, cause="recovery", rank=r, rung=rung)) for r in killed]
+    if rung == "comm_rebuild":
+        return out + [(E.COMM_REBUILT, dict(incident=inc, cause=cause, rung=rung, attempt=attempt, duration_ms=80))]
+    if rung == "replace_ranks":
         return out + [(E.RANK_SPAWNED, dict(incident=inc, cause="spawn", rank=r, pid=2000 + r)) for r in victims] + [
-            (E.COMM_REBUILT, dict(incident=inc, cause=cause, tier=tier, attempt=attempt, duration_ms=90))]
+            (E.COMM_REBUILT, dict(incident=inc, cause=cause, rung=rung, attempt=attempt, duration_ms=90))]
     return out + [(E.RANK_SPAWNED, dict(incident=inc, cause="spawn", rank=r, pid=2000 + r)) for r in range(2)]
 
 
-def recovered(inc, cause, attempt, tier, ms):
-    return [(E.RECOVERY_FINISHED, dict(incident=inc, cause=cause, tier=tier, attempt=attempt, duration_ms=ms)),
-            (E.TRANSITION, dict(incident=inc, cause=cause, tier=tier, attempt=attempt, lifecycle_event="recovered",
+def recovered(inc, cause, attempt, rung, ms):
+    return [(E.RECOVERY_FINISHED, dict(incident=inc, cause=cause, rung=rung, attempt=attempt, duration_ms=ms)),
+            (E.TRANSITION, dict(incident=inc, cause=cause, rung=rung, attempt=attempt, lifecycle_event="recovered",
                                 state_from="reloading", state_to="healthy"))]
 
 
@@ -64,14 +64,14 @@ def gave_up_after(inc, cause, rank, attempts):
     (failed attempts 2..attempts count; only the first attempt aborts, later ones start from a dead pool)."""
     steps = fault(inc, cause, rank)
     for a in range(1, attempts):
-        tier = "replace_ranks" if a == 1 else "full_reload"
-        steps += (abort(inc, cause, a) if a == 1 else abort(inc, cause, a)[:1]) + repair(inc, cause, a, tier, [rank])
+        rung = "replace_ranks" if a == 1 else "full_reload"
+        steps += (abort(inc, cause, a) if a == 1 else abort(inc, cause, a)[:1]) + repair(inc, cause, a, rung, [rank])
         steps.append((E.TRANSITION, dict(incident=inc, cause="rank_died", rank=rank, attempt=a,
                                          lifecycle_event="fault", state_from="reloading", state_to="poisoned")))
     return steps + [
-        (E.GAVE_UP, dict(incident=inc, cause="breaker_open", rank=rank, tier="give_up", attempt=attempts,
+        (E.GAVE_UP, dict(incident=inc, cause="breaker_open", rank=rank, rung="give_up", attempt=attempts,
                          duration_ms=41000, detail=f"{attempts - 1} recoveries within 600s")),
-        (E.TRANSITION, dict(incident=inc, cause="breaker_open", rank=rank, tier="give_up", attempt=attempts,
+        (E.TRANSITION, dict(incident=inc, cause="breaker_open", rank=rank, rung="give_up", attempt=attempts,
                             lifecycle_event="give_up", state_from="poisoned", state_to="unloaded")),
         (E.TRANSITION, dict(cause="shutdown", lifecycle_event="stop", state_from="unloaded", state_to="stopped"))]
 

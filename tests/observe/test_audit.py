@@ -142,7 +142,7 @@ def test_unfinished_incidents_are_open_stuck_or_interrupted():
 
 def test_a_recovery_slower_than_the_bound_is_degraded():
     entries = [_e(0, "fault_detected", "i", cause="rank_failed", tp_size=1),
-               _e(1200, "recovery_finished", "i", tier="comm_rebuild", attempt=1, duration_ms=1_200_000)]
+               _e(1200, "recovery_finished", "i", rung="comm_rebuild", attempt=1, duration_ms=1_200_000)]
     (inc,) = rebuild(unique(entries), now_us=int(2000e6), stuck_after_s=900)
     assert (inc.cls, inc.why, inc.mttr_ms) == ("degraded", "recovered only after 1200 s", 1_200_000)
     # the clean bound is fixed (NEUROND_OUTCOME means the same everywhere); --stuck-after is for unfinished ones
@@ -163,3 +163,12 @@ def test_the_cheapest_rung_that_fits(cause, tp, impl, rung):
     assert judge_recovery(cause, tp, rung, 1, False, impl) == ("clean", "")
     if rung != "full_reload":
         assert judge_recovery(cause, tp, "full_reload", 1, False, impl)[0] == "degraded"
+
+
+def test_journals_written_before_the_rename_still_say_their_rung():
+    """NEUROND_RUNG was NEUROND_TIER until session 6: the audit reads a fleet's older journals too."""
+    from neurond.observe.entries import parse
+
+    old = parse({"NEUROND_EVENT": "recovery_finished", "NEUROND_TIER": "replace_ranks", "_HOSTNAME": "h"})
+    new = parse({"NEUROND_EVENT": "recovery_finished", "NEUROND_RUNG": "comm_rebuild", "_HOSTNAME": "h"})
+    assert (old.rung, new.rung) == ("replace_ranks", "comm_rebuild")

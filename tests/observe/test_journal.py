@@ -62,14 +62,14 @@ def test_code_fields_name_the_deciding_code_not_the_plumbing(captured):
 @pytest.mark.parametrize("steps, outcome, why", [
     ([], "clean", None),
     ([(Event.ABORT_FAILED, {})], "degraded", "abort failed"),
-    ([(Event.RECOVERY_FINISHED, {"tier": "full_reload"})], "degraded",
+    ([(Event.RECOVERY_FINISHED, {"rung": "full_reload"})], "degraded",
      "full_reload where comm_rebuild fits rank_failed"),
     ([(Event.RECOVERY_FINISHED, {"attempt": 2})], "degraded", "2 attempts"),
 ])
 def test_end_of_an_incident_carries_its_outcome(captured, steps, outcome, why):
     sink = journal.JournalSink()
     emit(sink, Event.FAULT_DETECTED, incident="i", cause="rank_failed", rank=0, tp_size=1)
-    finish = {"tier": "comm_rebuild", "attempt": 1}
+    finish = {"rung": "comm_rebuild", "attempt": 1}
     for event, fields in steps:
         if event is Event.RECOVERY_FINISHED:
             finish.update(fields)

@@ -65,7 +65,7 @@ def test_a_fault_in_a_real_journal_is_one_complete_clean_incident(cache_dir, bui
     assert failed["CODE_FILE"].endswith("neurond/engine/engine.py") and failed["NEUROND_STATUS"] == "500"
     assert failed["NEUROND_REQUEST_ID"] == fault["NEUROND_REQUEST_ID"]
     done = by["recovery_finished"]
-    assert (done["NEUROND_TIER"], done["NEUROND_ATTEMPT"], done["NEUROND_OUTCOME"]) == ("comm_rebuild", "1", "clean")
+    assert (done["NEUROND_RUNG"], done["NEUROND_ATTEMPT"], done["NEUROND_OUTCOME"]) == ("comm_rebuild", "1", "clean")
     assert done["CODE_FUNC"] == "Supervisor._recover" and int(done["NEUROND_DURATION_MS"]) > 0
     # the rank worker's own entry: its pid, its rank, the real site
     (raised,) = [e for e in entries if e.get("NEUROND_RANK") == "0" and "Decode failed" in e["MESSAGE"]]
@@ -95,6 +95,6 @@ def test_a_fault_in_a_real_journal_is_one_complete_clean_incident(cache_dir, bui
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(proc.stdout)
     (inc,) = r["incidents"]
-    assert (inc["host"], inc["incident"], inc["class"], inc["cause"], inc["tier"]) == \
+    assert (inc["host"], inc["incident"], inc["class"], inc["cause"], inc["rung"]) == \
         (HOSTNAME, incident, "clean", "rank_failed", "comm_rebuild")
     assert r["needs_action"] == [] and r["mttr_ms"]["count"] == 1 and r["hosts"][HOSTNAME]["requests_failed"] == 1

@@ -12,11 +12,11 @@ from neurond.observe.metrics import MetricsSink
 # family -> (type, label names): what the issue asks /metrics to have.
 REQUIRED = {
     "neurond_lifecycle_state": ("gauge", {"state"}),
-    "neurond_transitions": ("counter", {"event", "cause", "tier"}),
-    "neurond_recoveries": ("counter", {"cause", "tier"}),
+    "neurond_transitions": ("counter", {"event", "cause", "rung"}),
+    "neurond_recoveries": ("counter", {"cause", "rung"}),
     "neurond_faults": ("counter", {"cause"}),
     "neurond_fault_detection_seconds": ("histogram", {"cause"}),
-    "neurond_recovery_seconds": ("histogram", {"tier"}),
+    "neurond_recovery_seconds": ("histogram", {"rung"}),
     "neurond_step_seconds": ("histogram", {"kind"}),
     "neurond_generated_tokens": ("counter", set()),
     "neurond_requests": ("counter", {"outcome"}),
@@ -40,15 +40,15 @@ def one_incident(sink: MetricsSink) -> None:
     f = dict(incident="i1", model="m", tp_size=2)
     emit(sink, Event.TRANSITION, lifecycle_event="loaded", state_from="loading", state_to="healthy", cause="startup")
     emit(sink, Event.FAULT_DETECTED, cause="rank_timeout", rank=1, detect_ms=5003, **f)
-    for event, src, dst, tier in (("fault", "healthy", "poisoned", None), ("abort", "poisoned", "aborting", None),
+    for event, src, dst, rung in (("fault", "healthy", "poisoned", None), ("abort", "poisoned", "aborting", None),
                                   ("repair", "aborting", "reloading", "replace_ranks")):
         emit(sink, Event.TRANSITION, lifecycle_event=event, state_from=src, state_to=dst, cause="rank_timeout",
-             tier=tier, **f)
+             rung=rung, **f)
     emit(sink, Event.ABORT_FINISHED, duration_ms=12, **f)
     emit(sink, Event.LOAD_PROGRESS, rank=1, done_bytes=1, total_bytes=4, files_done=1, files_total=4, **f)
-    emit(sink, Event.RECOVERY_FINISHED, cause="rank_timeout", tier="replace_ranks", duration_ms=14200, **f)
+    emit(sink, Event.RECOVERY_FINISHED, cause="rank_timeout", rung="replace_ranks", duration_ms=14200, **f)
     emit(sink, Event.TRANSITION, lifecycle_event="recovered", state_from="reloading", state_to="healthy",
-         cause="rank_timeout", tier="replace_ranks", **f)
+         cause="rank_timeout", rung="replace_ranks", **f)
     emit(sink, Event.REQUEST_FAILED, request_id="r1", cause="rank_timeout", status=504, **f)
     sink.step("prefill", 0.02)
     sink.step("decode", 0.004)
@@ -74,15 +74,15 @@ def test_values_follow_the_events():
     _, s = scrape(_fed())
     assert s[("neurond_lifecycle_state", (("state", "healthy"),))] == 1
     assert s[("neurond_lifecycle_state", (("state", "reloading"),))] == 0
-    repair = (("cause", "rank_timeout"), ("event", "repair"), ("tier", "replace_ranks"))
+    repair = (("cause", "rank_timeout"), ("event", "repair"), ("rung", "replace_ranks"))
     assert s[("neurond_transitions_total", repair)] == 1
     assert s[("neurond_faults_total", (("cause", "rank_timeout"),))] == 1
-    assert s[("neurond_recoveries_total", (("cause", "rank_timeout"), ("tier", "replace_ranks")))] == 1
+    assert s[("neurond_recoveries_total", (("cause", "rank_timeout"), ("rung", "replace_ranks")))] == 1
     # detection 5.003 s: in the 10 s bucket, not the 5 s one
     assert s[("neurond_fault_detection_seconds_bucket", (("cause", "rank_timeout"), ("le", "5.0")))] == 0
     assert s[("neurond_fault_detection_seconds_bucket", (("cause", "rank_timeout"), ("le", "10.0")))] == 1
     assert s[("neurond_fault_detection_seconds_sum", (("cause", "rank_timeout"),))] == 5.003
-    assert s[("neurond_recovery_seconds_sum", (("tier", "replace_ranks"),))] == 14.2
+    assert s[("neurond_recovery_seconds_sum", (("rung", "replace_ranks"),))] == 14.2
     assert s[("neurond_abort_seconds_count", ())] == 1
     assert s[("neurond_load_progress_ratio", (("rank", "1"),))] == 0.25
     assert s[("neurond_step_seconds_count", (("kind", "decode"),))] == 1

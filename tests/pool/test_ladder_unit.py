@@ -149,7 +149,7 @@ def recover(h: Harness, fault: PoolFault) -> tuple[set[int], str]:
         ladder = h.ladder()
         victims = await ladder.unblock(h.pool, fault, CAUSE)
         rung = ladder.rung(victims)
-        await ladder.repair(h.pool, rung, victims, CAUSE.with_(tier=rung))
+        await ladder.repair(h.pool, rung, victims, CAUSE.with_(rung=rung))
         return victims, rung
 
     return asyncio.run(run())
@@ -261,7 +261,7 @@ def test_two_deaths_in_one_step_count_both():
 # ---------------------------------------------------------------------- failures during a rung
 def _replace(h: Harness, victims: set[int]) -> float:
     t0 = time.monotonic()
-    asyncio.run(h.ladder().repair(h.pool, "replace_ranks", victims, CAUSE.with_(tier="replace_ranks")))
+    asyncio.run(h.ladder().repair(h.pool, "replace_ranks", victims, CAUSE.with_(rung="replace_ranks")))
     return time.monotonic() - t0
 
 

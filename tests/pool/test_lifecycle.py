@@ -18,7 +18,7 @@ def test_fault_to_recovery_path_is_recorded_with_one_incident():
     m.send("loaded", cause=Cause("startup"))
     c = Cause("rank_died", incident="i1", rank=1)
     for event in ("fault", "abort", "repair", "recovered"):
-        m.send(event, cause=c.with_(tier="full_reload"))
+        m.send(event, cause=c.with_(rung="full_reload"))
     assert [(e, s, t) for e, s, t, _ in rec.seen] == [
         ("loaded", "loading", "healthy"),
         ("fault", "healthy", "poisoned"),
@@ -27,7 +27,7 @@ def test_fault_to_recovery_path_is_recorded_with_one_incident():
         ("recovered", "reloading", "healthy"),
     ]
     assert {cause.incident for _, _, _, cause in rec.seen[1:]} == {"i1"}
-    assert m.serving and m.last_cause.tier == "full_reload"
+    assert m.serving and m.last_cause.rung == "full_reload"
 
 
 def test_transition_not_allowed_is_an_error():
