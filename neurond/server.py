@@ -37,6 +37,7 @@ from neurond.observe.events import TeeSink
 from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
 from neurond.observe.notify import LifecycleStatus, Notifier, watchdog
+from neurond.pool.ladder import worst_case_s
 from neurond.pool.supervisor import Supervisor
 from neurond.served_model import load_served_model, resolve_model_dir
 
@@ -202,12 +203,11 @@ class Server:
             self.notifier.ready(self.status.line())
 
     def _unresponsive(self) -> str | None:
-        """Why the supervisor is not making progress, or None. Every rung of the ladder has a deadline, so a
-        repair state that outlives all of them together means the supervisor itself is stuck."""
+        """Why the supervisor is not making progress, or None (the ladder's worst case says how long is too long)."""
         sup, c = self.supervisor, self.config
         if sup is None or sup.state in (LifecycleState.HEALTHY, LifecycleState.UNLOADED, LifecycleState.STOPPED):
             return None
-        bound = c.load_timeout_s + 2 * c.comm_timeout_s + 2 * c.abort_timeout_s + 2 * c.kill_grace_s + 30.0
+        bound = worst_case_s(c)
         stuck = time.monotonic() - self.status.since
         return f"{sup.state} for {stuck:.0f} s (bound {bound:.0f} s)" if stuck > bound else None
 

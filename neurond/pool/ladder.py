@@ -91,6 +91,18 @@ class Deadlines:
         return cls(abort_s=config.abort_timeout_s, comm_s=config.comm_timeout_s, load_s=config.load_timeout_s)
 
 
+# What a repair may take beyond its steps' deadlines (the event loop's own turns, journal writes, spawning).
+REPAIR_SLACK_S = 30.0
+
+
+def worst_case_s(config: Config) -> float:
+    """The longest one repair may take with every step at its deadline: a load, two communicators (the
+    abort's and the new one's), two aborts and two kill graces (a failed rung's, then the full reload's). A
+    repair state that outlives this means the supervisor itself is stuck (the systemd watchdog's test)."""
+    return (config.load_timeout_s + 2 * config.comm_timeout_s + 2 * config.abort_timeout_s
+            + 2 * config.kill_grace_s + REPAIR_SLACK_S)
+
+
 @dataclass(slots=True)
 class Busy:
     """The live ranks a ping found busy but not (yet) wedged."""
