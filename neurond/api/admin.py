@@ -21,8 +21,7 @@ from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
-
-TRANSITION_FIELDS = ("event", "from", "to", "reason", "rung", "at")  # one entry of Supervisor.history
+from neurond.pool.supervisor import Transition
 
 
 class AdminAPI:
@@ -57,33 +56,32 @@ class AdminAPI:
     async def status(self, request: Request) -> Response:
         """Everything `neurond status` shows (docs/api.md lists the fields)."""
         self._auth(request)
-        sup = self.supervisor
-        cause = sup.lifecycle.last_cause
-        pool = sup.pool
+        snap = self.supervisor.snapshot()
+        cause = snap.last_cause
         now = time.time()
-        last = dict(zip(TRANSITION_FIELDS, sup.history[-1], strict=True)) if sup.history else None
+        last = snap.transitions[-1] if snap.transitions else None
         return _json({
-            "state": sup.state,
-            "state_since": last["at"] if last else self.started_at,
-            "model": sup.config.model_name(),
-            "model_dir": sup.model_dir,
-            "tp_size": sup.config.tp_size,
+            "state": snap.state,
+            "state_since": last.at if last else self.started_at,
+            "model": snap.model,
+            "model_dir": snap.model_dir,
+            "tp_size": snap.tp_size,
             "version": version(),
             "pid": os.getpid(),
             "started_at": self.started_at,
             "uptime_s": round(now - self.started_at, 3),
-            "incidents": sup.incidents,
-            "current_incident": sup.current_incident,
-            "pids": {str(rank): pid for rank, pid in pool.pids().items()} if pool else {},
-            "spare_pids": sup.spares.pids(),
-            "spares_ready": sup.spares.ready(),
+            "incidents": snap.incidents,
+            "current_incident": snap.current_incident,
+            "pids": {str(rank): pid for rank, pid in snap.pids.items()},
+            "spare_pids": snap.spare_pids,
+            "spares_ready": snap.spares_ready,
             "load_progress": {str(rank): dataclasses.asdict(report)
-                              for rank, report in sorted(sup.load_progress.items())},
-            "last_transition": last,
+                              for rank, report in sorted(snap.load_progress.items())},
+            "last_transition": _transition(last) if last else None,
             "last_cause": None if cause is None else {
                 "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
                 "request_id": cause.request_id, "rung": cause.rung, "attempt": cause.attempt, "detail": cause.detail},
-            "transitions": [list(t) for t in sup.history],
+            "transitions": [list(t) for t in snap.transitions],
             "requests": dict(self.engine.stats) if self.engine is not None else {},
         })
 
@@ -129,3 +127,8 @@ class AdminAPI:
 
     async def load(self, request: Request) -> Response:
         return await self._operator(request, "load", (LifecycleState.UNLOADED,), self.supervisor.load)
+
+
+def _transition(t: Transition) -> dict:
+    """A transition as the admin status names its fields."""
+    return {"event": t.event, "from": t.source, "to": t.target, "reason": t.reason, "rung": t.rung, "at": t.at}

@@ -17,6 +17,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from neurond import protocol as p
 from neurond.config import Config
@@ -28,6 +29,35 @@ from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
 
 log = logging.getLogger("neurond.supervisor")
+
+
+class Transition(NamedTuple):
+    """One lifecycle transition as the supervisor remembers it (the admin status lists the last 256)."""
+
+    event: str
+    source: str
+    target: str
+    reason: str
+    rung: str | None
+    at: float  # wall-clock time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the supervisor knows, at one moment, for the admin status (and so `neurond status`)."""
+
+    state: str
+    model: str
+    model_dir: str
+    tp_size: int
+    incidents: int
+    current_incident: str | None
+    pids: dict[int, int | None]  # rank -> its process id (None: not started yet)
+    spare_pids: list[int]
+    spares_ready: int
+    load_progress: dict[int, p.LoadProgress]
+    last_cause: Cause | None
+    transitions: tuple[Transition, ...]
 
 # Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
 RANK_ENV = (
@@ -75,8 +105,7 @@ class Supervisor:
         self._fault_at: float | None = None
         self.config = config
         self.model_dir = model_dir
-        # (event, from, to, reason, rung, wall-clock time) of recent transitions, for /admin/status and the tests
-        self.history: deque[tuple[str, str, str, str, str | None, float]] = deque(maxlen=256)
+        self.history: deque[Transition] = deque(maxlen=256)  # recent transitions, for /admin/status and the tests
         self.load_progress: dict[int, p.LoadProgress] = {}  # the latest report of each rank of the current pool
         self.healthy = asyncio.Event()  # set exactly while the state is `healthy`
         self.lifecycle = Lifecycle(listeners=[self, *(listeners or [])])
@@ -98,6 +127,15 @@ class Supervisor:
     def state(self) -> str:
         return self.lifecycle.state_id
 
+    def snapshot(self) -> Snapshot:
+        pool = self.pool
+        return Snapshot(
+            state=self.state, model=self.config.model_name(), model_dir=self.model_dir, tp_size=self.config.tp_size,
+            incidents=self.incidents, current_incident=self.current_incident,
+            pids=pool.pids() if pool is not None else {}, spare_pids=self.spares.pids(),
+            spares_ready=self.spares.ready(), load_progress=dict(self.load_progress),
+            last_cause=self.lifecycle.last_cause, transitions=tuple(self.history))
+
     @property
     def current_incident(self) -> str | None:
         return self._incident
@@ -110,8 +148,8 @@ class Supervisor:
         self.lifecycle.send(event, cause=cause)
 
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
-        self.history.append((str(event), source.id, target.id, cause.reason if cause else "",
-                             cause.rung if cause else None, time.time()))
+        self.history.append(Transition(str(event), source.id, target.id, cause.reason if cause else "",
+                                       cause.rung if cause else None, time.time()))
         if target.id == LifecycleState.HEALTHY:
             self.healthy.set()
             if not self._stopping:
