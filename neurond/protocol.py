@@ -177,7 +177,7 @@ class Shutdown:
     call_id: int
 
 
-StepCommand = OpenStore | JoinComm | LoadShard | Prefill | Decode | Shutdown
+StepCommand = OpenStore | JoinComm | LoadShard | Prefill | Decode | CopyPrefix | Shutdown
 
 # ---------------------------------------------------------------- control channel: commands
 
