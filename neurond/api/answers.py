@@ -79,7 +79,7 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
         offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
         finished: dict[int, Finished] = {}
         # With tools, text that may be a call is held back and each call sent whole at the end (tools.py).
-        held = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
+        tool_streams = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
         try:
             if shape.opening is not None:
                 for i in range(n):
@@ -87,7 +87,7 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
             index, event = first
             while True:
                 if isinstance(event, TextDelta):
-                    text = event.text if held is None else held[index].feed(event.text)
+                    text = event.text if tool_streams is None else tool_streams[index].feed(event.text)
                     logprobs = _logprobs(model, choices, shape, event.logprobs, offsets[index]) \
                         if event.logprobs and text == event.text else None
                     if text:
@@ -99,8 +99,9 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
                 elif isinstance(event, Finished):
                     finished[index] = event
                     reason = event.reason.value
-                    if held is not None:
-                        tail, calls = held[index].finish() if reason == "stop" else (held[index].held, [])
+                    if tool_streams is not None:
+                        held = tool_streams[index]
+                        tail, calls = held.finish() if reason == "stop" else (held.cut_short(), [])
                         if tail:
                             yield chunk(_at(index, shape.delta(tail, None, None)))
                         if calls:

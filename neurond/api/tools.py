@@ -176,6 +176,10 @@ class ToolStream:
         self.sent += out
         return out
 
+    def cut_short(self) -> str:
+        """The answer ended before it was complete (max_tokens): what was held back is content after all."""
+        return self._release(len(self.held))
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         """At the end of the answer: (content still to send, the calls)."""
         content, calls = self.calling.parse(self.sent + self.held)

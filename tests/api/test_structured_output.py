@@ -149,3 +149,17 @@ def test_hostile_schemas_end_in_an_answer_or_a_400_and_serving_goes_on(daemon_tp
         assert answer["error"]["param"] == "response_format.json_schema.schema"
     assert time.monotonic() - t0 < 30
     assert daemon_tp1.chat({"model": MODEL, "messages": ASK, "max_tokens": 2})[0] == 200
+
+
+def test_text_held_back_as_a_possible_call_is_sent_as_content_when_the_answer_is_cut_short(client, tokenizer):
+    """With tools, an answer that starts like a Llama JSON call is held back while streaming; one that then runs
+    to max_tokens is no call: the held text arrives as content, as the plain answer has it."""
+    brace = tokenizer.encode("{")
+    assert len(brace) == 1
+    kw = dict(tools=TOOLS, max_tokens=6, temperature=0, logit_bias={str(brace[0]): 100})
+    plain = _ask(client, **kw).choices[0]
+    assert plain.finish_reason == "length" and plain.message.tool_calls is None
+    assert plain.message.content.startswith("{")
+    chunks = [c for c in _ask(client, stream=True, **kw) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
