@@ -122,7 +122,7 @@ class Server:
         events = TeeSink(JournalSink(), self.metrics, self.status)
         # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
         model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
-        self.supervisor = supervisor = Supervisor(c, str(model_dir), listeners=[self.status], events=events,
+        self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
                                                   context_len=model.context_len)
         self.status.incidents = lambda: supervisor.incidents
         self.status.progress = lambda: supervisor.load_progress

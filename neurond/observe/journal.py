@@ -15,6 +15,7 @@ A journald that is alive but stalled can still block the sender, exactly as it b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -23,11 +24,12 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from neurond.observe.catalog import MESSAGES, priority_of
-from neurond.observe.events import Event, EventSink
+from neurond.observe.events import Event, EventSink, Observation
 from neurond.observe.incident import judge_recovery
 from neurond.observe.progress import rank_text
 
@@ -184,58 +186,62 @@ def entry_for(event: Event, fields: dict, site: tuple[str, int, str]) -> dict:
     return entry
 
 
+@dataclass(slots=True)
+class _IncidentFacts:
+    """What the journal remembers of an incident until its end, to judge it then."""
+
+    cause: str | None = None
+    abort_failed: bool = False
+
+
 class JournalSink(EventSink):
     """One journal entry per event; adds NEUROND_OUTCOME (clean | degraded | gave_up) to the end of an
     incident, judged from the incident's own events, so one field match finds clean recoveries."""
 
-    def __init__(self, **static) -> None:
-        self.static = static  # fields for every entry that producers do not know
+    def __init__(self) -> None:
         self.errors = 0
         self.sent = 0
-        self._incidents: OrderedDict[str, dict] = OrderedDict()
-        self._progress_logged: dict[object, float] = {}  # rank -> monotonic time of its last load_progress entry
+        self._incidents: OrderedDict[str, _IncidentFacts] = OrderedDict()
+        self._progress_logged: dict[int | None, float] = {}  # rank -> monotonic time of its last load_progress
 
-    def event(self, name: Event, **fields) -> None:
-        fields = {k: v for k, v in {**self.static, **fields}.items() if v is not None and v != ""}
-        if name is Event.LOAD_PROGRESS and not self._progress_due(fields):
+    def observe(self, o: Observation) -> None:
+        if o.event is Event.LOAD_PROGRESS and not self._progress_due(o):
             return
-        self._judge(name, fields)
-        entry = entry_for(name, fields, call_site())
+        o = self._judged(o)
+        entry = entry_for(o.event, o.facts(), call_site())
         if write(entry, structured_line(entry)):
             self.sent += 1
 
-    def _progress_due(self, f: dict) -> bool:
+    def _progress_due(self, o: Observation) -> bool:
         """The first and last report of a rank's load, and one every LOAD_PROGRESS_EVERY_S in between."""
-        now, rank = time.monotonic(), f.get("rank")
-        edge = f.get("files_done") in (0, f.get("files_total"))
-        if edge or now - self._progress_logged.get(rank, float("-inf")) >= LOAD_PROGRESS_EVERY_S:
-            self._progress_logged[rank] = now
+        now = time.monotonic()
+        edge = o.files_done in (0, o.files_total)
+        if edge or now - self._progress_logged.get(o.rank, float("-inf")) >= LOAD_PROGRESS_EVERY_S:
+            self._progress_logged[o.rank] = now
             return True
         return False
 
-    def _judge(self, name: Event, f: dict) -> None:
-        key = f.get("incident")
-        if not key:
-            return
-        facts = self._incidents.setdefault(key, {})
-        self._incidents.move_to_end(key)
+    def _judged(self, o: Observation) -> Observation:
+        """`o`, with its incident's outcome where it ends one."""
+        if not o.incident:
+            return o
+        facts = self._incidents.setdefault(o.incident, _IncidentFacts())
+        self._incidents.move_to_end(o.incident)
         while len(self._incidents) > 64:  # incidents that never ended (stop mid-recovery) must not pile up
             self._incidents.popitem(last=False)
-        if name is Event.FAULT_DETECTED:
-            facts.setdefault("cause", f.get("cause"))
-        elif name is Event.ABORT_FAILED:
-            facts["abort_failed"] = True
-        elif name is Event.RECOVERY_FINISHED:
-            outcome, why = judge_recovery(facts.get("cause", f.get("cause")), f.get("tp_size"), f.get("rung"),
-                                          f.get("attempt"), facts.get("abort_failed", False), f.get("tp_impl"),
-                                          f.get("duration_ms"))
-            f["outcome"] = outcome
-            if why:
-                f["outcome_why"] = why
-            self._incidents.pop(key, None)
-        elif name is Event.GAVE_UP:
-            f["outcome"] = "gave_up"
-            self._incidents.pop(key, None)
+        if o.event is Event.FAULT_DETECTED:
+            facts.cause = facts.cause or o.cause
+        elif o.event is Event.ABORT_FAILED:
+            facts.abort_failed = True
+        elif o.event is Event.RECOVERY_FINISHED:
+            self._incidents.pop(o.incident, None)
+            outcome, why = judge_recovery(facts.cause or o.cause, o.tp_size, o.rung, o.attempt, facts.abort_failed,
+                                          None, o.duration_ms)
+            return dataclasses.replace(o, outcome=outcome, outcome_why=why or None)
+        elif o.event is Event.GAVE_UP:
+            self._incidents.pop(o.incident, None)
+            return dataclasses.replace(o, outcome="gave_up")
+        return o
 
 
 # ---------------------------------------------------------------------------------------------- log records

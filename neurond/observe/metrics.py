@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neurond.lifecycle import LifecycleState
-from neurond.observe.events import Event, EventSink
+from neurond.observe.events import Event, EventSink, Observation
 
 STATES = tuple(LifecycleState)  # every state, in the order they are declared
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -62,25 +62,26 @@ class MetricsSink(EventSink):
             self.state.labels(state).set(1 if state == LifecycleState.LOADING else 0)
 
     # ------------------------------------------------------------------ from the events
-    def event(self, name: Event, **f) -> None:
+    def observe(self, o: Observation) -> None:
+        name = o.event
         if name is Event.TRANSITION:
             for state in STATES:
-                self.state.labels(state).set(1 if state == f.get("state_to") else 0)
-            self.transitions.labels(f.get("lifecycle_event") or "", f.get("cause") or "", f.get("rung") or "").inc()
+                self.state.labels(state).set(1 if state == o.state_to else 0)
+            self.transitions.labels(o.lifecycle_event or "", o.cause or "", o.rung or "").inc()
         elif name is Event.FAULT_DETECTED:
-            self.faults.labels(f.get("cause") or "").inc()
-            if f.get("detect_ms") is not None:
-                self.detection_seconds.labels(f.get("cause") or "").observe(f["detect_ms"] / 1000)
+            self.faults.labels(o.cause or "").inc()
+            if o.detect_ms is not None:
+                self.detection_seconds.labels(o.cause or "").observe(o.detect_ms / 1000)
         elif name is Event.LOAD_PROGRESS:
-            if f.get("total_bytes"):
-                self.load_progress.labels(str(f.get("rank"))).set(f.get("done_bytes", 0) / f["total_bytes"])
+            if o.total_bytes:
+                self.load_progress.labels(str(o.rank)).set((o.done_bytes or 0) / o.total_bytes)
         elif name is Event.RECOVERY_FINISHED:
-            self.recoveries.labels(f.get("cause") or "", f.get("rung") or "").inc()
-            if f.get("duration_ms") is not None:
-                self.recovery_seconds.labels(f.get("rung") or "").observe(f["duration_ms"] / 1000)
+            self.recoveries.labels(o.cause or "", o.rung or "").inc()
+            if o.duration_ms is not None:
+                self.recovery_seconds.labels(o.rung or "").observe(o.duration_ms / 1000)
         elif name in (Event.ABORT_FINISHED, Event.ABORT_FAILED):
-            if f.get("duration_ms") is not None:
-                self.abort_seconds.observe(f["duration_ms"] / 1000)
+            if o.duration_ms is not None:
+                self.abort_seconds.observe(o.duration_ms / 1000)
         elif name is Event.GAVE_UP:
             self.gave_up.inc()
         elif name is Event.REQUEST_FAILED:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from neurond.lifecycle import LifecycleState
-from neurond.observe.events import Event, EventSink
+from neurond.observe.events import Event, EventSink, Observation
 from neurond.observe.progress import in_progress, summary
 
 log = logging.getLogger("neurond.notify")
@@ -107,9 +107,10 @@ async def watchdog(notifier: Notifier, responsive: Callable[[], str | None]) -> 
 
 
 class LifecycleStatus(EventSink):
-    """A lifecycle listener that keeps systemd's STATUS= current at every transition and knows how long the
-    current state has lasted (for the watchdog's responsiveness check). As an event sink it also refreshes
-    STATUS= at each load_progress report, so a long load shows how far it got."""
+    """An event sink that keeps systemd's STATUS= current at every transition and knows how long the current
+    state has lasted (for the watchdog's responsiveness check); it also refreshes STATUS= at each load_progress
+    report, so a long load shows how far it got. (Transitions reach it as events, like every other observer:
+    one subscription, the supervisor's `events`.)"""
 
     def __init__(self, notifier: Notifier, model: str, tp_size: int) -> None:
         self.notifier = notifier
@@ -130,16 +131,11 @@ class LifecycleStatus(EventSink):
             text += "; " + summary(progress, self.tp_size)
         return text
 
-    def event(self, name: Event, **fields) -> None:
-        if name is Event.LOAD_PROGRESS:
-            self.notifier.status(self.line())
-
-    def after_transition(self, event, source, target, cause=None) -> None:
-        try:
-            self.state, self.since = target.id, time.monotonic()
-            self.reason = getattr(cause, "reason", "") or ""
-            if getattr(cause, "rank", None) is not None:
-                self.reason += f" on rank {cause.rank}"
-            self.notifier.status(self.line())
-        except Exception:  # noqa: BLE001 - a listener error would propagate into the lifecycle
-            log.exception("STATUS update failed")
+    def observe(self, o: Observation) -> None:
+        """A transition sets the state STATUS= shows and when it began; a load's progress refreshes it."""
+        if o.event is Event.TRANSITION and o.state_to is not None:
+            self.state, self.since = LifecycleState(o.state_to), time.monotonic()
+            self.reason = (o.cause or "") + (f" on rank {o.rank}" if o.rank is not None else "")
+        elif o.event is not Event.LOAD_PROGRESS:
+            return
+        self.notifier.status(self.line())

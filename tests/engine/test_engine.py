@@ -31,8 +31,8 @@ class Recorder(EventSink):
     def __init__(self):
         self.seen = []
 
-    def event(self, name, **fields):
-        self.seen.append((name, fields))
+    def observe(self, o):
+        self.seen.append(o)
 
 
 class FakeSupervisor:
@@ -184,8 +184,8 @@ def test_an_error_in_a_single_request_step_fails_that_request_only():
     assert isinstance(out["a"][0], Failed) and out["a"][0].code == "out_of_memory" and out["a"][0].status == 503
     for k in ("b", "c"):
         assert out[k][1] == text_of(expected(PROMPTS[k], 5))
-    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
-    assert [f["request_id"] for f in failed] == ["a"] and failed[0]["incident"] == "incident1"
+    failed = [o for o in sup.events.seen if o.event is Event.REQUEST_FAILED]
+    assert [o.request_id for o in failed] == ["a"] and failed[0].incident == "incident1"
 
 
 def test_request_in_repeated_faults_is_quarantined_and_named():
@@ -195,9 +195,9 @@ def test_request_in_repeated_faults_is_quarantined_and_named():
     ev = out["a"][0]
     assert isinstance(ev, Failed) and ev.code == "request_quarantined" and ev.status == 500
     assert engine.stats["quarantined"] == 1
-    failed = [f for n, f in sup.events.seen if n is Event.REQUEST_FAILED]
-    assert failed[-1]["request_id"] == "a" and failed[-1]["cause"] == "request_quarantined"
-    assert failed[-1]["incident"] == "incident6" and failed[-1]["faults"] == 2
+    failed = [o for o in sup.events.seen if o.event is Event.REQUEST_FAILED]
+    assert failed[-1].request_id == "a" and failed[-1].cause == "request_quarantined"
+    assert failed[-1].incident == "incident6" and failed[-1].faults == 2
 
 
 def test_errors_in_a_batch_strike_everyone_in_it_but_fail_nobody_at_once():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurond.observe.events import Event as E
+from neurond.observe.events import Observation
 from neurond.observe.journal import JournalSink, entry_for
 from tests.observe.journald import write_journal_file
 
@@ -135,7 +136,8 @@ def host_entries(host: str, now_us: int, tp: int | None = None, episodes: list |
             fields = {"model": MODEL, "tp_size": tp, **fields}
             fields = {k: v for k, v in fields.items() if v is not None}
             if not ep.old_daemon:
-                sink._judge(event, fields)
+                judged = sink._judged(Observation(event, **fields))
+                fields.update(judged.facts())
             entry = entry_for(event, fields, SITE)
             entry.update(__REALTIME_TIMESTAMP=ts, __MONOTONIC_TIMESTAMP=ts - (now_us - ep.booted_s * 1_000_000),
                          _HOSTNAME=host, _SYSTEMD_UNIT="neurond.service", _PID=ep.pid, _TRANSPORT="journal",

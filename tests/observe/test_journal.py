@@ -147,7 +147,7 @@ def test_a_tee_feeds_every_sink_and_keeps_code_fields_right(captured):
     from neurond.observe.events import EventSink, TeeSink
 
     class Broken(EventSink):
-        def event(self, name, **fields):
+        def observe(self, o):
             raise RuntimeError("metrics backend down")
 
     broken = Broken()

@@ -114,9 +114,9 @@ def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_re
         def __init__(self) -> None:
             self.seen: list[tuple[int, int]] = []
 
-        def event(self, name, **fields) -> None:
-            if name is Event.LOAD_PROGRESS:
-                self.seen.append((fields["done_bytes"], fields["files_done"]))
+        def observe(self, o) -> None:
+            if o.event is Event.LOAD_PROGRESS:
+                self.seen.append((o.done_bytes, o.files_done))
 
     async def scenario() -> list[tuple[int, int]]:
         sink = Recorder()
