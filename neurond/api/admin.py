@@ -100,7 +100,7 @@ class AdminAPI:
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
         except PoolFault as exc:
-            raise APIError(503, exc.message, code=exc.code, retry_after_s=2) from None
+            raise APIError(503, exc.message, code=exc.cause, retry_after_s=2) from None
         return _json({"armed": {"rank": rank, "kind": kind, "phase": phase, "count": count}})
 
     def _background(self, coro) -> None:

@@ -31,7 +31,7 @@ FAULT_STATUS = {
 
 def fault_failure(fault: PoolFault) -> Failed:
     """The error a request that caused `fault` gets."""
-    return Failed(FAULT_STATUS.get(fault.code, 500), fault.code, fault.message, RETRY_AFTER_S)
+    return Failed(FAULT_STATUS.get(fault.cause, 500), fault.cause, fault.message, RETRY_AFTER_S)
 
 
 def blame(fault: PoolFault, members: list[GenerationRequest],
@@ -47,6 +47,6 @@ def blame(fault: PoolFault, members: list[GenerationRequest],
         req.faults += 1
         if req.faults >= max_request_faults:
             out.append((req, Failed(500, "request_quarantined",
-                                    f"this request was in {req.faults} steps that failed ({fault.code}); it is not "
+                                    f"this request was in {req.faults} steps that failed ({fault.cause}); it is not "
                                     f"retried again"), True))
     return out

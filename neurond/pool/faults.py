@@ -6,20 +6,16 @@ from neurond.protocol import FaultKind
 
 
 class PoolFault(Exception):
-    """A call to the rank pool did not complete. `code` is the OpenAI error code the request gets."""
+    """A call to the rank pool did not complete. `cause` names it: in the lifecycle's Cause, the journal's
+    NEUROND_CAUSE and the OpenAI error code of the request it ended."""
 
-    code = "rank_failed"
+    cause = "rank_failed"
 
     def __init__(self, rank: int | None, message: str, *, context_ok: bool = True) -> None:
         super().__init__(message)
         self.rank = rank
         self.message = message
         self.context_ok = context_ok
-
-    @property
-    def cause(self) -> str:
-        """Short cause name for the lifecycle and the journal."""
-        return self.code
 
 
 class RankFailed(PoolFault):
@@ -30,7 +26,7 @@ class RankFailed(PoolFault):
         self.kind = kind
 
     @property
-    def code(self) -> str:  # type: ignore[override]
+    def cause(self) -> str:  # type: ignore[override]
         return {
             FaultKind.OUT_OF_MEMORY: "out_of_memory",
             FaultKind.CUDA_ERROR: "cuda_error",
@@ -39,7 +35,7 @@ class RankFailed(PoolFault):
 
 
 class RankDied(PoolFault):
-    code = "rank_died"
+    cause = "rank_died"
 
     def __init__(self, rank: int, exitcode: int | None) -> None:
         super().__init__(rank, f"rank {rank} process exited with code {exitcode}", context_ok=False)
@@ -49,7 +45,7 @@ class RankDied(PoolFault):
 class StepTimeout(PoolFault):
     """No reply within the step deadline: a rank is wedged (or its peers wait on one that is)."""
 
-    code = "rank_timeout"
+    cause = "rank_timeout"
 
     def __init__(self, ranks: list[int], deadline_s: float, what: str) -> None:
         super().__init__(
@@ -63,4 +59,4 @@ class StepTimeout(PoolFault):
 class PoolUnavailable(PoolFault):
     """The pool is not serving (loading, recovering, unloaded)."""
 
-    code = "model_unavailable"
+    cause = "model_unavailable"
