@@ -117,8 +117,7 @@ class Server:
             log.error("HTTP server failed: cannot listen on %s:%d: %s", c.host, c.port, exc)
             return EXIT_SERVE_FAILED
         self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
-        # The journal, the metrics and STATUS= see the same events. (The audit judges rungs by the TP
-        # implementation too.)
+        # The journal, the metrics and STATUS= see the same events.
         events = TeeSink(JournalSink(), self.metrics, self.status)
         # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
         model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))

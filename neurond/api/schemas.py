@@ -7,6 +7,7 @@ silently gets something other than what it asked for.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,15 +53,11 @@ class FunctionCall(BaseModel):
 
     def parsed(self) -> dict:
         """The arguments as the object chat templates expect (they write it with `tojson`)."""
-        import json
-
         return json.loads(self.arguments)
 
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value):
-        import json
-
         try:
             parsed = json.loads(value)
         except ValueError:

@@ -97,8 +97,8 @@ def _ms_since(t0: float) -> int:
 
 
 class Supervisor:
-    def __init__(self, config: Config, model_dir: str, listeners: list | None = None,
-                 events: EventSink | None = None, context_len: int | None = None) -> None:
+    def __init__(self, config: Config, model_dir: str, events: EventSink | None = None,
+                 context_len: int | None = None) -> None:
         #: Tokens per sequence the ranks' KV caches hold (the served context window).
         self.context_len = context_len or config.max_model_len
         self.events = events if events is not None else EventSink()
@@ -108,7 +108,8 @@ class Supervisor:
         self.history: deque[Transition] = deque(maxlen=256)  # recent transitions, for /admin/status and the tests
         self.load_progress: dict[int, p.LoadProgress] = {}  # the latest report of each rank of the current pool
         self.healthy = asyncio.Event()  # set exactly while the state is `healthy`
-        self.lifecycle = Lifecycle(listeners=[self, *(listeners or [])])
+        # The supervisor is the lifecycle's one listener; every other observer gets transitions as events.
+        self.lifecycle = Lifecycle(listeners=[self])
         self.pool: RankPool | None = None
         self.incidents = 0
         self._incident: str | None = None

@@ -39,9 +39,6 @@ class Constraints:
         self._executor: LLExecutor | None = None
         self._tokenizer_json: str | None = None
 
-    def __bool__(self) -> bool:
-        return bool(self._matchers)
-
     def __contains__(self, slot: int) -> bool:
         """Whether the slot's sequence has a grammar."""
         return slot in self._matchers
@@ -68,12 +65,6 @@ class Constraints:
             return
         if not matcher.consume_token(token):
             raise GrammarError(f"slot {slot}: token {token} breaks its grammar: {matcher.get_error()}")
-
-    def release(self, slot: int) -> None:
-        self._matchers.pop(slot, None)
-
-    def clear(self) -> None:
-        self._matchers.clear()
 
     def allowed(self, slots: list[int], device) -> torch.Tensor:
         """[len(slots), vocab] bool on `device`: the tokens each slot's grammar allows next (all of them for a

@@ -399,7 +399,6 @@ def _check_fits(device, nbytes: int, slots: int, max_len: int) -> None:
     """Refuse a KV cache that does not fit, with the numbers an operator needs (not a bare CUDA OOM later)."""
     if device.type != "cuda":
         return
-
     free, _total = torch.cuda.mem_get_info(device)
     if nbytes > KV_CACHE_SHARE * free:
         raise MemoryError(
