@@ -67,6 +67,9 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
 # Test daemons run without spare worker processes unless a test asks (tests/pool/test_spares.py): the tests that
 # count a daemon's child processes count its ranks.
 NO_SPARES = {"NEUROND_SPARE_WORKERS": "0"}
+# The device test daemons run on: cpu in CI; NEUROND_TEST_DEVICE=cuda runs the same API tests against a daemon on
+# the GPU(s) of the device machine (scripts/gpu-check --api), where the sampling paths differ (graphs, kernels).
+DEVICE = os.environ.get("NEUROND_TEST_DEVICE", "cpu")
 
 
 class Daemon:
@@ -77,7 +80,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
-             "--device", "cpu", "--cache-dir", str(cache_dir), *(extra or [])],
+             "--device", DEVICE, "--cache-dir", str(cache_dir), *(extra or [])],
             stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **{**NO_SPARES, **(env or {})}),
         )
 
