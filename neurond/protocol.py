@@ -143,6 +143,18 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockRow:
+    """Where a slot's sequence lives in the rank's paged KV cache: position p is in block `blocks[p //
+    block_size - start]` for columns start.. of the row. start=0 rewrites the whole row: columns past `blocks`
+    then point nowhere (writes there land in the trash block, reads there are masked). The leader owns the
+    blocks (engine/blocks.py), so every rank's table is the same."""
+
+    slot: int
+    start: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CopyPrefix:
     """Copy the first `length` cache positions of slot `src` into slots `dsts`: a prompt shared by a request's
     n choices is prefilled once (no collective: every rank copies its own shard)."""
@@ -151,6 +163,7 @@ class CopyPrefix:
     src: int
     dsts: tuple[int, ...]
     length: int
+    tables: tuple[BlockRow, ...] = ()  # applied before the copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +173,7 @@ class Prefill:
 
     call_id: int
     chunks: tuple[PrefillChunk, ...]
+    tables: tuple[BlockRow, ...] = ()  # applied before the forward
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +184,7 @@ class Decode:
     call_id: int
     slots: tuple[int, ...]
     steps: int = 1
+    tables: tuple[BlockRow, ...] = ()  # applied before the first step
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +331,10 @@ class WorkerSpec:
     fault_injection: bool = False
     max_batch: int = 8  # KV cache slots: sequences decoded together at most
     max_len: int = 2048  # tokens per sequence at most (prompt + completion)
+    kv_block_size: int = 16  # positions per block of the paged KV cache
+    #: Blocks in the paged KV cache. 0: every slot has max_len positions of its own (the tables start as that
+    #: identity layout, and a leader that sends no BlockRow gets the static cache of before).
+    kv_blocks: int = 0
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)
     #: Capture every decode graph at load (a first start), or each on its first use (a rank started by a repair:
     #: ready ~4 s sooner, the first step of each shape ~0.1 s slower).
