@@ -257,13 +257,16 @@ class Worker:
         if isinstance(cmd, p.Decode):
             self.faults.fire("decode")
             assert runner is not None, "decode before a shard was loaded"
+            runner.apply_tables(cmd.tables)
             return runner.decode(cmd.slots, cmd.steps), {}
         if isinstance(cmd, p.Prefill):
             self.faults.fire("prefill")
             assert runner is not None, "prefill before a shard was loaded"
+            runner.apply_tables(cmd.tables)
             return runner.prefill(cmd.chunks), {}
         if isinstance(cmd, p.CopyPrefix):
             assert runner is not None, "copy before a shard was loaded"
+            runner.apply_tables(cmd.tables)
             runner.copy_prefix(cmd.src, cmd.dsts, cmd.length)
             return (), {}
         if isinstance(cmd, p.OpenStore):
@@ -303,6 +306,7 @@ class Worker:
         self.runner = ModelRunner(
             shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
             world_size=spec.world_size, use_graphs=spec.cuda_graphs,
+            kv_block_size=spec.kv_block_size, kv_blocks=spec.kv_blocks,
             # Not on CPU: 8.7 s of compile per start (built-in model).
             compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),

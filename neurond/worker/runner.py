@@ -1,7 +1,7 @@
 """The rank's forward steps over its slot KV cache: prefill chunks and batched decode steps.
 
 The model code is transformers' (decoder layers, attention projections, rotary embeddings); the runner owns
-what a server needs around it: the static KV cache (`kv_cache.py`), the attention over it (`attention.py`),
+what a server needs around it: the KV cache (`kv_cache.py`), the attention over it (`attention.py`),
 positions per row, the sampler, and CUDA graphs of the decode step (`graphs.py`). One code path for 1..N ranks:
 at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`). No broadcast of the drawn tokens is
 needed: an all-reduce leaves the same bits on every rank, the LM head is replicated, and the sampler is a pure
@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 import torch
 
-from neurond.protocol import SamplingParams, TokenLogprob
+from neurond.protocol import BlockRow, SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
 from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
-from neurond.worker.kv_cache import SlotKVCache
+from neurond.worker.kv_cache import PagedKVCache, SlotKVCache
 from neurond.worker.sampler import adjust, logprobs_of, sample
 
 log = logging.getLogger("neurond.worker")
@@ -43,7 +43,8 @@ class ModelRunner:
     def __init__(self, model, *, slots: int, max_len: int, device, guard, world_size: int,
                  use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
-                 eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None) -> None:
+                 eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None,
+                 kv_block_size: int = 16, kv_blocks: int = 0) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -63,9 +64,13 @@ class ModelRunner:
         kv_heads = (getattr(cfg, "num_key_value_heads", None) or heads) // world_size
         max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len) + 1)
         dtype = next(model.parameters()).dtype
-        _check_fits(device, 2 * len(self.layers) * slots * kv_heads * max_len * head_dim * dtype.itemsize, slots,
-                    max_len)
-        self.cache = SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
+        positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
+        _check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize, slots, max_len,
+                    kv_blocks)
+        self.cache: SlotKVCache | PagedKVCache = \
+            PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
+                         kv_blocks) if kv_blocks else \
+            SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
         attention.register(model)
         attention.use_fused_norms(model)
         # Device-side per-slot state, and static inputs of the decode step.
@@ -74,7 +79,7 @@ class ModelRunner:
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.row_idx = torch.arange(slots, device=device).view(slots, 1)
         self._active_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
-        self.key_idx = torch.arange(max_len, device=device)
+        self.key_idx = torch.arange(self.cache.max_len, device=device)
         self.sampling: list[SamplingParams] = [SamplingParams()] * slots
         self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
@@ -174,7 +179,7 @@ class ModelRunner:
             positions[r, :n] = torch.arange(c.start, c.start + n)
         if len({c.slot for c in chunks}) != rows:
             raise ValueError("one prefill step may hold one chunk per slot")
-        kv_len = max(c.start + len(c.token_ids) for c in chunks)
+        kv_len = self.cache.round_up(max(c.start + len(c.token_ids) for c in chunks))
         slots = torch.tensor([c.slot for c in chunks], device=self.device)
         # At TP>1 the whole step waits on peers: its collectives are queued, and the token read-back waits for them.
         with torch.inference_mode(), self.guard.region(self.world_size > 1):
@@ -279,11 +284,14 @@ class ModelRunner:
                 or not 0 < length < self.cache.trash:
             raise ValueError(f"cannot copy {length} positions of slot {src} to {dsts} ({self.slots} slots)")
         with torch.inference_mode():
-            for k, v in zip(self.cache.k, self.cache.v, strict=True):
-                for d in dsts:
-                    k[d, :, :length].copy_(k[src, :, :length])
-                    v[d, :, :length].copy_(v[src, :, :length])
+            self.cache.copy(src, dsts, length)
             self.active[list(dsts)] = False
+
+    def apply_tables(self, rows: tuple[BlockRow, ...]) -> None:
+        """The leader's block table rows for the next step (protocol.BlockRow)."""
+        if rows:
+            with torch.inference_mode():
+                self.cache.apply(rows)
 
     def _sample(self, logits, slots: list[int], index):
         """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
@@ -386,6 +394,8 @@ class ModelRunner:
 
     def info(self) -> dict:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
+                "kv_blocks": self.cache.blocks, "kv_block_size": self.cache.block_size,
+                "kv_layout": "paged" if self.cache.paged else "slots",
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
                 "compiled_kernels": self.compiled_kernels}
 
@@ -395,13 +405,13 @@ class ModelRunner:
 KV_CACHE_SHARE = 0.85
 
 
-def _check_fits(device, nbytes: int, slots: int, max_len: int) -> None:
+def _check_fits(device, nbytes: int, slots: int, max_len: int, blocks: int) -> None:
     """Refuse a KV cache that does not fit, with the numbers an operator needs (not a bare CUDA OOM later)."""
     if device.type != "cuda":
         return
     free, _total = torch.cuda.mem_get_info(device)
     if nbytes > KV_CACHE_SHARE * free:
+        what = f"{blocks} blocks" if blocks else f"{slots} slots x {max_len - 1} tokens"
         raise MemoryError(
-            f"the KV cache for {slots} slots x {max_len - 1} tokens needs {nbytes / 2**30:.1f} GiB but "
-            f"{KV_CACHE_SHARE * free / 2**30:.1f} GiB is usable after the weights: lower max_batch_size or "
-            f"max_model_len")
+            f"the KV cache of {what} needs {nbytes / 2**30:.1f} GiB but {KV_CACHE_SHARE * free / 2**30:.1f} GiB is "
+            f"usable after the weights: lower max_batch_size, max_model_len or kv_cache_blocks")

@@ -49,7 +49,7 @@ def test_graph_replay_gives_the_eager_tokens(shard):
 
 def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
     free, _ = torch.cuda.mem_get_info()
-    with pytest.raises(MemoryError, match="lower max_batch_size or max_model_len"):
+    with pytest.raises(MemoryError, match="lower max_batch_size, max_model_len"):
         # 2 layers x 4 KV heads x 32 dims x 2 bytes x K and V = 1 KiB per token, 2049 positions per slot (the
         # model's context + the trash column): this asks for about twice the free memory
         ModelRunner(shard.model, slots=int(2 * free / 1024 / 2049) + 1, max_len=2049,
