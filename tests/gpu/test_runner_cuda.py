@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
+from neurond.protocol import BlockRow, PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.shard import Shard  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402
@@ -35,15 +35,22 @@ def _decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> d
     return out
 
 
-def test_graph_replay_gives_the_eager_tokens(shard):
+@pytest.mark.parametrize("kv_blocks", [0, 100])
+def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks):
+    """Static slots, and the paged cache with every slot's blocks scattered (the decode graphs read the block
+    table, which changes between replays)."""
     prompts = {0: [5, 17, 300, 42, 7], 1: list(range(40, 300)), 3: [1, 2, 3]}  # slot 2 idle; one crosses 256
     eager = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0), guard=CollectiveGuard(),
                         world_size=1, use_graphs=False)
     want = _decode(eager, prompts, 20)
     graphs = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0),
-                         guard=CollectiveGuard(), world_size=1, use_graphs=True)
+                         guard=CollectiveGuard(), world_size=1, use_graphs=True, kv_block_size=16, kv_blocks=kv_blocks)
     graphs.warm_up()
     assert graphs.graphs is not None and len(graphs.graphs._graphs) == len(graphs.graphs.shapes())
+    if kv_blocks:
+        free = list(range(kv_blocks))[::-1][::2] + list(range(kv_blocks))[::-1][1::2]  # interleaved, descending
+        graphs.apply_tables(tuple(BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + 21) // 16))))
+                                  for s, p in prompts.items()))
     assert _decode(graphs, prompts, 20) == want
 
 
