@@ -30,7 +30,7 @@ from neurond.api.openapi import openapi_spec
 from neurond.api.schemas import ChatCompletionRequest, CompletionRequest
 from neurond.api.structured import response_format_grammar
 from neurond.api.tools import ToolCalling, detect
-from neurond.engine.engine import EngineBusy
+from neurond.engine.engine import EngineBusy, RequestTooLarge
 from neurond.engine.request import RETRY_AFTER_S, GenerationRequest
 from neurond.pool.faults import PoolUnavailable
 from neurond.protocol import Grammar, SamplingParams
@@ -211,11 +211,15 @@ class API:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({requested}) = {len(prompt_ids) + requested} "
                 f"exceeds the context window of {ctx} tokens",
                 param="max_tokens", code="context_length_exceeded")
-        max_tokens = requested if requested is not None else min(self.default_max_tokens, ctx - len(prompt_ids))
+        # Without max_tokens, the default is capped by what is left of the window and of the KV cache (a smaller
+        # kv_cache_blocks may hold fewer tokens than the window); at least 1, so a prompt that leaves no room
+        # gets its 400 from the engine's check below.
+        room = min(ctx, self.engine.kv_positions) - len(prompt_ids)
+        max_tokens = requested if requested is not None else max(1, min(self.default_max_tokens, room))
         bias = parsed.bias()
         self._check_ids([token for token, _ in bias], "logit_bias")
-        # No memory guess here: every rank allocated its KV cache for max_batch_size x the context window at
-        # load, so a request that fits the window fits in memory.
+        # No memory guess here: every rank allocated its KV cache at load, and the engine refuses a request whose
+        # prompt + max_tokens could not fit in it even alone (RequestTooLarge); one that can fits in memory.
         request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
         members = [GenerationRequest(
             request_id=request_id if parsed.n == 1 else f"{request_id}-{i}",
@@ -234,6 +238,9 @@ class API:
         except PoolUnavailable as exc:
             raise APIError(503, f"the model is not ready: {exc.message}", code="model_unavailable",
                            retry_after_s=RETRY_AFTER_S) from None
+        except RequestTooLarge as exc:
+            raise APIError(400, f"{exc}", param="max_tokens" if requested is not None else prompt_param,
+                           code="context_length_exceeded") from None
         except EngineBusy as exc:
             raise APIError(503, f"server overloaded: {exc}", code="server_overloaded",
                            retry_after_s=RETRY_AFTER_S) from None

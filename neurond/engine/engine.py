@@ -7,6 +7,9 @@ is one call to the ranks with the step deadline; its tokens go to their requests
 stream, stop). A failed step is blamed (`blame.py`: who fails), everyone else is replayed after the repair;
 requests wait for the repair at most `resume_wait_s` from the fault (or from when they were queued), then get
 a retriable 503. Nothing here waits without a bound.
+
+The KV cache's blocks are the scheduler's to hand out; every command carries the rows of the block table that
+changed since the last one (`Scheduler.take_rows`), so the ranks' tables always match what the scheduler gave.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class EngineBusy(Exception):
     """The queue is full."""
 
 
+class RequestTooLarge(ValueError):
+    """A request could never run: the KV cache cannot hold its prompt + max_tokens even when it is empty."""
+
+
 class EngineStats(TypedDict):
     """Engine.stats: request outcomes since start (for the admin status and `neurond status`)."""
 
@@ -53,6 +60,7 @@ class EngineStats(TypedDict):
     replayed: int
     quarantined: int
     repair_wait_expired: int
+    preempted: int
     last_cancelled_tokens: int | None
     max_batch_seen: int
 
@@ -66,7 +74,8 @@ def _slot(req: GenerationRequest) -> int:
 class Engine:
     def __init__(self, supervisor, tokenizer, *, deadline: StepDeadline, max_queued: int, metrics=None,
                  resume_wait_s: float = 30.0, max_batch: int = 1, prefill_chunk: int = 512,
-                 max_request_faults: int = 2, decode_steps: int = 1) -> None:
+                 max_request_faults: int = 2, decode_steps: int = 1, max_len: int = 2048, kv_blocks: int = 0,
+                 kv_block_size: int = 16) -> None:
         self.supervisor = supervisor
         self.tokenizer = tokenizer
         self.deadline = deadline
@@ -75,15 +84,23 @@ class Engine:
         self.resume_wait_s = resume_wait_s
         self.max_request_faults = max_request_faults
         self.decode_steps = decode_steps
-        self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk, max_len=max_len,
+                                   kv_blocks=kv_blocks, kv_block_size=kv_block_size)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         #: Outcomes since start, for the admin status (and `neurond status`).
         #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
         self.stats: EngineStats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
-                                   "repair_wait_expired": 0, "last_cancelled_tokens": None, "max_batch_seen": 0}
+                                   "repair_wait_expired": 0, "preempted": 0, "last_cancelled_tokens": None,
+                                   "max_batch_seen": 0}
 
     # ------------------------------------------------------------------ public
+    @property
+    def kv_positions(self) -> int:
+        """The most tokens (prompt + completion) one sequence can have in the KV cache, with it all to itself."""
+        pool = self.scheduler.pool
+        return pool.num_blocks * pool.block_size
+
     def submit(self, req: GenerationRequest) -> None:
         self.submit_all([req])
 
@@ -95,6 +112,11 @@ class Engine:
         waiting = len(self.scheduler.waiting)
         if waiting + len(reqs) > self.max_queued:
             raise EngineBusy(f"{waiting} requests are already waiting")
+        for req in reqs:
+            # Admission is oldest first: one that could never get its blocks would hold up everyone behind it.
+            why = self.scheduler.never_fits(req)
+            if why is not None:
+                raise RequestTooLarge(why)
         for req in reqs:
             if req.sampling.seed is None and not req.sampling.greedy:
                 # Every rank, and a replay after a fault, must draw the same tokens: the seed is fixed here.
@@ -135,6 +157,8 @@ class Engine:
                 log.exception("engine error")
                 for req in list(self.scheduler.running):
                     self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+            if self.metrics is not None:
+                self.metrics.kv_blocks(self.scheduler.pool.used, self.scheduler.pool.num_blocks)
 
     async def _turn(self) -> None:
         """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
@@ -145,7 +169,13 @@ class Engine:
         if prefilling and not await self._step([r for r, _ in prefilling], self._prefill(prefilling)):
             return
         for batch in self.scheduler.decode_batches():
-            if not await self._step(batch, self._decode(batch)):
+            steps = self._decode_steps(batch)
+            before = self.scheduler.preemptions
+            # The blocks for every position the call writes are taken first, which may preempt the requests
+            # admitted last (this batch's or a later one's): they are not in the call, nor blamed for it.
+            batch = self.scheduler.reserve_decode(batch, steps)
+            self._preempted(self.scheduler.preemptions - before)
+            if batch and not await self._step(batch, self._decode(batch, steps)):
                 return
 
     async def _step(self, members: list[GenerationRequest], step) -> bool:
@@ -163,7 +193,8 @@ class Engine:
 
     async def _copy(self, group: ChoiceGroup, source: GenerationRequest, targets: list[GenerationRequest]) -> None:
         dsts = tuple(_slot(r) for r in targets)
-        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, _slot(source), dsts, group.shared),
+        rows = self.scheduler.take_rows()  # the targets' blocks were taken at their admission
+        await self.supervisor.call(lambda cid: p.CopyPrefix(cid, _slot(source), dsts, group.shared, rows),
                                    self.deadline.prefill(1), "copy prefix", None)
         for req in targets:
             req.prefilled = group.shared
@@ -178,9 +209,10 @@ class Engine:
             chunks.append(p.PrefillChunk(_slot(req), tuple(context[start : start + n]), start, last, req.sampling,
                                          len(req.generated), history))
         tokens = sum(n for _, n in batch)
+        rows = self.scheduler.take_rows()
         t0 = time.monotonic()
         replies = await self.supervisor.call(
-            lambda cid: p.Prefill(cid, tuple(chunks)), self.deadline.prefill(tokens), "prefill",
+            lambda cid: p.Prefill(cid, tuple(chunks), rows), self.deadline.prefill(tokens), "prefill",
             batch[0][0].request_id if len(batch) == 1 else None)
         took = time.monotonic() - t0
         self.deadline.observe_prefill(took, tokens)
@@ -195,18 +227,22 @@ class Engine:
                 req.decoding = True
                 self._accept(req, token, logprob)
 
-    async def _decode(self, batch: list[GenerationRequest]) -> None:
-        """Decode steps for `batch`: several per call while nobody waits for a prefill (the round trip to the
-        ranks is paid once per call), never more than the batch's smallest remaining max_tokens. Tokens a
-        sequence draws after it finished (its end-of-text or stop string came earlier in the call) are
-        dropped; its slot went one step further, which the cache's trash column absorbs."""
+    def _decode_steps(self, batch: list[GenerationRequest]) -> int:
+        """Several decode steps per call while nobody waits for a prefill (the round trip to the ranks is paid
+        once per call), never more than the batch's smallest remaining max_tokens."""
+        if not self.scheduler.only_decoding():
+            return 1
+        return max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
+
+    async def _decode(self, batch: list[GenerationRequest], steps: int) -> None:
+        """`steps` decode steps for `batch`, whose blocks are reserved. Tokens a sequence draws after it
+        finished (its end-of-text or stop string came earlier in the call) are dropped; its slot went one step
+        further, into positions it holds blocks for (or the trash)."""
         slots = tuple(_slot(r) for r in batch)
-        steps = 1
-        if self.scheduler.only_decoding():
-            steps = max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
+        rows = self.scheduler.take_rows()
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
         t0 = time.monotonic()
-        replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots, steps),
+        replies = await self.supervisor.call(lambda cid: p.Decode(cid, slots, steps, rows),
                                              self.deadline.decode(steps), "decode",
                                              batch[0].request_id if len(batch) == 1 else None)
         took = (time.monotonic() - t0) / steps
@@ -220,6 +256,14 @@ class Engine:
             for i, req in enumerate(batch):
                 if req.slot is not None:  # not finished earlier in this call (a finished request has none)
                     self._accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
+
+    def _preempted(self, n: int) -> None:
+        if n:
+            self.stats["preempted"] += n
+            log.info("KV cache full: %d request(s) preempted, to be replayed (%d of %d blocks in use)", n,
+                     self.scheduler.pool.used, self.scheduler.pool.num_blocks)
+            if self.metrics is not None:
+                self.metrics.preempted(n)
 
     def _accept(self, req: GenerationRequest, token: int, logprob: p.TokenLogprob | None = None) -> None:
         """A token drawn for `req`: stream it (with its log-probabilities, if asked for), and finish the request

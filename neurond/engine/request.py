@@ -98,6 +98,9 @@ class GenerationRequest:
     detok: StopStringDetokenizer | None = None
     slot: int | None = None
     prefilled: int = 0  # tokens of `context` already in the slot's cache
+    #: The KV cache blocks the request holds while it has a slot, in position order: its slot's row of the
+    #: block table (engine/blocks.py).
+    blocks: list[int] = field(default_factory=list)
     decoding: bool = False
     #: Log-probabilities of generated tokens whose text the detokeniser still holds back.
     pending_logprobs: list[LogprobEntry] = field(default_factory=list)

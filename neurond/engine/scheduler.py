@@ -6,6 +6,13 @@ back by updating the requests. Requests wait in a queue and take the lowest free
 rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `prefill_chunk` tokens a turn,
 so it never stalls the others for more than a chunk. A request that was in a faulted step before runs alone
 (its prefill and its decode), so a fault that follows it is its own and nobody else takes a strike for it.
+
+The KV cache is paged (`blocks.py`): a request is admitted only when the blocks for its context and its first
+decode step can be had too, and a decode call first takes the blocks for every position it writes. When the
+pool runs short there, the requests admitted last are preempted: they give back their slot and blocks and go
+back to the front of the queue, to be replayed later like a request interrupted by a fault (the client sees a
+slower stream, nothing else). The rows of the block table that changed wait in `_rows` until the engine sends
+them with its next command (`take_rows`).
 """
 
 from __future__ import annotations
@@ -13,15 +20,92 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
+from neurond.engine.blocks import BlockPool, default_blocks
 from neurond.engine.request import ChoiceGroup, GenerationRequest
+from neurond.protocol import BlockRow
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, prefill_chunk: int) -> None:
+    def __init__(self, *, max_batch: int, prefill_chunk: int, max_len: int = 2048, kv_blocks: int = 0,
+                 kv_block_size: int = 16) -> None:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.max_len = max_len  # tokens per sequence at most (a slot's positions, but for its trash column)
+        self.pool = BlockPool(kv_blocks or default_blocks(max_batch, max_len, kv_block_size), kv_block_size)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
+        self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
+        self.preemptions = 0  # requests preempted since start (the engine counts them out)
+
+    # ------------------------------------------------------------------ blocks
+    def limit(self, req: GenerationRequest) -> int:
+        """The most positions `req`'s sequence ever fills: its prompt and max_tokens, within a slot's
+        max_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
+        so a request whose limit fits the pool (`never_fits`) never waits for blocks that cannot be had."""
+        return min(len(req.prompt_ids) + req.max_tokens, self.max_len + 1)
+
+    def never_fits(self, req: GenerationRequest) -> str | None:
+        """Why `req` could never be given the blocks it may need, even with the whole pool free; None if it
+        can."""
+        tokens = len(req.prompt_ids) + req.max_tokens
+        need = self.pool.blocks_for(self.limit(req))
+        if need <= self.pool.num_blocks:
+            return None
+        size = self.pool.block_size
+        return (f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {tokens} tokens need "
+                f"{need} KV cache blocks of {size} positions; the KV cache has {self.pool.num_blocks} blocks "
+                f"({self.pool.num_blocks * size} positions)")
+
+    def _grow(self, req: GenerationRequest, positions: int) -> bool:
+        """`req` holds the blocks for its first `positions` positions (capped by its limit), taking the missing
+        ones; False (and nothing taken) if the pool has too few. Its row's new columns wait to be sent."""
+        missing = self.pool.blocks_for(min(positions, self.limit(req))) - len(req.blocks)
+        if missing <= 0:
+            return True
+        new = self.pool.take(missing)
+        if new is None:
+            return False
+        assert req.slot is not None
+        pending = self._rows.get(req.slot)
+        if pending is not None:  # not sent yet: the new columns join it
+            self._rows[req.slot] = BlockRow(req.slot, pending.start, pending.blocks + tuple(new))
+        else:
+            self._rows[req.slot] = BlockRow(req.slot, len(req.blocks), tuple(new))
+        req.blocks.extend(new)
+        return True
+
+    def take_rows(self) -> tuple[BlockRow, ...]:
+        """The rows of the block table that changed since the last call, for the engine's next command (the
+        ranks apply them before they run it)."""
+        rows = tuple(self._rows[s] for s in sorted(self._rows))
+        self._rows.clear()
+        return rows
+
+    def reserve_decode(self, batch: list[GenerationRequest], steps: int) -> list[GenerationRequest]:
+        """Before `steps` decode steps of `batch`: each of its requests (oldest first) takes the blocks for
+        every position they write. A decoding request's cache holds its context but for the last drawn token,
+        which the first step writes: the steps write positions len(context) - 1 .. len(context) - 2 + steps.
+        Where the pool runs short, the request admitted last is preempted (`preempt`), until the blocks can be
+        had or the request itself was the one preempted. Returns the members of `batch` still holding a slot."""
+        for req in batch:
+            if req.slot is None:  # preempted for an older member
+                continue
+            while not self._grow(req, len(req.context) - 1 + steps):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is req:
+                    break
+        return [r for r in batch if r.slot is not None]
+
+    def preempt(self, req: GenerationRequest) -> None:
+        """`req` gives back its slot and blocks for others to grow into, and goes to the front of the queue: it
+        is replayed (prompt + tokens so far) when it is admitted again, as after a fault."""
+        self.release(req)
+        req.prefilled = 0
+        self.waiting.appendleft(req)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------------ turns
 
     @property
     def idle(self) -> bool:
@@ -38,14 +122,23 @@ class Scheduler:
         self.waiting.extend(reqs)
 
     def admit(self, start: Callable[[GenerationRequest], None]) -> None:
-        """Give free slots to waiting requests, oldest first; `start(req)` for each one admitted."""
+        """Give free slots to waiting requests, oldest first, while the blocks for their context and their
+        first decode step can be had too (the oldest waits for them, and nobody overtakes it); `start(req)`
+        for each one admitted. Its row of the block table is sent whole (start 0)."""
         used = {r.slot for r in self.running}
         free = [s for s in range(self.max_batch) if s not in used]
         while free and self.waiting:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
             if req.cancelled:
+                self.waiting.popleft()
                 continue
+            blocks = self.pool.take(self.pool.blocks_for(min(len(req.context) + 1, self.limit(req))))
+            if blocks is None:
+                break
+            self.waiting.popleft()
             req.slot = free.pop(0)  # the lowest free slot keeps the decode batch (rows 0..max slot) small
+            req.blocks = blocks
+            self._rows[req.slot] = BlockRow(req.slot, 0, tuple(blocks))
             req.prefilled = 0
             req.decoding = False
             req.interrupted_at = None
@@ -100,9 +193,15 @@ class Scheduler:
         return not self.waiting and all(r.decoding for r in self.running)
 
     def release(self, req: GenerationRequest) -> None:
-        """`req` gives its slot back (finished, failed, cancelled)."""
+        """`req` gives its slot and its blocks back (finished, failed, cancelled, preempted). The slot's row is
+        emptied on the ranks too, so nothing can write through it into blocks that are someone else's now."""
         if req in self.running:
             self.running.remove(req)
+        if req.slot is not None:
+            self._rows[req.slot] = BlockRow(req.slot, 0, ())
+        if req.blocks:
+            self.pool.give(req.blocks)
+            req.blocks = []
         req.slot = None
         req.decoding = False
 
@@ -129,4 +228,8 @@ class Scheduler:
             req.interrupted_at = now
             req.prefilled = 0
         self.waiting.extendleft(reversed(interrupted))
+        # Ranks may be new processes, or may have missed the rows of the failed command: every row is sent
+        # afresh (start 0), empty for a slot nobody holds.
+        for slot in range(self.max_batch):
+            self._rows.setdefault(slot, BlockRow(slot, 0, ()))
         return interrupted

@@ -51,6 +51,12 @@ class MetricsSink(EventSink):
         self.requests = Counter("neurond_requests_total", "Requests by outcome: completed, cancelled, failed (of "
                                 "those, failed_by_fault and repair_wait_expired are also counted on their own), "
                                 "rejected_NNN (its 4xx status)", ["outcome"], registry=r)
+        self.preemptions = Counter("neurond_preemptions", "Running requests preempted because the KV cache had "
+                                   "no blocks left for the others to grow into (each is replayed later: a slower "
+                                   "stream, not an error). Often: raise kv_cache_blocks or lower "
+                                   "max_batch_size", registry=r)
+        self.kv_cache_blocks = Gauge("neurond_kv_cache_blocks", "KV cache blocks: `total` in the cache, `used` "
+                                     "by requests holding a slot", ["state"], registry=r)
         self.http_connections = Gauge("neurond_http_connections", "Open connections to the API port, idle and "
                                       "half-sent ones included (at most max_connections)", registry=r)
         self.http_connections_refused = Counter("neurond_http_connections_refused_total", "Connections refused "
@@ -95,6 +101,13 @@ class MetricsSink(EventSink):
         self.requests.labels(outcome).inc()
         if completion_tokens:
             self.tokens.inc(completion_tokens)
+
+    def preempted(self, n: int) -> None:
+        self.preemptions.inc(n)
+
+    def kv_blocks(self, used: int, total: int) -> None:
+        self.kv_cache_blocks.labels("used").set(used)
+        self.kv_cache_blocks.labels("total").set(total)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

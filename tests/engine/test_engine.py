@@ -10,7 +10,7 @@ import pytest
 from neurond import protocol as p
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
-from neurond.engine.engine import Engine
+from neurond.engine.engine import Engine, RequestTooLarge
 from neurond.observe.events import Event, EventSink
 from neurond.observe.metrics import MetricsSink
 from neurond.pool.faults import RankDied, RankFailed, StepTimeout
@@ -37,12 +37,17 @@ class Recorder(EventSink):
 
 class FakeSupervisor:
     """Serves Prefill/Decode from per-slot contexts; `faults` maps call number -> exception to raise there.
-    A fault makes the pool unserving for a moment, as a real repair does, and wipes the slots."""
+    A fault makes the pool unserving for a moment, as a real repair does, and wipes the slots.
 
-    def __init__(self, faults: dict[int, Exception] | None = None):
+    It keeps the block tables as a paged rank would (applying each command's rows first) and checks that every
+    position a command writes is in a block its slot holds and that no block is in two slots' rows."""
+
+    def __init__(self, faults: dict[int, Exception] | None = None, block_size: int = 16):
         self.faults = faults or {}
         self.calls: list[object] = []
         self.slots: dict[int, list[int]] = {}
+        self.block_size = block_size
+        self.tables: dict[int, list[int]] = {}
         self.healthy = asyncio.Event()
         self.healthy.set()
         self.events = Recorder()
@@ -62,8 +67,10 @@ class FakeSupervisor:
             self.state, self.current_incident = "poisoned", f"incident{len(self.calls)}"
             self.healthy.clear()
             self.slots.clear()
+            self.tables.clear()  # new rank processes: tables as at load
             asyncio.get_running_loop().call_later(0.05, self._repaired)
             raise fault
+        self._apply(cmd.tables)
         if isinstance(cmd, p.Prefill):
             tokens = []
             for c in cmd.chunks:
@@ -71,6 +78,7 @@ class FakeSupervisor:
                 if c.start == 0:
                     ctx.clear()
                 assert len(ctx) == c.start
+                self._writes(c.slot, c.start + len(c.token_ids))
                 ctx.extend(c.token_ids)
                 tokens.append(next_token(ctx) if c.last else -1)
                 if c.last:
@@ -78,6 +86,7 @@ class FakeSupervisor:
             return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
         if isinstance(cmd, p.CopyPrefix):
             for dst in cmd.dsts:
+                self._writes(dst, cmd.length)
                 self.slots[dst] = list(self.slots[cmd.src][: cmd.length])
             return {0: p.Done(cmd.call_id, 0)}
         assert isinstance(cmd, p.Decode)
@@ -85,9 +94,24 @@ class FakeSupervisor:
         for _ in range(cmd.steps):
             for slot in cmd.slots:
                 ctx = self.slots[slot]
+                self._writes(slot, len(ctx))  # the step writes its input, the last drawn token
                 out.append(next_token(ctx))
                 ctx.append(out[-1])
         return {0: p.Done(cmd.call_id, 0, tuple(out))}
+
+    def _apply(self, rows):
+        for row in rows:
+            table = self.tables.setdefault(row.slot, [])
+            if row.start == 0:
+                table.clear()
+            assert len(table) == row.start, (row, table)  # a grown row continues what the rank has
+            table.extend(row.blocks)
+        held = [b for table in self.tables.values() for b in table]
+        assert len(held) == len(set(held)), self.tables
+
+    def _writes(self, slot, positions):
+        """The command writes `slot`'s positions up to `positions`: its row must hold their blocks."""
+        assert positions <= len(self.tables.get(slot, ())) * self.block_size, (slot, positions, self.tables)
 
     def _repaired(self):
         self.state = "healthy"
@@ -105,10 +129,12 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
     return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
 
 
-async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False):
+async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False, kv_blocks=0,
+              metrics=None):
     """`together`: the requests are one API request's choices (Engine.submit_all)."""
     engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
-                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps)
+                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps,
+                    max_len=64, kv_blocks=kv_blocks, kv_block_size=sup.block_size, metrics=metrics)
     engine.start()
     if together:
         engine.submit_all(reqs)
@@ -345,3 +371,58 @@ def test_n_choices_with_too_few_slots_still_share_and_a_fault_replays_them_all()
     engine, _, out = _run_group(sup, 3, prompt, 6)
     assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 6)) for ev, text in out.values())
     assert engine.stats["replayed"] >= 3
+
+
+# ---------------------------------------------------------------------------------------------- paged KV cache
+def test_a_short_kv_cache_preempts_and_replays_and_every_stream_is_exact():
+    """Three requests growing past 12 blocks of 4 positions: the last admitted give their blocks back and are
+    replayed (prompt + tokens so far); the streams are the same as with room for all."""
+    sup = FakeSupervisor(block_size=4)
+    reqs = [request(k, v, 14) for k, v in PROMPTS.items()]  # 21, 16 and 18 positions: 6 + 4 + 5 blocks
+    metrics = MetricsSink()
+    engine, out = asyncio.run(run(sup, reqs, decode_steps=4, kv_blocks=12, metrics=metrics))
+    for k, v in PROMPTS.items():
+        assert isinstance(out[k][0], Finished) and out[k][1] == text_of(expected(v, 14)), out[k]
+    assert engine.stats["preempted"] >= 1 and engine.stats["failed"] == 0
+    assert engine.scheduler.pool.used == 0  # every block given back
+    replays = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks
+               if c.start == 0 and c.drawn > 0]
+    assert replays, "a preempted request is replayed: prompt + tokens so far, continuing the draw count"
+    text = metrics.render()[0].decode()
+    assert f"neurond_preemptions_total {float(engine.stats['preempted'])}" in text
+    assert 'neurond_kv_cache_blocks{state="total"} 12.0' in text
+
+
+def test_the_default_kv_cache_never_preempts_and_every_row_is_sent():
+    sup = FakeSupervisor()
+    reqs = [request(k, v, 20) for k, v in PROMPTS.items()]
+    engine, out = asyncio.run(run(sup, reqs, decode_steps=8))
+    assert all(out[k][1] == text_of(expected(v, 20)) for k, v in PROMPTS.items())
+    assert engine.stats["preempted"] == 0
+    assert engine.scheduler.pool.num_blocks == 4 * 5  # max_batch x blocks of max_len + 1 = 65 positions
+    assert isinstance(sup.calls[0], p.Prefill) and sup.calls[0].tables[0].start == 0
+
+
+def test_a_fault_sends_every_row_afresh_and_n_choices_copy_into_their_blocks():
+    sup = FakeSupervisor({7: RankDied(1, -9)}, block_size=4)
+    prompt = list(range(30, 39))
+    engine, _, out = _run_group(sup, 3, prompt, 6)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 6)) for ev, text in out.values())
+    after = next(c for c in sup.calls[7:] if c.tables)
+    assert sorted(r.slot for r in after.tables) == [0, 1, 2, 3] and all(r.start == 0 for r in after.tables)
+    # The fake checked that every copy wrote into blocks its destinations held (their rows came with the
+    # first command after their admission: the copy, or the prefill of the shared prompt before it).
+    assert sum(isinstance(c, p.CopyPrefix) for c in sup.calls) >= 2
+
+
+def test_a_request_the_kv_cache_could_never_hold_is_refused_with_its_numbers():
+    async def submit():
+        engine = Engine(FakeSupervisor(block_size=4), Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16,
+                        max_batch=4, max_len=64, kv_blocks=4, kv_block_size=4)
+        assert engine.kv_positions == 16
+        engine.submit(request("fits", [1] * 10, 6))
+        with pytest.raises(RequestTooLarge, match=r"= 17 tokens need 5 KV cache blocks .* has 4 blocks"):
+            engine.submit_all([request("ok", [1] * 4, 4), request("too-long", [1] * 10, 7)])
+        assert [r.request_id for r in engine.scheduler.waiting] == ["fits"]  # all or none
+
+    asyncio.run(submit())

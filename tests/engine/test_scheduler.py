@@ -82,3 +82,149 @@ def test_blame_fails_a_lone_request_that_raised_and_strikes_everyone_else():
     ((who, failed, quarantined),) = blame(RankDied(0, -9), [a], max_request_faults=2)
     assert who is a and quarantined and failed.code == "request_quarantined"
     assert blame(PoolUnavailable(None, "reloading"), [b], max_request_faults=1) == [] and b.faults == 1
+
+
+# ---------------------------------------------------------------------------------------------- paged KV cache
+def paged(blocks: int, max_batch: int = 4, block_size: int = 4, max_len: int = 64) -> Scheduler:
+    return Scheduler(max_batch=max_batch, prefill_chunk=100, max_len=max_len, kv_blocks=blocks,
+                     kv_block_size=block_size)
+
+
+def prefilled(r: GenerationRequest, *drawn: int) -> None:
+    """What the engine does after `r`'s last prefill chunk: its context is in the cache, its first token drawn
+    (not in the cache yet: the next decode step writes it)."""
+    r.prefilled, r.decoding = len(r.context), True
+    r.generated.extend(drawn or (1,))
+
+
+def test_admission_waits_for_blocks_and_nobody_overtakes_the_oldest():
+    s = paged(blocks=4)
+    a, b, c = req("a", 7), req("b", 11), req("c", 1)  # need 2, 3 and 1 blocks of 4 (context + first step)
+    for r in (a, b, c):
+        s.queue([r])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["a"] and a.blocks == [0, 1] and s.pool.free == 2
+    assert [r.request_id for r in s.waiting] == ["b", "c"]  # c would fit, but b is older
+    s.release(a)
+    assert a.blocks == [] and s.pool.free == 4  # release gives the blocks back
+    s.admit(lambda r: None)
+    assert admitted(s) == ["b", "c"] and len(b.blocks) == 3 and len(c.blocks) == 1 and s.pool.free == 0
+
+
+def test_rows_are_sent_whole_on_admission_and_grow_at_block_boundaries():
+    s = paged(blocks=8)
+    a = req("a", 7)
+    s.queue([a])
+    s.admit(lambda r: None)
+    assert s.take_rows() == (p.BlockRow(0, 0, (0, 1)),) and s.take_rows() == ()
+    prefilled(a)  # context 8: positions 0..6 cached, the first decode step writes position 7
+    assert s.reserve_decode([a], 1) == [a] and s.take_rows() == ()  # 8 positions: still 2 blocks
+    a.generated.append(2)  # context 9: the next step writes position 8, the first of a third block
+    assert s.reserve_decode([a], 1) == [a] and s.take_rows() == (p.BlockRow(0, 2, (2,)),)
+    # 4 steps write positions 8..11 (3 blocks, held); 5 steps reach position 12, a fourth block.
+    assert s.reserve_decode([a], 4) == [a] and s.take_rows() == ()
+    s.reserve_decode([a], 5)
+    assert a.blocks == [0, 1, 2, 3] and s.take_rows() == (p.BlockRow(0, 3, (3,)),)
+    # Growth before the ranks saw the row joins the pending row.
+    b = req("b", 3)
+    s.queue([b])
+    s.admit(lambda r: None)
+    prefilled(b, 5, 6)  # context 5: writes from position 4
+    s.reserve_decode([b], 1)
+    assert s.take_rows() == (p.BlockRow(1, 0, (4, 5)),)
+
+
+def test_growth_is_capped_by_the_requests_own_end():
+    s = paged(blocks=8)
+    a = GenerationRequest("a", [1, 2, 3], 5, GREEDY)  # at most 8 positions: 2 blocks, however many steps
+    s.queue([a])
+    s.admit(lambda r: None)
+    prefilled(a)
+    s.reserve_decode([a], 8)
+    assert len(a.blocks) == 2 and s.never_fits(a) is None
+
+
+def test_a_short_pool_preempts_the_request_admitted_last_and_requeues_it_first():
+    s = paged(blocks=5)
+    a, b, c = (GenerationRequest(name, list(range(1, 8)), 40, GREEDY) for name in "abc")
+    for r in (a, b, c):
+        s.queue([r])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["a", "b"] and s.pool.free == 1 and [r.request_id for r in s.waiting] == ["c"]
+    prefilled(a, 1, 2)
+    prefilled(b, 1, 2)  # both at context 9: their next step writes position 8, in a third block each
+    s.take_rows()
+    assert s.reserve_decode([a, b], 1) == [a]  # a took the last free block; b, the newest, gave its back
+    assert s.preemptions == 1 and b.slot is None and b.blocks == [] and b.prefilled == 0 and not b.decoding
+    assert b.generated == [1, 2]  # replayed later: prompt + what it generated so far
+    assert [r.request_id for r in s.waiting] == ["b", "c"] and admitted(s) == ["a"]
+    assert s.take_rows() == (p.BlockRow(0, 2, (a.blocks[2],)), p.BlockRow(1, 0, ()))
+    assert s.pool.free == 2
+    s.admit(lambda r: None)
+    assert admitted(s) == ["a"]  # b needs 3 blocks (context 9 + 1 step), 2 are free: it waits, so does c
+
+
+def test_the_older_request_growing_preempts_the_newest_not_itself():
+    s = paged(blocks=4)
+    a = GenerationRequest("a", list(range(1, 8)), 40, GREEDY)
+    d = req("d", 3)
+    s.queue([a])
+    s.queue([d])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["a", "d"] and s.pool.free == 1  # 2 blocks and 1
+    prefilled(a, *range(5))  # context 12: the next step writes position 11, in a's third block (the free one)
+    prefilled(d)
+    assert s.reserve_decode([a, d], 1) == [a, d] and s.preemptions == 0 and s.pool.free == 0
+    a.generated.append(9)  # position 12: a fourth block, none free
+    assert s.reserve_decode([a, d], 1) == [a] and s.preemptions == 1 and d.slot is None
+    assert list(s.waiting) == [d] and len(a.blocks) == 4 and s.pool.free == 0
+
+
+def test_an_interrupt_sends_every_row_afresh():
+    s = paged(blocks=8, max_batch=3)
+    a, b = req("a", 3), req("b", 3)
+    s.queue([a])
+    s.queue([b])
+    s.admit(lambda r: None)
+    s.take_rows()
+    s.interrupt(now=1.0)
+    assert s.pool.free == 8
+    assert s.take_rows() == (p.BlockRow(0, 0, ()), p.BlockRow(1, 0, ()), p.BlockRow(2, 0, ()))
+    s.interrupt(now=2.0)
+    s.admit(lambda r: None)
+    assert s.take_rows() == (p.BlockRow(0, 0, tuple(a.blocks)), p.BlockRow(1, 0, tuple(b.blocks)),
+                             p.BlockRow(2, 0, ()))
+
+
+def test_n_choices_each_hold_blocks_for_the_copied_prompt():
+    s = paged(blocks=8)
+    members = [req(f"x-{i}", 6) for i in range(3)]
+    s.queue(members)
+    s.admit(lambda r: None)
+    assert [len(m.blocks) for m in members] == [2, 2, 2]  # 6 + 1 positions each: the copy has its blocks
+    assert s.take_rows() == tuple(p.BlockRow(m.slot, 0, tuple(m.blocks)) for m in members)
+    assert len({b for m in members for b in m.blocks}) == 6
+
+
+def test_with_the_default_pool_nothing_waits_for_blocks_or_is_preempted():
+    s = Scheduler(max_batch=3, prefill_chunk=100, max_len=40)  # kv_blocks=0: 3 x blocks of 41 positions
+    reqs = [GenerationRequest(f"r{i}", list(range(1, 11)), 30, GREEDY) for i in range(3)]  # to position 40
+    for r in reqs:
+        s.queue([r])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["r0", "r1", "r2"]
+    for r in reqs:
+        prefilled(r)
+    while reqs[0].max_tokens > len(reqs[0].generated):
+        assert s.reserve_decode(reqs, 8) == reqs
+        for r in reqs:
+            r.generated.append(1)
+    assert s.preemptions == 0 and s.pool.free >= 0
+
+
+def test_a_request_that_can_never_fit_is_named_with_its_numbers():
+    s = paged(blocks=4, max_len=64)  # 16 positions in all
+    assert s.never_fits(GenerationRequest("a", [1] * 10, 6, GREEDY)) is None
+    why = s.never_fits(GenerationRequest("b", [1] * 10, 7, GREEDY))
+    assert why is not None and "17 tokens" in why and "5 KV cache blocks" in why and "4 blocks" in why \
+        and "16 positions" in why
