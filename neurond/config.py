@@ -51,11 +51,14 @@ class Config:
     max_batch_size: int = 32
     #: Tokens per sequence at most, prompt + completion (capped by the model's own context window).
     max_model_len: int = 4096
-    #: Positions per block of the paged KV cache: the leader hands out the cache in blocks of this many.
+    #: Positions per block of the paged KV cache (a power of two up to 256): the leader hands out the cache in
+    #: blocks of this many.
     kv_block_size: int = 16
-    #: Blocks in each rank's KV cache. 0: max_batch_size x the blocks of max_model_len + 1 positions, the
-    #: memory of a cache where every slot holds a whole sequence (nothing is ever preempted). Fewer: more slots
-    #: share less memory; when it runs out, the requests admitted last are preempted and replayed later.
+    #: Blocks in each rank's paged KV cache. 0: no paging, the static cache where every slot holds a whole
+    #: sequence (max_batch_size x max_model_len positions; nothing is ever preempted). N: a pool of N blocks
+    #: that max_batch_size slots share, each sequence holding only the blocks its tokens fill; when the pool
+    #: runs out, the requests admitted last are preempted and replayed later. (Attention then reads a
+    #: sequence's blocks gathered into one copy per layer: see docs/benchmarks.md for what that costs.)
     kv_cache_blocks: int = 0
     #: Long prompts are prefilled in chunks of this many tokens, between decode steps of running requests.
     prefill_chunk_tokens: int = 512
@@ -163,8 +166,9 @@ class Config:
             raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.prefill_chunk_tokens < 1:
             raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk_tokens >= 1")
-        if self.kv_block_size < 1 or self.kv_cache_blocks < 0:
-            raise ConfigError("need kv_block_size >= 1 and kv_cache_blocks >= 0")
+        if not 1 <= self.kv_block_size <= 256 or self.kv_block_size & (self.kv_block_size - 1) \
+                or self.kv_cache_blocks < 0:
+            raise ConfigError("need kv_block_size a power of two up to 256 and kv_cache_blocks >= 0")
         if self.decode_steps_per_call < 1:
             raise ConfigError("decode_steps_per_call must be >= 1")
         if self.max_request_faults < 1:

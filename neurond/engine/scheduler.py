@@ -7,12 +7,14 @@ rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `p
 so it never stalls the others for more than a chunk. A request that was in a faulted step before runs alone
 (its prefill and its decode), so a fault that follows it is its own and nobody else takes a strike for it.
 
-The KV cache is paged (`blocks.py`): a request is admitted only when the blocks for its context and its first
-decode step can be had too, and a decode call first takes the blocks for every position it writes. When the
-pool runs short there, the requests admitted last are preempted: they give back their slot and blocks and go
-back to the front of the queue, to be replayed later like a request interrupted by a fault (the client sees a
-slower stream, nothing else). The rows of the block table that changed wait in `_rows` until the engine sends
-them with its next command (`take_rows`).
+The KV cache is counted in blocks (`blocks.py`): a request is admitted only when the blocks for its context and
+its first decode step can be had too, and a decode call first takes the blocks for every position it writes.
+When the pool runs short there, the requests admitted last are preempted: they give back their slot and blocks
+and go back to the front of the queue, to be replayed later like a request interrupted by a fault (the client
+sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks` > 0) the rows of the block
+table that changed wait in `_rows` until the engine sends them with its next command (`take_rows`). With the
+static slot cache (`kv_blocks` = 0, the default) the count is of the same memory (every slot its max_len) and
+can never run short, so nothing waits for blocks or is preempted, and no rows are sent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_len = max_len  # tokens per sequence at most (a slot's positions, but for its trash column)
         self.pool = BlockPool(kv_blocks or default_blocks(max_batch, max_len, kv_block_size), kv_block_size)
+        self.paged = kv_blocks > 0  # the ranks keep block tables (else their static slots need no rows)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
@@ -77,7 +80,7 @@ class Scheduler:
     def take_rows(self) -> tuple[BlockRow, ...]:
         """The rows of the block table that changed since the last call, for the engine's next command (the
         ranks apply them before they run it)."""
-        rows = tuple(self._rows[s] for s in sorted(self._rows))
+        rows = tuple(self._rows[s] for s in sorted(self._rows)) if self.paged else ()
         self._rows.clear()
         return rows
 

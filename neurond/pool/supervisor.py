@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 from neurond import protocol as p
 from neurond.config import Config
-from neurond.engine.blocks import default_blocks
 from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
@@ -102,10 +101,6 @@ class Supervisor:
                  context_len: int | None = None) -> None:
         #: Tokens per sequence the ranks' KV caches hold (the served context window).
         self.context_len = context_len or config.max_model_len
-        #: Blocks in each rank's KV cache, resolved here once: the engine hands out exactly these, and the
-        #: ranks are always told the number (never 0, which would mean a layout of their own).
-        self.kv_blocks = config.kv_cache_blocks or default_blocks(config.max_batch_size, self.context_len,
-                                                                  config.kv_block_size)
         self.events = events if events is not None else EventSink()
         self._fault_at: float | None = None
         self.config = config
@@ -190,7 +185,9 @@ class Supervisor:
                 max_batch=c.max_batch_size,
                 max_len=self.context_len,
                 kv_block_size=c.kv_block_size,
-                kv_blocks=self.kv_blocks,
+                # 0: the static slot cache (every slot its own max_len positions); N: a paged cache of N blocks
+                # whose table rows the engine sends (engine/blocks.py).
+                kv_blocks=c.kv_cache_blocks,
                 cuda_graphs=c.cuda_graphs,
                 torch_compile=c.torch_compile,
             )

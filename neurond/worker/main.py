@@ -255,14 +255,15 @@ class Worker:
         runner, comm = self.runner, self.comm
         assert comm is not None  # started
         if isinstance(cmd, p.Decode):
-            self.faults.fire("decode")
             assert runner is not None, "decode before a shard was loaded"
+            # The rows first, even if this step then fails: every rank's table stays the leader's.
             runner.apply_tables(cmd.tables)
+            self.faults.fire("decode")
             return runner.decode(cmd.slots, cmd.steps), {}
         if isinstance(cmd, p.Prefill):
-            self.faults.fire("prefill")
             assert runner is not None, "prefill before a shard was loaded"
             runner.apply_tables(cmd.tables)
+            self.faults.fire("prefill")
             return runner.prefill(cmd.chunks), {}
         if isinstance(cmd, p.CopyPrefix):
             assert runner is not None, "copy before a shard was loaded"

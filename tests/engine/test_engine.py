@@ -8,9 +8,10 @@ import asyncio
 import pytest
 
 from neurond import protocol as p
+from neurond.engine.blocks import default_blocks
 from neurond.engine.deadline import StepDeadline
-from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.engine.engine import Engine, RequestTooLarge
+from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.observe.events import Event, EventSink
 from neurond.observe.metrics import MetricsSink
 from neurond.pool.faults import RankDied, RankFailed, StepTimeout
@@ -42,8 +43,9 @@ class FakeSupervisor:
     It keeps the block tables as a paged rank would (applying each command's rows first) and checks that every
     position a command writes is in a block its slot holds and that no block is in two slots' rows."""
 
-    def __init__(self, faults: dict[int, Exception] | None = None, block_size: int = 16):
+    def __init__(self, faults: dict[int, Exception] | None = None, block_size: int = 16, paged: bool = True):
         self.faults = faults or {}
+        self.paged = paged  # an engine with a paged cache: check its rows (the static cache gets none)
         self.calls: list[object] = []
         self.slots: dict[int, list[int]] = {}
         self.block_size = block_size
@@ -111,7 +113,7 @@ class FakeSupervisor:
 
     def _writes(self, slot, positions):
         """The command writes `slot`'s positions up to `positions`: its row must hold their blocks."""
-        assert positions <= len(self.tables.get(slot, ())) * self.block_size, (slot, positions, self.tables)
+        assert not self.paged or positions <= len(self.tables.get(slot, ())) * self.block_size, (slot, positions, self.tables)
 
     def _repaired(self):
         self.state = "healthy"
@@ -131,10 +133,12 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
 
 async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False, kv_blocks=0,
               metrics=None):
-    """`together`: the requests are one API request's choices (Engine.submit_all)."""
+    """`together`: the requests are one API request's choices (Engine.submit_all). A paged cache of
+    `kv_blocks` blocks, or (0) of as many as the static cache holds, so the rows are checked in every test."""
+    blocks = kv_blocks or default_blocks(max_batch, 64, sup.block_size)
     engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
                     prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps,
-                    max_len=64, kv_blocks=kv_blocks, kv_block_size=sup.block_size, metrics=metrics)
+                    max_len=64, kv_blocks=blocks, kv_block_size=sup.block_size, metrics=metrics)
     engine.start()
     if together:
         engine.submit_all(reqs)
@@ -252,7 +256,7 @@ def test_errors_in_a_batch_strike_everyone_in_it_but_fail_nobody_at_once():
 
 
 def test_cancelled_request_leaves_the_batch():
-    sup = FakeSupervisor()
+    sup = FakeSupervisor(paged=False)  # the static cache (no rows)
     a, b = request("a", [5, 6], 50), request("b", [7], 6)
 
     async def go():
@@ -278,7 +282,7 @@ def test_cancelled_request_leaves_the_batch():
 @pytest.mark.parametrize("gone", [False, True])
 def test_interrupted_requests_wait_at_most_resume_wait(gone):
     """If the repair takes longer than resume_wait_s (or gives up), the interrupted request gets a 503."""
-    sup = FakeSupervisor({2: RankDied(0, -9)})
+    sup = FakeSupervisor({2: RankDied(0, -9)}, paged=False)
     sup._repaired = (lambda: setattr(sup, "state", "unloaded")) if gone else (lambda: None)
 
     metrics = MetricsSink()

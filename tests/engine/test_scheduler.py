@@ -97,6 +97,18 @@ def prefilled(r: GenerationRequest, *drawn: int) -> None:
     r.generated.extend(drawn or (1,))
 
 
+def test_the_static_cache_counts_blocks_but_never_waits_preempts_or_sends_rows():
+    s = Scheduler(max_batch=2, prefill_chunk=100, max_len=64, kv_block_size=4)  # kv_blocks=0: static slots
+    a, b = req("a", 60), req("b", 60)
+    s.queue([a])
+    s.queue([b])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["a", "b"] and s.take_rows() == ()
+    for r in (a, b):
+        prefilled(r)
+    assert s.reserve_decode([a, b], 8) == [a, b] and s.preemptions == 0 and s.take_rows() == ()
+
+
 def test_admission_waits_for_blocks_and_nobody_overtakes_the_oldest():
     s = paged(blocks=4)
     a, b, c = req("a", 7), req("b", 11), req("c", 1)  # need 2, 3 and 1 blocks of 4 (context + first step)

@@ -19,11 +19,10 @@ def test_a_repair_spawns_ranks_that_capture_lazily():
     assert armed.capture_at_load is False and armed.faults == (("exit", "load", 1),)
 
 
-def test_every_rank_is_told_the_resolved_kv_cache_blocks():
-    """The leader hands out exactly the blocks the ranks build: the resolved number, never 0 (which a rank would
-    take as a layout of its own)."""
+def test_every_rank_is_told_the_kv_cache_layout():
+    """0: the static slot cache, no block tables; N: a paged cache of exactly the N blocks the leader hands out."""
     sup = Supervisor(Config(max_batch_size=4, max_model_len=100, kv_block_size=16), "/nonexistent-model",
                      context_len=64)
-    assert [(s.kv_blocks, s.kv_block_size, s.max_len) for s in sup._specs()] == [(4 * 5, 16, 64)]  # 65 positions
+    assert [(s.kv_blocks, s.kv_block_size, s.max_len) for s in sup._specs()] == [(0, 16, 64)]
     sup = Supervisor(Config(kv_cache_blocks=123, kv_block_size=32), "/nonexistent-model")
     assert sup._specs()[0].kv_blocks == 123 and sup._specs()[0].kv_block_size == 32
