@@ -84,7 +84,7 @@ EXPECTED = [  # (case, MESSAGE, PRIORITY)
 
 
 def entry(o: Observation) -> dict:
-    return journal.entry_for(o.event, o.facts(), SITE)
+    return journal.entry_for(o, SITE)
 
 
 @pytest.mark.parametrize("case, message, priority", EXPECTED, ids=[case for case, _, _ in EXPECTED])
