@@ -73,13 +73,14 @@ def metrics() -> str:
 
 def events() -> str:
     from neurond.observe.catalog import MESSAGES, priority_of
+    from neurond.observe.events import Observation
 
     out = []
     for m in MESSAGES.values():
         field = lambda text: re.sub(r"@([A-Z0-9_]+)@", r"<\1>", text)  # noqa: E731
-        worst = min(priority_of(m.event, f) for f in ({}, {"state_to": LifecycleState.POISONED},
-                                                       {"outcome": "degraded"},
-                                                       {"state_to": LifecycleState.UNLOADED, "cause": "breaker_open"}))
+        worst = min(priority_of(Observation(m.event, **f)) for f in (
+            {}, {"state_to": LifecycleState.POISONED}, {"outcome": "degraded"},
+            {"state_to": LifecycleState.UNLOADED, "cause": "breaker_open"}))
         priority = f"{m.priority} ({PRIORITY_NAMES[m.priority]})"
         if worst != m.priority:
             priority += f", up to {worst} ({PRIORITY_NAMES[worst]})"

@@ -47,7 +47,7 @@ class Rung(enum.StrEnum):
 class Cause:
     """Why a transition happened. `incident` is shared by every transition of one fault-to-recovery episode."""
 
-    reason: str  # e.g. "startup", "rank_died", "rank_timeout", "operator_reload", "breaker_open"
+    name: str  # e.g. "startup", "rank_died", "rank_timeout", "operator_reload", "breaker_open"
     incident: str = ""
     rank: int | None = None
     request_id: str | None = None

@@ -227,9 +227,9 @@ class Server:
     def _gave_up(self, cause) -> None:
         delay = self.config.unloaded_exit_s
         if delay <= 0:
-            log.error("recovery gave up (%s); serving 503 until an operator reloads", cause.reason if cause else "?")
+            log.error("recovery gave up (%s); serving 503 until an operator reloads", cause.name if cause else "?")
             return
-        log.error("recovery gave up (%s); exiting with code %d in %.0f s", cause.reason if cause else "?",
+        log.error("recovery gave up (%s); exiting with code %d in %.0f s", cause.name if cause else "?",
                   EXIT_GAVE_UP, delay)
         self.notifier.status(f"{self.status.line()}; exiting with code {EXIT_GAVE_UP} in {delay:.0f} s")
 

@@ -88,10 +88,10 @@ def render(status: dict, now: float | None = None) -> str:
 def _why(status: dict) -> str:
     """' (rank_died on rank 1)': why the model is not healthy, from the cause of the last transition."""
     cause = status.get("last_cause") or {}
-    if status.get("state") == LifecycleState.HEALTHY or not cause.get("reason"):
+    if status.get("state") == LifecycleState.HEALTHY or not cause.get("cause"):
         return ""
     on_rank = f" on rank {cause['rank']}" if cause.get("rank") is not None else ""
-    return f" ({cause['reason']}{on_rank})"
+    return f" ({cause['cause']}{on_rank})"
 
 
 def _loading(status: dict) -> list[tuple[str, str]]:
@@ -115,10 +115,10 @@ def _incidents(status: dict) -> str:
 def _transition(t: dict | None, now: float) -> str:
     if not t:
         return "none yet"
-    reason = ", ".join(x for x in (t.get("reason"), t.get("rung")) if x)
+    why = ", ".join(x for x in (t.get("cause"), t.get("rung")) if x)
     at = t.get("at")
     when = f", {duration(now - at)} ago ({_clock(at)})" if at else ""
-    return f"{t.get('event')}: {t.get('from')} -> {t.get('to')}" + (f" ({reason})" if reason else "") + when
+    return f"{t.get('event')}: {t.get('from')} -> {t.get('to')}" + (f" ({why})" if why else "") + when
 
 
 def duration(seconds: float | None) -> str:

@@ -79,7 +79,7 @@ class AdminAPI:
                               for rank, report in sorted(snap.load_progress.items())},
             "last_transition": _transition(last) if last else None,
             "last_cause": None if cause is None else {
-                "reason": cause.reason, "incident": cause.incident, "rank": cause.rank,
+                "cause": cause.name, "incident": cause.incident, "rank": cause.rank,
                 "request_id": cause.request_id, "rung": cause.rung, "attempt": cause.attempt, "detail": cause.detail},
             "transitions": [list(t) for t in snap.transitions],
             "requests": dict(self.engine.stats) if self.engine is not None else {},
@@ -131,4 +131,4 @@ class AdminAPI:
 
 def _transition(t: Transition) -> dict:
     """A transition as the admin status names its fields."""
-    return {"event": t.event, "from": t.source, "to": t.target, "reason": t.reason, "rung": t.rung, "at": t.at}
+    return {"event": t.event, "from": t.source, "to": t.target, "cause": t.cause, "rung": t.rung, "at": t.at}

@@ -86,7 +86,7 @@ class API:
         if self.supervisor.serving:
             return _json({"status": "ready", "state": state, "model": self.model.name})
         cause = self.supervisor.lifecycle.last_cause
-        return _json({"status": "unavailable", "state": state, "reason": cause.reason if cause else None,
+        return _json({"status": "unavailable", "state": state, "reason": cause.name if cause else None,
                       "detail": cause.detail if cause else None},
                      503, {"Retry-After": str(round(RETRY_AFTER_S))})
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neurond.lifecycle import LifecycleState
-from neurond.observe.events import Event
+from neurond.observe.events import Event, Observation
 
 # syslog priorities (what PRIORITY= carries)
 CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
@@ -141,18 +141,17 @@ compare the time between the first and the last entry of a rank with the checkpo
 BY_ID: dict[str, Message] = {m.message_id: m for m in MESSAGES.values()}
 
 
-def priority_of(event: Event, fields: dict) -> int:
+def priority_of(o: Observation) -> int:
     """Severity of one entry: a few events are worse in some states than in others."""
-    if event is Event.TRANSITION:
-        to = fields.get("state_to")
-        if to == LifecycleState.POISONED:
+    if o.event is Event.TRANSITION:
+        if o.state_to == LifecycleState.POISONED:
             return WARNING
-        if to == LifecycleState.UNLOADED and fields.get("cause") == "breaker_open":
+        if o.state_to == LifecycleState.UNLOADED and o.cause == "breaker_open":
             return ERR
-        return NOTICE if to in (LifecycleState.UNLOADED, LifecycleState.STOPPED) else INFO
-    if event is Event.RECOVERY_FINISHED and fields.get("outcome") == "degraded":
+        return NOTICE if o.state_to in (LifecycleState.UNLOADED, LifecycleState.STOPPED) else INFO
+    if o.event is Event.RECOVERY_FINISHED and o.outcome == "degraded":
         return WARNING
-    return MESSAGES[event].priority
+    return MESSAGES[o.event].priority
 
 
 def render_catalog() -> str:

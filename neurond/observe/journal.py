@@ -143,45 +143,50 @@ def field_name(name: str) -> str:
     return "NEUROND_" + re.sub(r"[^A-Z0-9_]", "_", name.upper())
 
 
-def message_text(event: Event, f: dict) -> str:
-    g = lambda k, d="?": f.get(k, d)  # noqa: E731
-    inc = f" (incident {f['incident']})" if f.get("incident") else ""
+def _said(value: object, default: object = "?") -> object:
+    """A fact as a MESSAGE shows it: `default` where the observation does not say it (None or '')."""
+    return default if value is None or value == "" else value
+
+
+def message_text(o: Observation) -> str:
+    """The MESSAGE of one event: its stable prefix, what happened, and the incident it belongs to."""
+    s = _said
+    inc = f" (incident {o.incident})" if o.incident else ""
     text = {
-        Event.TRANSITION: lambda: f"{g('state_from')} -> {g('state_to')} on {g('lifecycle_event')}, cause "
-                                  f"{g('cause')}" + (f", rank {f['rank']}" if "rank" in f else "")
-                                  + (f", rung {f['rung']}" if "rung" in f else ""),
-        Event.FAULT_DETECTED: lambda: f"{g('cause')} on rank {g('rank')}"
-                                      + (f", request {f['request_id']}" if "request_id" in f else ""),
-        Event.ABORT_STARTED: lambda: f"aborting the communicator, attempt {g('attempt', 1)}",
-        Event.ABORT_FINISHED: lambda: f"communicator aborted in {g('duration_ms')} ms",
-        Event.ABORT_FAILED: lambda: f"abort not confirmed after {g('duration_ms')} ms: {g('detail', '')}",
-        Event.RANK_KILLED: lambda: f"rank {g('rank')} killed with SIGKILL",
-        Event.RANK_SPAWNED: lambda: f"rank {g('rank')} started as pid {g('pid')}",
-        Event.COMM_REBUILT: lambda: f"new communicator in {g('duration_ms')} ms, weights kept",
-        Event.RECOVERY_FINISHED: lambda: f"healthy after {g('duration_ms')} ms via {g('rung')}, attempt "
-                                         f"{g('attempt', 1)}, {g('outcome')}"
-                                         + (f" ({f['outcome_why']})" if "outcome_why" in f else ""),
-        Event.GAVE_UP: lambda: f"recovery gave up ({g('detail', '')}); model unloaded",
-        Event.REQUEST_FAILED: lambda: f"request {g('request_id')} failed with {g('status')} {g('cause')}"
-                                      + (f" (rank {f['rank']})" if "rank" in f else ""),
-        Event.LOAD_PROGRESS: lambda: f"rank {g('rank')} loaded " + rank_text(
-            f.get("done_bytes"), f.get("total_bytes"), f.get("files_done"), f.get("files_total")),
-    }[event]()
-    return f"{MESSAGES[event].prefix} {text}{inc}"
+        Event.TRANSITION: lambda: f"{s(o.state_from)} -> {s(o.state_to)} on {s(o.lifecycle_event)}, cause "
+                                  f"{s(o.cause)}" + (f", rank {o.rank}" if o.rank is not None else "")
+                                  + (f", rung {o.rung}" if o.rung else ""),
+        Event.FAULT_DETECTED: lambda: f"{s(o.cause)} on rank {s(o.rank)}"
+                                      + (f", request {o.request_id}" if o.request_id else ""),
+        Event.ABORT_STARTED: lambda: f"aborting the communicator, attempt {s(o.attempt, 1)}",
+        Event.ABORT_FINISHED: lambda: f"communicator aborted in {s(o.duration_ms)} ms",
+        Event.ABORT_FAILED: lambda: f"abort not confirmed after {s(o.duration_ms)} ms: {s(o.detail, '')}",
+        Event.RANK_KILLED: lambda: f"rank {s(o.rank)} killed with SIGKILL",
+        Event.RANK_SPAWNED: lambda: f"rank {s(o.rank)} started as pid {s(o.pid)}",
+        Event.COMM_REBUILT: lambda: f"new communicator in {s(o.duration_ms)} ms, weights kept",
+        Event.RECOVERY_FINISHED: lambda: f"healthy after {s(o.duration_ms)} ms via {s(o.rung)}, attempt "
+                                         f"{s(o.attempt, 1)}, {s(o.outcome)}"
+                                         + (f" ({o.outcome_why})" if o.outcome_why else ""),
+        Event.GAVE_UP: lambda: f"recovery gave up ({s(o.detail, '')}); model unloaded",
+        Event.REQUEST_FAILED: lambda: f"request {s(o.request_id)} failed with {s(o.status)} {s(o.cause)}"
+                                      + (f" (rank {o.rank})" if o.rank is not None else ""),
+        Event.LOAD_PROGRESS: lambda: f"rank {s(o.rank)} loaded "
+                                     + rank_text(o.done_bytes, o.total_bytes, o.files_done, o.files_total),
+    }[o.event]()
+    return f"{MESSAGES[o.event].prefix} {text}{inc}"
 
 
-def entry_for(event: Event, fields: dict, site: tuple[str, int, str]) -> dict:
-    """The journal fields of one event; `fields` are the producer's lowercase names, None/'' left out."""
-    fields = {k: v for k, v in fields.items() if v is not None and v != ""}
+def entry_for(o: Observation, site: tuple[str, int, str]) -> dict:
+    """The journal fields of one event: one NEUROND_<NAME> per fact it says (None and '' left out)."""
     entry = {
-        "MESSAGE": message_text(event, fields),
-        "MESSAGE_ID": MESSAGES[event].message_id,
-        "PRIORITY": priority_of(event, fields),
+        "MESSAGE": message_text(o),
+        "MESSAGE_ID": MESSAGES[o.event].message_id,
+        "PRIORITY": priority_of(o),
         "SYSLOG_IDENTIFIER": IDENTIFIER,
         "CODE_FILE": site[0], "CODE_LINE": site[1], "CODE_FUNC": site[2],
-        "NEUROND_EVENT": event.value,
+        "NEUROND_EVENT": o.event.value,
     }
-    for k, v in fields.items():
+    for k, v in o.facts().items():
         entry[field_name(k)] = v
     return entry
 
@@ -208,7 +213,7 @@ class JournalSink(EventSink):
         if o.event is Event.LOAD_PROGRESS and not self._progress_due(o):
             return
         o = self._judged(o)
-        entry = entry_for(o.event, o.facts(), call_site())
+        entry = entry_for(o, call_site())
         if write(entry, structured_line(entry)):
             self.sent += 1
 

@@ -120,10 +120,10 @@ class LifecycleStatus(EventSink):
         self.progress: Callable[[], Mapping] = dict  # rank -> LoadProgress of the pool being loaded
         self.state = LifecycleState.LOADING
         self.since = time.monotonic()
-        self.reason = ""
+        self.cause = ""
 
     def line(self) -> str:
-        why = f" ({self.reason})" if self.reason and self.state != LifecycleState.HEALTHY else ""
+        why = f" ({self.cause})" if self.cause and self.state != LifecycleState.HEALTHY else ""
         text = f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.incidents()}"
         progress = self.progress()
         loading = self.state in (LifecycleState.LOADING, LifecycleState.RELOADING)
@@ -135,7 +135,7 @@ class LifecycleStatus(EventSink):
         """A transition sets the state STATUS= shows and when it began; a load's progress refreshes it."""
         if o.event is Event.TRANSITION and o.state_to is not None:
             self.state, self.since = LifecycleState(o.state_to), time.monotonic()
-            self.reason = (o.cause or "") + (f" on rank {o.rank}" if o.rank is not None else "")
+            self.cause = (o.cause or "") + (f" on rank {o.rank}" if o.rank is not None else "")
         elif o.event is not Event.LOAD_PROGRESS:
             return
         self.notifier.status(self.line())

@@ -37,7 +37,7 @@ class Transition(NamedTuple):
     event: str
     source: str
     target: str
-    reason: str
+    cause: str
     rung: str | None
     at: float  # wall-clock time
 
@@ -149,7 +149,7 @@ class Supervisor:
         self.lifecycle.send(event, cause=cause)
 
     def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
-        self.history.append(Transition(str(event), source.id, target.id, cause.reason if cause else "",
+        self.history.append(Transition(str(event), source.id, target.id, cause.name if cause else "",
                                        cause.rung if cause else None, time.time()))
         if target.id == LifecycleState.HEALTHY:
             self.healthy.set()
@@ -161,7 +161,7 @@ class Supervisor:
 
     def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
         if cause is not None:
-            base = dict(incident=cause.incident or None, cause=cause.reason, rank=cause.rank,
+            base = dict(incident=cause.incident or None, cause=cause.name, rank=cause.rank,
                         request_id=cause.request_id, rung=cause.rung, attempt=cause.attempt or None,
                         detail=cause.detail or None)
             base.update(fields)
@@ -246,7 +246,7 @@ class Supervisor:
         kind = pending.pop(0)
         return dataclasses.replace(spec, faults=spec.faults + ((kind, "load", 1),))
 
-    async def start(self, reason: str = "startup") -> None:
+    async def start(self, cause: str = "startup") -> None:
         """Load the pool (state `loading`); a failure goes through the same recovery as any fault."""
         pool = self._new_pool()
         self.pool = pool
@@ -256,7 +256,7 @@ class Supervisor:
             self._fault(fault, None)
             return
         if self.pool is pool and self.state == LifecycleState.LOADING:
-            self._send("loaded", Cause(reason))
+            self._send("loaded", Cause(cause))
 
     # ------------------------------------------------------------------ steps (called by the engine)
     async def call(self, make, deadline_s: float, what: str, request_id: str | None = None) -> dict[int, object]:
@@ -307,7 +307,7 @@ class Supervisor:
                 self._failures.append(time.monotonic())
             if self._breaker_open():
                 await self._stop_pool()
-                gave_up = cause.with_(reason="breaker_open", rung=Rung.GIVE_UP, attempt=attempt)
+                gave_up = cause.with_(name="breaker_open", rung=Rung.GIVE_UP, attempt=attempt)
                 self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(),
                            detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
                 self._send("give_up", gave_up)
@@ -331,7 +331,7 @@ class Supervisor:
             except PoolFault as again:
                 # A fault during recovery: record it and climb the ladder.
                 fault = again
-                cause = cause.with_(reason=again.cause, rank=again.rank, detail=again.message)
+                cause = cause.with_(name=again.cause, rank=again.rank, detail=again.message)
                 if self.state == LifecycleState.RELOADING:
                     self._send("fault", cause.with_(attempt=attempt))
                 continue
@@ -359,27 +359,27 @@ class Supervisor:
             await pool.stop(self.config.kill_grace_s)
 
     # ------------------------------------------------------------------ operator actions (admin API, SIGHUP)
-    async def reload(self, reason: str = "operator_reload") -> None:
+    async def reload(self, cause: str = "operator_reload") -> None:
         """Reload every rank from the checkpoint; from `unloaded` this is a load."""
         if self.state == LifecycleState.UNLOADED:
-            await self.load(reason)
+            await self.load(cause)
             return
-        cause = Cause(reason, rung=Rung.FULL_RELOAD)
-        self._send("reload", cause)
+        full_reload = Cause(cause, rung=Rung.FULL_RELOAD)
+        self._send("reload", full_reload)
         try:
             await self._restart_pool()
         except PoolFault as fault:
             self._fault(fault, None)
             return
-        self._send("recovered", cause)
+        self._send("recovered", full_reload)
 
-    async def load(self, reason: str = "operator_load") -> None:
+    async def load(self, cause: str = "operator_load") -> None:
         self._failures.clear()
-        self._send("load", Cause(reason))
-        await self.start(reason)
+        self._send("load", Cause(cause))
+        await self.start(cause)
 
-    async def unload(self, reason: str = "operator_unload") -> None:
-        self._send("unload", Cause(reason))  # first, so nothing new is admitted while the ranks stop
+    async def unload(self, cause: str = "operator_unload") -> None:
+        self._send("unload", Cause(cause))  # first, so nothing new is admitted while the ranks stop
         await self._stop_pool()
 
     # ------------------------------------------------------------------ shutdown

@@ -135,10 +135,8 @@ def host_entries(host: str, now_us: int, tp: int | None = None, episodes: list |
         for event, fields in ep.steps:
             fields = {"model": MODEL, "tp_size": tp, **fields}
             fields = {k: v for k, v in fields.items() if v is not None}
-            if not ep.old_daemon:
-                judged = sink._judged(Observation(event, **fields))
-                fields.update(judged.facts())
-            entry = entry_for(event, fields, SITE)
+            o = Observation(event, **fields)
+            entry = entry_for(o if ep.old_daemon else sink._judged(o), SITE)
             entry.update(__REALTIME_TIMESTAMP=ts, __MONOTONIC_TIMESTAMP=ts - (now_us - ep.booted_s * 1_000_000),
                          _HOSTNAME=host, _SYSTEMD_UNIT="neurond.service", _PID=ep.pid, _TRANSPORT="journal",
                          _BOOT_ID=ep.boot)

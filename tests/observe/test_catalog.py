@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from neurond.observe.catalog import MESSAGES, render_catalog
-from neurond.observe.events import Event
+from neurond.observe.events import Event, Observation
 from neurond.observe.journal import entry_for
 from tests.conftest import REPO
 from tests.observe.journald import need_journal_remote, need_private_journald, write_journal_file
@@ -53,8 +53,8 @@ def test_journalctl_x_explains_an_entry_with_its_fields(tmp_path):
     need_journal_remote()
     root = _root(tmp_path, CATALOG.read_text())
     assert _update(root).returncode == 0
-    entry = entry_for(Event.GAVE_UP, dict(incident="feed1234", cause="breaker_open", rank=1, rung="give_up",
-                                          attempt=5, detail="5 recoveries within 600s"), ("x.py", 1, "f"))
+    entry = entry_for(Observation(Event.GAVE_UP, incident="feed1234", cause="breaker_open", rank=1, rung="give_up",
+                                  attempt=5, detail="5 recoveries within 600s"), ("x.py", 1, "f"))
     entry.update(__REALTIME_TIMESTAMP=1_700_000_000_000_000, _HOSTNAME="gpu-7")
     (root / "var/log/journal/0123456789abcdef0123456789abcdef").mkdir(parents=True)
     write_journal_file(root / "var/log/journal/0123456789abcdef0123456789abcdef/system.journal", [entry])

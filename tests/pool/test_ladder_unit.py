@@ -326,7 +326,7 @@ def test_full_reload_kills_known_victims_first_then_restarts():
     asyncio.run(h.ladder().repair(h.pool, "full_reload", {0}, CAUSE))
     assert h.pool.killed == [0] and h.restarts == 1
     (name, cause, _), = [e for e in h.events if e[0] == Event.RANK_KILLED]
-    assert (cause.reason, cause.incident, cause.rank) == ("recovery", "inc1", 0)
+    assert (cause.name, cause.incident, cause.rank) == ("recovery", "inc1", 0)
 
 
 def test_config_deadlines_are_the_ladders():
