@@ -1,0 +1,69 @@
+"""A paged KV cache end to end (TP=2, gloo): more sequences than the pool holds at full length all complete with
+the answers they get alone (the newest are preempted and replayed), a request the pool could never hold gets a
+400 with the numbers, and a rank killed mid-decode under paging is repaired with every answer intact."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from tests.conftest import chat_body
+from tests.faults import fault_daemon
+
+BLOCKS, BLOCK = 10, 16  # 160 positions: about two of the sequences below at full length
+
+
+@pytest.fixture(scope="module")
+def daemon(start_daemon, tmp_path_factory):
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("paged"), 2, kv_cache_blocks=BLOCKS,
+                     kv_block_size=BLOCK, max_batch_size=4, decode_steps_per_call=4)
+    yield d
+    d.stop()
+
+
+def _bodies():
+    return [chat_body(f"Request number {i}", max_tokens=48, temperature=0) for i in range(4)]
+
+
+def _metrics(d) -> dict[str, float]:
+    status, _, text = d.get("/metrics")
+    assert status == 200
+    text = text.decode() if isinstance(text, bytes) else text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def _together(d, bodies):
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(d.chat, bodies))
+    assert [r[0] for r in results] == [200] * len(bodies), results
+    return [r[2]["choices"][0]["message"]["content"] for r in results]
+
+
+def test_more_sequences_than_the_pool_holds_complete_with_their_own_answers(daemon):
+    alone = [daemon.chat(b)[2] for b in _bodies()]
+    assert all(a["choices"][0]["finish_reason"] == "length" for a in alone)  # each grows to 48 tokens
+    # Each needs 4-5 blocks at full length, 10 are there: the ones admitted last are preempted and replayed.
+    before = _metrics(daemon).get("neurond_preemptions_total", 0.0)
+    assert _together(daemon, _bodies()) == [a["choices"][0]["message"]["content"] for a in alone]
+    after = _metrics(daemon)
+    assert after["neurond_preemptions_total"] > before
+    assert after['neurond_kv_cache_blocks{state="used"}'] == 0.0
+    assert after['neurond_kv_cache_blocks{state="total"}'] == BLOCKS
+
+
+def test_a_request_the_pool_could_never_hold_is_a_400_with_the_numbers(daemon):
+    status, _, body = daemon.chat(chat_body("hello", max_tokens=BLOCKS * BLOCK))
+    assert status == 400
+    err = body["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "context_length_exceeded"
+    assert f"the KV cache has {BLOCKS} blocks ({BLOCKS * BLOCK} positions)" in err["message"]
+    assert daemon.chat(chat_body("hello", max_tokens=4))[0] == 200  # and serving goes on
+
+
+def test_a_rank_killed_mid_decode_under_paging_is_repaired_and_every_answer_replayed(daemon):
+    alone = [daemon.chat(b)[2]["choices"][0]["message"]["content"] for b in _bodies()]
+    assert daemon.admin.inject(1, "sigkill", "decode").status_code == 200
+    assert _together(daemon, _bodies()) == alone
+    assert daemon.get("/ready")[0] == 200
