@@ -10,6 +10,9 @@ a retriable 503. Nothing here waits without a bound.
 
 The KV cache's blocks are the scheduler's to hand out; every command carries the rows of the block table that
 changed since the last one (`Scheduler.take_rows`), so the ranks' tables always match what the scheduler gave.
+With a paged cache, requests share the cached blocks of a common prefix (the scheduler's prefix cache): a fault
+drops it (`Scheduler.interrupt`), and so does any time the pool stopped serving (`supervisor.epoch`), even
+while nothing ran, and an engine error.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Engine:
         self.decode_steps = decode_steps
         self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk, max_len=max_len,
                                    kv_blocks=kv_blocks, kv_block_size=kv_block_size)
+        self._epoch = supervisor.epoch  # the supervisor's count of times it stopped serving, as last seen
+        self._prefix_counted = (0, 0)  # the scheduler's prefix cache hits and misses, as last counted out
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         #: Outcomes since start, for the admin status (and `neurond status`).
@@ -150,15 +155,23 @@ class Engine:
             if not self.supervisor.serving:
                 await self._wait_for_repair()
                 continue
+            if self.supervisor.epoch != self._epoch:
+                # The pool stopped serving since the last turn (a repair, a reload), maybe while nothing ran:
+                # its ranks' caches may be new, so nothing cached from before may be shared.
+                self._epoch = self.supervisor.epoch
+                self.scheduler.drop_prefix_cache()
             self.scheduler.admit(self._start)
+            self._count_prefix()
             try:
                 await self._turn()
             except Exception as exc:  # noqa: BLE001 - a bug must fail the requests involved, not the engine
                 log.exception("engine error")
                 for req in list(self.scheduler.running):
                     self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+                self.scheduler.drop_prefix_cache()  # what the failed step left in the cache is not known
             if self.metrics is not None:
-                self.metrics.kv_blocks(self.scheduler.pool.used, self.scheduler.pool.num_blocks)
+                pool = self.scheduler.pool
+                self.metrics.kv_blocks(pool.used, pool.num_blocks, pool.cached)
 
     async def _turn(self) -> None:
         """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
@@ -256,6 +269,13 @@ class Engine:
             for i, req in enumerate(batch):
                 if req.slot is not None:  # not finished earlier in this call (a finished request has none)
                     self._accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
+
+    def _count_prefix(self) -> None:
+        """Context tokens the last admissions found in the prefix cache, and those they prefill, to the metrics."""
+        now = (self.scheduler.prefix_hits, self.scheduler.prefix_misses)
+        if now != self._prefix_counted and self.metrics is not None:
+            self.metrics.prefix_tokens(now[0] - self._prefix_counted[0], now[1] - self._prefix_counted[1])
+        self._prefix_counted = now
 
     def _preempted(self, n: int) -> None:
         if n:

@@ -101,6 +101,10 @@ class GenerationRequest:
     #: The KV cache blocks the request holds while it has a slot, in position order: its slot's row of the
     #: block table (engine/blocks.py).
     blocks: list[int] = field(default_factory=list)
+    #: Names of the context's first full blocks (engine/prefix.py), computed as far as needed so far (the
+    #: context only grows, so they stay valid), and how many of `blocks` the scheduler published for sharing.
+    hashes: list[bytes] = field(default_factory=list)
+    published: int = 0
     decoding: bool = False
     #: Log-probabilities of generated tokens whose text the detokeniser still holds back.
     pending_logprobs: list[LogprobEntry] = field(default_factory=list)

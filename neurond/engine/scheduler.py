@@ -15,6 +15,20 @@ sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks
 table that changed wait in `_rows` until the engine sends them with its next command (`take_rows`). With the
 static slot cache (`kv_blocks` = 0, the default) the count is of the same memory (every slot its max_len) and
 can never run short, so nothing waits for blocks or is preempted, and no rows are sent.
+
+Prefix caching (paged cache only): a request's full blocks are shared with later requests whose context starts
+with the same tokens (`prefix.py` names a block by a hash chain over everything up to its end). A block is
+published for sharing once it is full and written: every one of its positions holds a context token the ranks
+have written, i.e. it lies within the first `prefilled` positions of a prefilling request, or the first
+len(context) - 1 of a decoding one (the last drawn token is written by the next step), and before the slot's
+trash position (`max_len`, where idle rows write). Requests publish when they are released and, for those still
+running, before every admission. A new request (not one of n choices: those keep the copy of `copies`) takes
+the longest run of published blocks its context starts with, but never all of its context: at least its last
+token is prefilled (the rank draws the next token from its logits), so at most len(context) - 1 tokens, rounded
+down to whole blocks. Its row starts with the shared blocks and `prefilled` with their positions; it never
+writes into them (its writes are all past them), and nor does anyone else (a block is published only once its
+owner is past it). A block nobody holds stays cached until `take` evicts it (`blocks.py`). After a fault
+(`interrupt`) the whole cache is forgotten.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import collections
 from collections.abc import Callable
 
 from neurond.engine.blocks import BlockPool, default_blocks
+from neurond.engine.prefix import chain
 from neurond.engine.request import ChoiceGroup, GenerationRequest
 from neurond.protocol import BlockRow
 
@@ -39,6 +54,10 @@ class Scheduler:
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
         self.preemptions = 0  # requests preempted since start (the engine counts them out)
+        # Context tokens of admitted requests (replays included) found in the prefix cache / to be prefilled,
+        # since start (the engine counts them out).
+        self.prefix_hits = 0
+        self.prefix_misses = 0
 
     # ------------------------------------------------------------------ blocks
     def limit(self, req: GenerationRequest) -> int:
@@ -76,6 +95,33 @@ class Scheduler:
             self._rows[req.slot] = BlockRow(req.slot, len(req.blocks), tuple(new))
         req.blocks.extend(new)
         return True
+
+    def _publish(self, req: GenerationRequest) -> None:
+        """`req`'s blocks that are full and written are named for others to share (the module docstring)."""
+        if not self.paged:
+            return
+        written = len(req.context) - 1 if req.decoding else req.prefilled
+        full = min(min(written, self.max_len) // self.pool.block_size, len(req.blocks))
+        if full <= req.published:
+            return
+        chain(req.context, self.pool.block_size, req.hashes, full)
+        for i in range(req.published, full):
+            self.pool.publish(req.blocks[i], req.hashes[i])
+        req.published = full
+
+    def _cached_prefix(self, req: GenerationRequest) -> list[int]:
+        """The published blocks `req`'s context starts with, at most len(context) - 1 tokens of it."""
+        if not self.paged or req.group is not None:
+            return []
+        context = req.context
+        full = (len(context) - 1) // self.pool.block_size
+        if full <= 0:
+            return []
+        return self.pool.match(chain(context, self.pool.block_size, req.hashes, full))
+
+    def drop_prefix_cache(self) -> None:
+        """Forget every cached block (the ranks' caches may not hold them any more)."""
+        self.pool.drop_cached()
 
     def take_rows(self) -> tuple[BlockRow, ...]:
         """The rows of the block table that changed since the last call, for the engine's next command (the
@@ -127,22 +173,33 @@ class Scheduler:
     def admit(self, start: Callable[[GenerationRequest], None]) -> None:
         """Give free slots to waiting requests, oldest first, while the blocks for their context and their
         first decode step can be had too (the oldest waits for them, and nobody overtakes it); `start(req)`
-        for each one admitted. Its row of the block table is sent whole (start 0)."""
+        for each one admitted. Its row of the block table is sent whole (start 0), the blocks it shares from
+        the prefix cache first (with `prefilled` past them)."""
         used = {r.slot for r in self.running}
         free = [s for s in range(self.max_batch) if s not in used]
+        if free and self.waiting:
+            for running in self.running:
+                self._publish(running)
         while free and self.waiting:
             req = self.waiting[0]
             if req.cancelled:
                 self.waiting.popleft()
                 continue
-            blocks = self.pool.take(self.pool.blocks_for(min(len(req.context) + 1, self.limit(req))))
-            if blocks is None:
+            shared = self._cached_prefix(req)
+            self.pool.share(shared)  # first: taking the rest must not evict them
+            new = self.pool.take(self.pool.blocks_for(min(len(req.context) + 1, self.limit(req))) - len(shared))
+            if new is None:
+                self.pool.give(shared)
                 break
             self.waiting.popleft()
             req.slot = free.pop(0)  # the lowest free slot keeps the decode batch (rows 0..max slot) small
-            req.blocks = blocks
-            self._rows[req.slot] = BlockRow(req.slot, 0, tuple(blocks))
-            req.prefilled = 0
+            req.blocks = shared + new
+            req.published = len(shared)
+            self._rows[req.slot] = BlockRow(req.slot, 0, tuple(req.blocks))
+            req.prefilled = len(shared) * self.pool.block_size
+            if self.paged:
+                self.prefix_hits += req.prefilled
+                self.prefix_misses += len(req.context) - req.prefilled
             req.decoding = False
             req.interrupted_at = None
             start(req)
@@ -203,8 +260,10 @@ class Scheduler:
         if req.slot is not None:
             self._rows[req.slot] = BlockRow(req.slot, 0, ())
         if req.blocks:
+            self._publish(req)  # what it wrote stays cached for later requests with the same prefix
             self.pool.give(req.blocks)
             req.blocks = []
+        req.published = 0
         req.slot = None
         req.decoding = False
 
@@ -224,12 +283,15 @@ class Scheduler:
     def interrupt(self, now: float) -> list[GenerationRequest]:
         """Everyone holding a slot loses it (a repair may replace ranks and their caches): they go back to the
         front of the queue, in their order, to be replayed (prompt + tokens so far) ahead of requests that were
-        only queued."""
+        only queued. The prefix cache is dropped too (its blocks go back to the free list, their hashes
+        forgotten): replaced ranks start with empty caches, and even ranks that were kept may hold half-written
+        blocks of the failed step. Replays then prefill their whole context again."""
         interrupted = list(self.running)
         for req in interrupted:
             self.release(req)
             req.interrupted_at = now
             req.prefilled = 0
+        self.drop_prefix_cache()
         self.waiting.extendleft(reversed(interrupted))
         # Ranks may be new processes, or may have missed the rows of the failed command: every row is sent
         # afresh (start 0), empty for a slot nobody holds.

@@ -56,7 +56,13 @@ class MetricsSink(EventSink):
                                    "stream, not an error). Often: raise kv_cache_blocks or lower "
                                    "max_batch_size", registry=r)
         self.kv_cache_blocks = Gauge("neurond_kv_cache_blocks", "KV cache blocks: `total` in the cache, `used` "
-                                     "by requests holding a slot", ["state"], registry=r)
+                                     "by requests holding a slot, `cached`: held by none but keeping a full "
+                                     "block of an earlier context for requests with the same prefix (evicted "
+                                     "when blocks run short)", ["state"], registry=r)
+        self.prefix_tokens_total = Counter(
+            "neurond_prefix_cache_tokens", "Context tokens of admitted requests (replays included) with a paged "
+            "KV cache: `hit` found in the prefix cache (not prefilled again), `miss` prefilled. The hit rate is "
+            "hit / (hit + miss)", ["result"], registry=r)
         self.http_connections = Gauge("neurond_http_connections", "Open connections to the API port, idle and "
                                       "half-sent ones included (at most max_connections)", registry=r)
         self.http_connections_refused = Counter("neurond_http_connections_refused_total", "Connections refused "
@@ -105,9 +111,16 @@ class MetricsSink(EventSink):
     def preempted(self, n: int) -> None:
         self.preemptions.inc(n)
 
-    def kv_blocks(self, used: int, total: int) -> None:
+    def kv_blocks(self, used: int, total: int, cached: int = 0) -> None:
         self.kv_cache_blocks.labels("used").set(used)
         self.kv_cache_blocks.labels("total").set(total)
+        self.kv_cache_blocks.labels("cached").set(cached)
+
+    def prefix_tokens(self, hits: int, misses: int) -> None:
+        if hits:
+            self.prefix_tokens_total.labels("hit").inc(hits)
+        if misses:
+            self.prefix_tokens_total.labels("miss").inc(misses)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

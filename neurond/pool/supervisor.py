@@ -112,6 +112,9 @@ class Supervisor:
         self.lifecycle = Lifecycle(listeners=[self])
         self.pool: RankPool | None = None
         self.incidents = 0
+        #: Times the state left `healthy` (a fault, a reload, an unload): ranks may have been replaced since,
+        #: with empty KV caches, so the engine drops its prefix cache when this changes.
+        self.epoch = 0
         self._incident: str | None = None
         self._recovery: asyncio.Task | None = None
         self._failures: deque[float] = deque()
@@ -156,6 +159,8 @@ class Supervisor:
             if not self._stopping:
                 self.spares.fill()
         else:
+            if self.healthy.is_set():
+                self.epoch += 1
             self.healthy.clear()
         self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
 

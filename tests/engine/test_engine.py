@@ -37,28 +37,47 @@ class Recorder(EventSink):
 
 
 class FakeSupervisor:
-    """Serves Prefill/Decode from per-slot contexts; `faults` maps call number -> exception to raise there.
-    A fault makes the pool unserving for a moment, as a real repair does, and wipes the slots.
+    """Serves Prefill/Decode from the tokens its KV cache holds; `faults` maps call number -> exception to raise
+    there. A fault makes the pool unserving for a moment, as a real repair does, and wipes the caches.
 
-    It keeps the block tables as a paged rank would (applying each command's rows first) and checks that every
-    position a command writes is in a block its slot holds and that no block is in two slots' rows."""
+    It keeps the block tables as a paged rank would (applying each command's rows first) and the token each
+    cached position holds, block by block, so a request that shares another's blocks (the prefix cache) reads
+    what that one wrote; the next token is drawn from the context read back from the cache. It checks that every
+    position a command writes is in a block its slot holds and that no write lands in a block another slot's
+    row holds too (a shared block is read-only), that every position read was written, and it writes the
+    trash position (`trash`) of the idle rows of a decode batch, as a rank does."""
 
-    def __init__(self, faults: dict[int, Exception] | None = None, block_size: int = 16, paged: bool = True):
+    def __init__(self, faults: dict[int, Exception] | None = None, block_size: int = 16, paged: bool = True,
+                 trash: int = 64):
         self.faults = faults or {}
         self.paged = paged  # an engine with a paged cache: check its rows (the static cache gets none)
         self.calls: list[object] = []
-        self.slots: dict[int, list[int]] = {}
         self.block_size = block_size
+        self.trash = trash  # the engine's max_len: the last position of a slot, where idle rows write
         self.tables: dict[int, list[int]] = {}
+        self.kv: dict[object, list[int | None]] = {}  # block (or (slot, column) for the static cache) -> tokens
+        self.lengths: dict[int, int] = {}  # slot -> positions written
+        self.next: dict[int, int] = {}  # slot -> the last drawn token (the next decode step's input)
+        self.shared_writes = 0  # writes into a block two rows hold (must stay 0)
         self.healthy = asyncio.Event()
         self.healthy.set()
         self.events = Recorder()
         self.current_incident = None
         self.state = "healthy"
+        self.epoch = 0
 
     @property
     def serving(self):
         return self.state == "healthy"
+
+    def context(self, slot: int, n: int) -> list[int]:
+        """The tokens at positions [0, n) of `slot`, as its cache holds them (every one must be written)."""
+        out = []
+        for pos in range(n):
+            token = self.kv.get(self._block(slot, pos), [None] * self.block_size)[pos % self.block_size]
+            assert token is not None, (slot, pos, self.tables)
+            out.append(token)
+        return out
 
     async def call(self, make, deadline_s, what, request_id=None):
         cmd = make(len(self.calls) + 1)
@@ -67,38 +86,44 @@ class FakeSupervisor:
         fault = self.faults.get(len(self.calls))
         if fault is not None:
             self.state, self.current_incident = "poisoned", f"incident{len(self.calls)}"
+            self.epoch += 1
             self.healthy.clear()
-            self.slots.clear()
-            self.tables.clear()  # new rank processes: tables as at load
+            self.tables.clear()  # new rank processes: tables and caches as at load
+            self.kv.clear()
+            self.lengths.clear()
             asyncio.get_running_loop().call_later(0.05, self._repaired)
             raise fault
         self._apply(cmd.tables)
         if isinstance(cmd, p.Prefill):
             tokens = []
             for c in cmd.chunks:
-                ctx = self.slots.setdefault(c.slot, [])
-                if c.start == 0:
-                    ctx.clear()
-                assert len(ctx) == c.start
-                self._writes(c.slot, c.start + len(c.token_ids))
-                ctx.extend(c.token_ids)
-                tokens.append(next_token(ctx) if c.last else -1)
+                for i, token in enumerate(c.token_ids):
+                    self._write(c.slot, c.start + i, token)
+                end = c.start + len(c.token_ids)
                 if c.last:
-                    ctx.append(tokens[-1])
+                    tokens.append(next_token(self.context(c.slot, end)))
+                    self.lengths[c.slot], self.next[c.slot] = end, tokens[-1]
+                else:
+                    tokens.append(-1)
             return {0: p.Done(cmd.call_id, 0, tuple(tokens))}
         if isinstance(cmd, p.CopyPrefix):
             for dst in cmd.dsts:
-                self._writes(dst, cmd.length)
-                self.slots[dst] = list(self.slots[cmd.src][: cmd.length])
+                for pos, token in enumerate(self.context(cmd.src, cmd.length)):
+                    self._write(dst, pos, token)
             return {0: p.Done(cmd.call_id, 0)}
         assert isinstance(cmd, p.Decode)
         out = []
         for _ in range(cmd.steps):
+            for slot in range(max(cmd.slots) + 1):  # the batch's rows: the idle ones write to the trash
+                holds_trash = len(self.tables.get(slot, ())) * self.block_size > self.trash
+                if slot not in cmd.slots and self.paged and holds_trash:
+                    self._write(slot, self.trash, -1)
             for slot in cmd.slots:
-                ctx = self.slots[slot]
-                self._writes(slot, len(ctx))  # the step writes its input, the last drawn token
-                out.append(next_token(ctx))
-                ctx.append(out[-1])
+                pos = min(self.lengths[slot], self.trash)  # the step writes its input, the last drawn token
+                self._write(slot, pos, self.next[slot])
+                self.lengths[slot] = min(pos + 1, self.trash)
+                out.append(next_token(self.context(slot, pos + 1)))
+                self.next[slot] = out[-1]
         return {0: p.Done(cmd.call_id, 0, tuple(out))}
 
     def _apply(self, rows):
@@ -108,12 +133,22 @@ class FakeSupervisor:
                 table.clear()
             assert len(table) == row.start, (row, table)  # a grown row continues what the rank has
             table.extend(row.blocks)
-        held = [b for table in self.tables.values() for b in table]
-        assert len(held) == len(set(held)), self.tables
+            assert len(table) == len(set(table)), table  # a row never holds a block twice
 
-    def _writes(self, slot, positions):
-        """The command writes `slot`'s positions up to `positions`: its row must hold their blocks."""
-        assert not self.paged or positions <= len(self.tables.get(slot, ())) * self.block_size, (slot, positions, self.tables)
+    def _block(self, slot, pos):
+        return self.tables.get(slot, [])[pos // self.block_size] if self.paged else (slot, pos // self.block_size)
+
+    def _write(self, slot, pos, token):
+        """The command writes `token` at `slot`'s position `pos`: its row must hold the block, and no other row."""
+        if self.paged:
+            table = self.tables.get(slot, ())
+            assert pos < len(table) * self.block_size, (slot, pos, self.tables)
+            others = [s for s, t in self.tables.items() if s != slot and table[pos // self.block_size] in t]
+            if others:
+                self.shared_writes += 1
+            assert not others, (slot, pos, others, self.tables)
+        block = self.kv.setdefault(self._block(slot, pos), [None] * self.block_size)
+        block[pos % self.block_size] = token
 
     def _repaired(self):
         self.state = "healthy"
@@ -389,9 +424,11 @@ def test_a_short_kv_cache_preempts_and_replays_and_every_stream_is_exact():
         assert isinstance(out[k][0], Finished) and out[k][1] == text_of(expected(v, 14)), out[k]
     assert engine.stats["preempted"] >= 1 and engine.stats["failed"] == 0
     assert engine.scheduler.pool.used == 0  # every block given back
-    replays = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks
-               if c.start == 0 and c.drawn > 0]
+    # A replay (prompt + tokens so far, continuing the draw count) prefills only what the prefix cache lost: the
+    # full blocks it wrote before its preemption may still be cached (if nobody needed them since).
+    replays = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks if c.drawn > 0]
     assert replays, "a preempted request is replayed: prompt + tokens so far, continuing the draw count"
+    assert sup.shared_writes == 0
     text = metrics.render()[0].decode()
     assert f"neurond_preemptions_total {float(engine.stats['preempted'])}" in text
     assert 'neurond_kv_cache_blocks{state="total"} 12.0' in text
