@@ -467,3 +467,75 @@ def test_a_request_the_kv_cache_could_never_hold_is_refused_with_its_numbers():
         assert [r.request_id for r in engine.scheduler.waiting] == ["fits"]  # all or none
 
     asyncio.run(submit())
+
+
+async def _one_by_one(sup, prompts, *, n=6, between=None, metrics=None, max_batch=4, together_after=()):
+    """Each prompt's request after the one before finished (`between()` in between); then the requests of
+    `together_after` at once. One engine, so its prefix cache lives on between them."""
+    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
+                    prefill_chunk=8, max_request_faults=2, resume_wait_s=5, max_len=64, kv_blocks=40,
+                    kv_block_size=sup.block_size, metrics=metrics)
+    engine.start()
+
+    async def finish(r):
+        text = ""
+        while not isinstance(ev := await asyncio.wait_for(r.events.get(), 10), Finished | Failed):
+            text += ev.text
+        return ev, text
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        if i and between is not None:
+            between()
+        r = request(f"r{i}", prompt, n)
+        engine.submit(r)
+        out.append(await finish(r))
+    reqs = [request(f"t{i}", prompt, n) for i, prompt in enumerate(together_after)]
+    for r in reqs:
+        engine.submit(r)
+    out += [await finish(r) for r in reqs]
+    await engine.stop()
+    return engine, out
+
+
+LONG = [(i * 7) % 50 + 3 for i in range(30)]  # a 30-token "system prompt": 7 full blocks of 4 and 2 tokens
+
+
+def test_a_second_request_with_the_same_long_prompt_prefills_only_its_tail_and_gets_the_same_answer():
+    sup = FakeSupervisor(block_size=4)
+    metrics = MetricsSink()
+    engine, out = asyncio.run(_one_by_one(sup, [LONG, LONG, LONG + [9, 9, 9, 9, 9, 9]], metrics=metrics))
+    assert [o[1] for o in out[:2]] == [text_of(expected(LONG, 6))] * 2
+    assert out[2][1] == text_of(expected(LONG + [9] * 6, 6))
+    starts = [[c.start for c in call.chunks] for call in sup.calls if isinstance(call, p.Prefill)]
+    # The first prefills 30 tokens in chunks of 8; the second only its last 2 (29 at most could be matched: 7
+    # blocks); the third (36 tokens) the same 7 blocks: the eighth cached one holds an answer's tokens, not 9s.
+    assert starts[:4] == [[0], [8], [16], [24]] and starts[4] == [28]
+    assert starts[5][0] == 28
+    assert sup.shared_writes == 0 and engine.scheduler.pool.used == 0
+    text = metrics.render()[0].decode()
+    assert 'neurond_prefix_cache_tokens_total{result="hit"} 56.0' in text
+    assert 'neurond_prefix_cache_tokens_total{result="miss"} 40.0' in text  # 30 + 2 + 8
+    assert f'neurond_kv_cache_blocks{{state="cached"}} {float(engine.scheduler.pool.cached)}' in text
+
+
+def test_running_requests_share_a_prefix_and_never_write_into_it():
+    """Requests with the same prompt running together (several decode steps, idle rows writing their trash):
+    every write lands in a block only its own row holds, and every answer is the one it gets alone."""
+    sup = FakeSupervisor(block_size=4)
+    tails = [LONG + [i] * (i + 1) for i in range(4)]
+    engine, out = asyncio.run(_one_by_one(sup, [LONG], together_after=tails + [LONG]))
+    assert [o[1] for o in out] == [text_of(expected(t, 6)) for t in [LONG, *tails, LONG]]
+    assert engine.scheduler.prefix_hits >= 5 * 28 and sup.shared_writes == 0
+
+
+def test_a_repair_while_nothing_ran_drops_the_prefix_cache():
+    sup = FakeSupervisor(block_size=4)
+
+    def repaired_while_idle():  # new rank processes: empty caches, and the supervisor's epoch moved on
+        sup.kv.clear()
+        sup.epoch += 1
+
+    engine, out = asyncio.run(_one_by_one(sup, [LONG, LONG], between=repaired_while_idle))
+    assert [o[1] for o in out] == [text_of(expected(LONG, 6))] * 2
+    assert engine.scheduler.prefix_hits == 0

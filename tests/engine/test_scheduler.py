@@ -240,3 +240,137 @@ def test_a_request_that_can_never_fit_is_named_with_its_numbers():
     why = s.never_fits(GenerationRequest("b", [1] * 10, 7, GREEDY))
     assert why is not None and "17 tokens" in why and "5 KV cache blocks" in why and "4 blocks" in why \
         and "16 positions" in why
+
+
+# ---------------------------------------------------------------- prefix cache (paged cache only)
+
+
+def cached_scheduler(blocks: int = 16, max_batch: int = 4) -> Scheduler:
+    return Scheduler(max_batch=max_batch, prefill_chunk=100, max_len=64, kv_blocks=blocks, kv_block_size=4)
+
+
+def ask(name: str, prompt: list[int], max_tokens: int = 4) -> GenerationRequest:
+    return GenerationRequest(name, list(prompt), max_tokens, GREEDY)
+
+
+def drew(r: GenerationRequest, generated: tuple[int, ...] = ()) -> None:
+    """What the engine does when `r`'s prefill is done and it drew (and then decoded) `generated`."""
+    r.prefilled, r.decoding = len(r.context), True
+    r.generated.extend(generated)
+
+
+def test_a_request_shares_the_written_full_blocks_of_a_running_one_with_the_same_prefix():
+    s = cached_scheduler()
+    prompt = list(range(1, 15))  # 14 tokens: 3 full blocks of 4 and 2 more
+    a = ask("a", prompt)
+    s.queue([a])
+    s.admit(lambda r: None)
+    b = ask("b", prompt + [50, 51])
+    s.queue([b])
+    s.admit(lambda r: None)
+    assert b.prefilled == 0 and not set(a.blocks) & set(b.blocks)  # nothing of a's was written yet
+    s.release(b)
+    drew(a, (99,))  # a's 14 positions are written, the token it drew is not: 3 full blocks
+    c = ask("c", prompt + [50, 51])
+    s.queue([c])
+    s.take_rows()
+    s.admit(lambda r: None)
+    assert c.blocks[:3] == a.blocks[:3] and c.prefilled == 12 and not set(c.blocks[3:]) & set(a.blocks)
+    row = s.take_rows()[-1]
+    assert row == p.BlockRow(c.slot, 0, tuple(c.blocks))  # its row, the shared blocks first
+    assert (s.prefix_hits, s.prefix_misses) == (12, 14 + 16 + 4)
+    assert s.prefill_batch()[-1] == (c, 4)  # only the tail is prefilled
+
+
+def test_a_partly_written_block_or_a_different_earlier_block_is_never_shared():
+    s = cached_scheduler()
+    prompt = list(range(1, 11))  # 2 full blocks and 2 tokens
+    a = ask("a", prompt)
+    s.queue([a])
+    s.admit(lambda r: None)
+    drew(a)
+    b = ask("b", prompt + [11, 12, 13, 14])  # a's third block holds 2 of b's tokens only
+    other = ask("x", [0] + prompt[1:])  # a different first token: no block matches
+    s.queue([b])
+    s.queue([other])
+    s.admit(lambda r: None)
+    assert b.blocks[:2] == a.blocks[:2] and b.prefilled == 8 and b.blocks[2] != a.blocks[2]
+    assert other.prefilled == 0 and not set(other.blocks) & set(a.blocks)
+
+
+def test_the_whole_context_is_never_matched_its_last_token_is_prefilled():
+    s = cached_scheduler()
+    prompt = list(range(1, 13))  # exactly 3 blocks
+    a = ask("a", prompt)
+    s.queue([a])
+    s.admit(lambda r: None)
+    drew(a, (7, 8))  # 13 of 14 positions written
+    s.release(a)  # its 3 full blocks stay cached
+    assert s.pool.cached == 3 and s.pool.used == 0
+    b = ask("b", prompt)
+    s.queue([b])
+    s.admit(lambda r: None)
+    assert b.prefilled == 8 and s.prefill_batch() == [(b, 4)]  # 2 blocks: 12 tokens would leave none to prefill
+
+
+def test_released_blocks_are_cached_reused_and_evicted_before_anyone_waits():
+    s = cached_scheduler(blocks=6, max_batch=2)
+    prompt = list(range(1, 10))  # 9 tokens: 2 full blocks
+    a = ask("a", prompt)
+    s.queue([a])
+    s.admit(lambda r: None)
+    drew(a, (5,))
+    held = list(a.blocks)
+    s.release(a)
+    assert s.pool.cached == 2 and s.pool.free == 6
+    b = ask("b", prompt)
+    s.queue([b])
+    s.admit(lambda r: None)
+    assert b.blocks[:2] == held[:2] and b.prefilled == 8 and s.pool.cached == 0
+    s.release(b)
+    # A request with nothing in common needs all 6 blocks: the cached ones are evicted rather than it waiting.
+    c = ask("c", [90 + i for i in range(20)])
+    s.queue([c])
+    s.admit(lambda r: None)
+    assert admitted(s) == ["c"] and len(c.blocks) == 6 and c.prefilled == 0 and s.pool.cached == 0
+    s.release(c)
+    d = ask("d", prompt)
+    s.queue([d])
+    s.admit(lambda r: None)
+    assert d.prefilled == 0  # evicted: prefilled again
+
+
+def test_an_interrupt_drops_the_prefix_cache():
+    s = cached_scheduler()
+    prompt = list(range(1, 10))
+    a, b = ask("a", prompt), ask("b", list(range(30, 40)))
+    s.queue([a])
+    s.queue([b])
+    s.admit(lambda r: None)
+    drew(a)
+    s.release(a)
+    drew(b, (1,))
+    assert s.pool.cached == 2
+    s.interrupt(0.0)
+    assert s.pool.cached == 0 and s.pool.used == 0 and s.pool.free == 16
+    s.admit(lambda r: None)
+    assert b.slot is not None and b.prefilled == 0  # the replay prefills everything again
+    c = ask("c", prompt)
+    s.queue([c])
+    s.admit(lambda r: None)
+    assert c.prefilled == 0
+
+
+def test_n_choices_keep_the_copy_path():
+    s = cached_scheduler()
+    prompt = list(range(1, 10))
+    a = ask("a", prompt)
+    s.queue([a])
+    s.admit(lambda r: None)
+    drew(a)
+    s.release(a)
+    choices = [ask(f"n{i}", prompt) for i in range(2)]
+    s.queue(choices)
+    s.admit(lambda r: None)
+    assert all(r.group is not None and r.prefilled == 0 for r in choices)
+    assert not set(choices[0].blocks) & set(choices[1].blocks)
