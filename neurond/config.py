@@ -59,6 +59,9 @@ class Config:
     #: that max_batch_size slots share, each sequence holding only the blocks its tokens fill; when the pool
     #: runs out, the requests admitted last are preempted and replayed later. (Attention then reads a
     #: sequence's blocks gathered into one copy per layer: see docs/benchmarks.md for what that costs.)
+    #: Paged, full blocks are shared by requests whose context starts with the same tokens, and kept cached
+    #: after their request ends until the blocks are needed (prefix caching: a repeated prompt prefills only
+    #: what is new).
     kv_cache_blocks: int = 0
     #: Long prompts are prefilled in chunks of this many tokens, between decode steps of running requests.
     prefill_chunk_tokens: int = 512
