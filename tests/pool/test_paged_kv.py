@@ -67,3 +67,24 @@ def test_a_rank_killed_mid_decode_under_paging_is_repaired_and_every_answer_repl
     assert daemon.admin.inject(1, "sigkill", "decode").status_code == 200
     assert _together(daemon, _bodies()) == alone
     assert daemon.get("/ready")[0] == 200
+
+
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_answer(daemon):
+    system = " ".join(f"rule {i}." for i in range(8))  # most of the 160 positions (a byte-level test tokenizer)
+    body = chat_body("What is the rule?", max_tokens=8, temperature=0)
+    body["messages"].insert(0, {"role": "system", "content": system})
+    status, _, first = daemon.chat(body)
+    assert status == 200, first
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert BLOCK * 3 < prompt_tokens + 8 <= BLOCKS * BLOCK, prompt_tokens
+    before = _metrics(daemon)
+    status, _, second = daemon.chat(body)
+    assert status == 200
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    after = _metrics(daemon)
+    key = 'neurond_prefix_cache_tokens_total{result="%s"}'
+    hits = after.get(key % "hit", 0.0) - before.get(key % "hit", 0.0)
+    # Every full block of the prompt but the one holding its last token (which is always prefilled).
+    assert hits == (prompt_tokens - 1) // BLOCK * BLOCK > 0
+    assert after.get(key % "miss", 0.0) - before.get(key % "miss", 0.0) == prompt_tokens - hits
+    assert after['neurond_kv_cache_blocks{state="used"}'] == 0.0
