@@ -27,34 +27,29 @@ import torch
 from neurond.protocol import BlockRow
 
 
-class SlotKVCache:
-    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device) -> None:
-        shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+class _BoundCache:
+    """What both layouts share: per-layer tensors `k` and `v`, and the positions the next forward writes and
+    reads, set by the runner with `bind` (transformers' layers reach `write` through `update`)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    def __init__(self, slots: int, max_len: int) -> None:
         self.slots = slots
-        self.max_len = max_len
         self.trash = max_len - 1
-        self.blocks, self.block_size, self.paged = 0, 0, False
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._write_rows = None
-        self._write_pos = None
+        self._write_pos: torch.Tensor | None = None
         self._kv_len = 0
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def round_up(self, kv_len: int) -> int:
-        return kv_len
-
-    def apply(self, rows: tuple[BlockRow, ...]) -> None:
-        if rows:
-            raise ValueError("block table rows for the static KV cache (kv_blocks = 0)")
-
     def bind(self, rows, write_rows, write_pos, kv_len: int) -> None:
-        """For the next forward: the batch is cache rows `rows`; token t of batch row b is written at
-        (write_rows[b, 0], write_pos[b, t]); attention reads the first `kv_len` positions of each row."""
+        """For the next forward: the batch is cache rows `rows` (a slice or an index tensor); token t of batch
+        row b is written at (write_rows[b, 0], write_pos[b, t]); attention reads the first `kv_len` positions
+        of each row (`round_up`'s length)."""
         self._rows = rows
         self._write_rows = write_rows
         self._write_pos = write_pos
@@ -63,6 +58,26 @@ class SlotKVCache:
     def update(self, key, value, layer_idx: int, *args, **kwargs):
         """transformers' Cache interface. key/value: [batch, kv_heads, tokens, head_dim]."""
         return self.write(layer_idx, key.transpose(1, 2), value.transpose(1, 2))
+
+    def write(self, layer_idx: int, key, value):
+        raise NotImplementedError
+
+
+class SlotKVCache(_BoundCache):
+    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__(slots, max_len)
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_len = max_len
+        self.blocks, self.block_size, self.paged = 0, 0, False
+
+    def round_up(self, kv_len: int) -> int:
+        return kv_len
+
+    def apply(self, rows: tuple[BlockRow, ...]) -> None:
+        if rows:
+            raise ValueError("block table rows for the static KV cache (kv_blocks = 0)")
 
     def write(self, layer_idx: int, key, value):
         """key/value [batch, tokens, kv_heads, head_dim] into the bound positions; returns the bound rows' first
@@ -81,13 +96,14 @@ class SlotKVCache:
                 v[d, :, :length].copy_(v[src, :, :length])
 
 
-class PagedKVCache:
+class PagedKVCache(_BoundCache):
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device,
                  block_size: int, blocks: int) -> None:
         # A power of two up to the smallest decode read (graphs.MIN_KV_BUCKET): every read is whole blocks.
         if not (0 < block_size <= 256 and block_size & (block_size - 1) == 0) or blocks < 1:
             raise ValueError(f"need a block size that is a power of two up to 256 and blocks >= 1, not "
                              f"{block_size} and {blocks}")
+        super().__init__(slots, max_len)
         self.block_size = block_size
         self.cols = -(-max_len // block_size)  # columns of the table: blocks that cover max_len positions
         self.paged = True
@@ -97,17 +113,7 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.table = torch.full((slots, self.cols), self.trash_block, dtype=torch.long, device=device)
-        self.slots = slots
         self.max_len = self.cols * block_size  # positions a read may cover (kv_len <= max_len)
-        self.trash = max_len - 1
-        self._rows: slice | torch.Tensor = slice(0, 0)
-        self._write_rows = None
-        self._write_pos = None
-        self._kv_len = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def round_up(self, kv_len: int) -> int:
         """Reads cover whole blocks: the length a read of `kv_len` positions covers."""
@@ -128,19 +134,6 @@ class PagedKVCache:
             if row.blocks:
                 end = row.start + len(row.blocks)
                 self.table[row.slot, row.start:end] = torch.tensor(row.blocks, device=self.table.device)
-
-    def bind(self, rows, write_rows, write_pos, kv_len: int) -> None:
-        """For the next forward: the batch is cache rows `rows` (a slice or an index tensor); token t of batch
-        row b is written at (write_rows[b, 0], write_pos[b, t]); attention reads the first `kv_len` positions
-        of each row (a multiple of block_size: `round_up`)."""
-        self._rows = rows
-        self._write_rows = write_rows
-        self._write_pos = write_pos
-        self._kv_len = kv_len
-
-    def update(self, key, value, layer_idx: int, *args, **kwargs):
-        """transformers' Cache interface. key/value: [batch, kv_heads, tokens, head_dim]."""
-        return self.write(layer_idx, key.transpose(1, 2), value.transpose(1, 2))
 
     def write(self, layer_idx: int, key, value):
         """key/value [batch, tokens, kv_heads, head_dim] into the bound positions; returns the bound rows' first
