@@ -86,7 +86,9 @@ class API:
         if self.supervisor.serving:
             return _json({"status": "ready", "state": state, "model": self.model.name})
         cause = self.supervisor.lifecycle.last_cause
-        return _json({"status": "unavailable", "state": state, "reason": cause.name if cause else None,
+        name = cause.name if cause else None
+        # `cause`, the word used everywhere else for it; `reason` stays for load balancers that read it already.
+        return _json({"status": "unavailable", "state": state, "cause": name, "reason": name,
                       "detail": cause.detail if cause else None},
                      503, {"Retry-After": str(round(RETRY_AFTER_S))})
 

@@ -49,7 +49,7 @@ def test_breaker_gives_up_into_unloaded_then_exits_4(start_daemon, tmp_path):
         assert time.monotonic() - t0 < 60, d.admin.status()
         time.sleep(0.1)
     status, headers, body = d.get("/ready")
-    assert status == 503 and body["state"] == "unloaded" and body["reason"] == "breaker_open"
+    assert status == 503 and body["state"] == "unloaded" and body["cause"] == body["reason"] == "breaker_open"
     status, headers, body = d.chat(chat_body(max_tokens=4))
     assert status == 503 and body["error"]["code"] == "model_unavailable" and "retry-after" in headers
     assert d.worker_pids() == []  # nothing left running while unloaded
