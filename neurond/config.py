@@ -57,8 +57,9 @@ class Config:
     #: Blocks in each rank's paged KV cache. 0: no paging, the static cache where every slot holds a whole
     #: sequence (max_batch_size x max_model_len positions; nothing is ever preempted). N: a pool of N blocks
     #: that max_batch_size slots share, each sequence holding only the blocks its tokens fill; when the pool
-    #: runs out, the requests admitted last are preempted and replayed later. (Attention then reads a
-    #: sequence's blocks gathered into one copy per layer: see docs/benchmarks.md for what that costs.)
+    #: runs out, the requests admitted last are preempted and replayed later. On CUDA, decode attention reads
+    #: the blocks in place (a Triton kernel: within 4 % of the static cache at batch 32, faster at small
+    #: batches, docs/benchmarks.md); prefill chunks, and every step on a CPU, read them gathered into a copy.
     #: Paged, full blocks are shared by requests whose context starts with the same tokens, and kept cached
     #: after their request ends until the blocks are needed (prefix caching: a repeated prompt prefills only
     #: what is new).

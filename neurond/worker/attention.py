@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import torch
 
+from neurond.worker.kv_cache import PagedRead
+
 NAME = "neurond_slots"
 
 
 def attend(query, key, value, mask, scale: float):
     """query [B, Hq, T, D]; key/value [B, Hkv, L, D] (views into the cache); mask [B, 1, T, L], bool or
-    additive. Returns [B, Hq, T, D]."""
+    additive. Returns [B, Hq, T, D]. Or key = value = a paged cache's PagedRead (T = 1): its kernel reads the
+    pool in place, each row up to its own length (the mask says no more than that)."""
+    if isinstance(key, PagedRead):
+        return key.attend(query, scale)
     batch, q_heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     if tokens == 1:

@@ -7,10 +7,11 @@
   `p % block_size`. The leader owns the blocks (engine/blocks.py) and sends table rows with each step
   (protocol.BlockRow), so every rank's table is the same and a sequence holds the blocks it needs instead of a
   whole `max_len` row: more sequences fit the same memory. Columns no block was given point to a trash block,
-  whose contents are never read unmasked. Attention reads a row's blocks gathered into one contiguous copy per
-  layer (torch's own indexing: any device, capturable in CUDA graphs); a paged-attention kernel that reads the
-  blocks in place is the next step, to be chosen by measuring on the GPU, and until then the static layout
-  stays the default.
+  whose contents are never read unmasked. On CUDA a one-token step (decode) reads the blocks in place, through
+  worker/paged_attention.py's kernel: `write` returns a `PagedRead` that attention.attend hands to it. Longer
+  steps (prefill chunks), and every step on a CPU, read a row's blocks gathered into one contiguous copy per
+  layer (torch's own indexing: any device, capturable in CUDA graphs); a prefill's attention is compute-bound,
+  so the copy costs it little.
 
 Fixed shapes either way, which is what CUDA graphs replay, and memory known up front. The last position of
 every slot (`trash`) is where rows that are in a batch but not active write (see ModelRunner).
@@ -21,6 +22,9 @@ runner before each forward with `bind`.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from typing import NamedTuple
 
 import torch
 
@@ -70,7 +74,7 @@ class SlotKVCache(_BoundCache):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.max_len = max_len
-        self.blocks, self.block_size, self.paged = 0, 0, False
+        self.blocks, self.block_size, self.paged, self.in_place = 0, 0, False, False
 
     def round_up(self, kv_len: int) -> int:
         return kv_len
@@ -96,9 +100,35 @@ class SlotKVCache(_BoundCache):
                 v[d, :, :length].copy_(v[src, :, :length])
 
 
+class PagedRead(NamedTuple):
+    """What a paged cache's `write` returns, for keys and values alike, when attention is to read the pool in
+    place: the layer's pools, the batch's table rows, how many positions each row attends to, and the kernel's
+    split count (paged_attention.paged_decode)."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    table: torch.Tensor
+    lens: torch.Tensor
+    splits: int
+
+    def attend(self, query, scale: float):
+        """query [B, Hq, 1, D] -> [B, Hq, 1, D]."""
+        from neurond.worker.paged_attention import paged_decode
+
+        batch, heads, _, dim = query.shape
+        out = paged_decode(query.view(batch, heads, dim), self.k_pool, self.v_pool, self.table, self.lens, scale,
+                           self.splits)
+        return out.view(batch, heads, 1, dim)
+
+
+def in_place_available(device) -> bool:
+    """Whether decode can read the pool in place: the kernel is Triton's, for CUDA devices."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 class PagedKVCache(_BoundCache):
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device,
-                 block_size: int, blocks: int) -> None:
+                 block_size: int, blocks: int, in_place: bool | None = None) -> None:
         # A power of two up to the smallest decode read (graphs.MIN_KV_BUCKET): every read is whole blocks.
         if not (0 < block_size <= 256 and block_size & (block_size - 1) == 0) or blocks < 1:
             raise ValueError(f"need a block size that is a power of two up to 256 and blocks >= 1, not "
@@ -114,6 +144,21 @@ class PagedKVCache(_BoundCache):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.table = torch.full((slots, self.cols), self.trash_block, dtype=torch.long, device=device)
         self.max_len = self.cols * block_size  # positions a read may cover (kv_len <= max_len)
+        self.in_place = in_place_available(device) if in_place is None else in_place
+        self._sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self._read: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (table rows, lens, splits)
+
+    def bind(self, rows, write_rows, write_pos, kv_len: int) -> None:
+        super().bind(rows, write_rows, write_pos, kv_len)
+        self._read = None
+        if self.in_place and write_pos.shape[1] == 1:
+            # One token per row: each row attends to the positions up to the one it writes. Made once per
+            # forward (tensor ops: captured with the decode graph), not once per layer.
+            from neurond.worker.paged_attention import splits_for
+
+            lens = (write_pos[:, 0] + 1).to(torch.int32)
+            splits = splits_for(write_pos.shape[0], self.k[0].shape[2], kv_len, self._sms)
+            self._read = (self.table[rows], lens, splits)
 
     def round_up(self, kv_len: int) -> int:
         """Reads cover whole blocks: the length a read of `kv_len` positions covers."""
@@ -146,6 +191,9 @@ class PagedKVCache(_BoundCache):
         offset = pos % bs
         k[block, offset] = key
         v[block, offset] = value
+        if self._read is not None:
+            paged = PagedRead(k, v, *self._read)
+            return paged, paged
         return self.read(k, self._rows, self._kv_len), self.read(v, self._rows, self._kv_len)
 
     def read(self, pool, rows, kv_len: int):

@@ -44,7 +44,7 @@ class ModelRunner:
                  use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None,
-                 kv_block_size: int = 16, kv_blocks: int = 0) -> None:
+                 kv_block_size: int = 16, kv_blocks: int = 0, paged_in_place: bool | None = None) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -69,7 +69,7 @@ class ModelRunner:
                     kv_blocks)
         self.cache: SlotKVCache | PagedKVCache = \
             PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
-                         kv_blocks) if kv_blocks else \
+                         kv_blocks, paged_in_place) if kv_blocks else \
             SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
         attention.register(model)
         attention.use_fused_norms(model)
@@ -396,6 +396,7 @@ class ModelRunner:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
                 "kv_blocks": self.cache.blocks, "kv_block_size": self.cache.block_size,
                 "kv_layout": "paged" if self.cache.paged else "slots",
+                "decode_reads": "in_place" if self.cache.in_place else "gathered" if self.cache.paged else "view",
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
                 "compiled_kernels": self.compiled_kernels}
 

@@ -35,23 +35,56 @@ def _decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> d
     return out
 
 
-@pytest.mark.parametrize("kv_blocks", [0, 100])
-def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks):
+@pytest.mark.parametrize("kv_blocks,in_place", [(0, None), (100, False), (100, True)])
+def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks, in_place):
     """Static slots, and the paged cache with every slot's blocks scattered (the decode graphs read the block
-    table, which changes between replays)."""
+    table, which changes between replays), its decode reading blocks gathered or in place (the kernel)."""
     prompts = {0: [5, 17, 300, 42, 7], 1: list(range(40, 300)), 3: [1, 2, 3]}  # slot 2 idle; one crosses 256
-    eager = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0), guard=CollectiveGuard(),
-                        world_size=1, use_graphs=False)
-    want = _decode(eager, prompts, 20)
-    graphs = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0),
-                         guard=CollectiveGuard(), world_size=1, use_graphs=True, kv_block_size=16, kv_blocks=kv_blocks)
+
+    def runner(use_graphs: bool) -> ModelRunner:
+        r = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0), guard=CollectiveGuard(),
+                        world_size=1, use_graphs=use_graphs, kv_block_size=16, kv_blocks=kv_blocks,
+                        paged_in_place=in_place)
+        if kv_blocks:
+            free = list(range(kv_blocks))[::-1][::2] + list(range(kv_blocks))[::-1][1::2]  # interleaved, descending
+            r.apply_tables(tuple(BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + 21) // 16))))
+                                 for s, p in prompts.items()))
+        return r
+
+    want = _decode(runner(False), prompts, 20)
+    graphs = runner(True)
     graphs.warm_up()
     assert graphs.graphs is not None and len(graphs.graphs._graphs) == len(graphs.graphs.shapes())
-    if kv_blocks:
-        free = list(range(kv_blocks))[::-1][::2] + list(range(kv_blocks))[::-1][1::2]  # interleaved, descending
-        graphs.apply_tables(tuple(BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + 21) // 16))))
-                                  for s, p in prompts.items()))
+    if in_place:
+        assert graphs.info()["decode_reads"] == "in_place"
     assert _decode(graphs, prompts, 20) == want
+
+
+@pytest.mark.parametrize("batch,lens", [(1, [1]), (3, [1, 300, 17]), (32, [2048] * 31 + [5])])
+def test_paged_decode_kernel_matches_sdpa(batch, lens):
+    """The in-place kernel against SDPA over the same keys and values, 8B shapes (32 query heads, 8 KV heads,
+    head dim 128, bf16), blocks scattered across the pool, every split count the daemon may pick."""
+    from neurond.worker.paged_attention import paged_decode
+
+    dev, bs = torch.device("cuda", 0), 16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cols = -(-max(lens) // bs)
+    blocks = batch * cols
+    k_pool = torch.randn(blocks + 1, bs, 8, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    v_pool = torch.randn(blocks + 1, bs, 8, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    table = torch.randperm(blocks, device=dev, generator=gen).view(batch, cols)
+    query = torch.randn(batch, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    want = []
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device=dev)
+        k = k_pool[table[b, pos // bs], pos % bs].transpose(0, 1)  # [8, n, 128]
+        v = v_pool[table[b, pos // bs], pos % bs].transpose(0, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query[b].view(8, 4, 128), k, v)
+        want.append(out.view(32, 128))
+    lens_t = torch.tensor(lens, device=dev, dtype=torch.int32)
+    for splits in (1, 2, 8, 32):
+        got = paged_decode(query, k_pool, v_pool, table, lens_t, 128 ** -0.5, splits)
+        torch.testing.assert_close(got, torch.stack(want), atol=2e-2, rtol=2e-2)
 
 
 def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):

@@ -1,0 +1,81 @@
+"""Run by tests/worker/test_paged_attention.py in a process of its own with TRITON_INTERPRET=1 (Triton's CPU
+interpreter must be chosen before triton is imported): the paged decode kernel against plain attention, then a
+runner whose decode reads the pool in place against the static slot cache's tokens.
+
+    TRITON_INTERPRET=1 python tests/worker/paged_interpret.py BUILTIN_MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from neurond.worker.paged_attention import paged_decode
+
+
+def kernel_matches_plain_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch, q_heads, kv_heads, dim, bs, blocks = 3, 8, 2, 64, 16, 40
+    lens = torch.tensor([1, 37, 100], dtype=torch.int32)
+    k_pool = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen)
+    v_pool = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen)
+    table = torch.full((batch, 8), blocks, dtype=torch.long)
+    order = torch.randperm(blocks, generator=gen).tolist()
+    for b in range(batch):  # scattered blocks; the rest of each row points at the trash block
+        n = -(-int(lens[b]) // bs)
+        table[b, :n] = torch.tensor(order[:n])
+        order = order[n:]
+    query = torch.randn(batch, q_heads, dim, generator=gen)
+    group = q_heads // kv_heads
+    expected = []
+    for b in range(batch):
+        pos = torch.arange(int(lens[b]))
+        k = k_pool[table[b, pos // bs], pos % bs].repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, D]
+        v = v_pool[table[b, pos // bs], pos % bs].repeat_interleave(group, 1).transpose(0, 1)
+        weights = (query[b].unsqueeze(1) @ k.transpose(1, 2) * dim ** -0.5).softmax(-1)  # [Hq, 1, L]
+        expected.append((weights @ v).squeeze(1))
+    for splits in (1, 2, 4):  # a split may be empty (row 0 has one position): it must weigh nothing
+        got = paged_decode(query, k_pool, v_pool, table, lens, dim ** -0.5, splits, block_n=16)
+        diff = (got - torch.stack(expected)).abs().max().item()
+        assert diff < 1e-4, f"splits {splits}: max difference {diff}"
+
+
+def runner_reads_in_place_like_the_slot_cache(model_dir: str) -> None:
+    from neurond.protocol import BlockRow, PrefillChunk, SamplingParams
+    from neurond.worker.runner import ModelRunner
+    from neurond.worker.shard import Shard
+    from neurond.worker.tp import CollectiveGuard
+
+    greedy = SamplingParams(temperature=0.0)
+    shard = Shard(model_dir, "float32", torch.device("cpu"), 0, 1, guard=CollectiveGuard())
+    shard.load()
+    prompts = {0: list(range(5, 40)), 1: [9, 8, 7, 6, 5, 4, 3], 2: list(range(100, 123))}
+    steps, bs = 10, 8
+
+    def run(runner, rows=None) -> list[int]:
+        out = []
+        for s, prompt in prompts.items():
+            runner.apply_tables(rows[s] if rows else ())
+            out.append(runner.prefill([PrefillChunk(s, tuple(prompt), 0, True, greedy, 0)])[0])
+        return out + runner.decode(tuple(prompts), steps)
+
+    def make(**kw):
+        return ModelRunner(shard.model, slots=3, max_len=96, device=torch.device("cpu"), guard=CollectiveGuard(),
+                           world_size=1, kv_block_size=bs, **kw)
+
+    expected = run(make())
+    free = random.Random(3).sample(range(36), 36)
+    rows = {s: (BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + steps) // bs)))),)
+            for s, p in prompts.items()}
+    paged = make(kv_blocks=36, paged_in_place=True)
+    assert paged.info()["decode_reads"] == "in_place"
+    got = run(paged, rows)
+    assert got == expected, (got, expected)
+
+
+if __name__ == "__main__":
+    kernel_matches_plain_attention()
+    runner_reads_in_place_like_the_slot_cache(sys.argv[1])
+    print("ok")
