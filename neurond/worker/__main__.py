@@ -14,11 +14,21 @@ from multiprocessing.connection import Connection
 
 
 def preimport() -> None:
+    import importlib
+
     import safetensors  # noqa: F401
     import torch  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401 - the slow part: model classes
 
-    import neurond.worker.runner  # noqa: F401
+    import neurond.worker.runner
+
+    # transformers' top-level names are lazy: `from transformers import AutoConfig` imports almost nothing, and
+    # the model family's own modules (with torch.distributed.tensor behind them) were imported by the load
+    # instead, 4 s of a CPU rank's 6.5 s replacement (tests/pool/test_fault_matrix.py). Every supported family's:
+    # they share nearly all of it, and the spec that names the family comes later.
+    for family in neurond.worker.runner.SUPPORTED:
+        importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
     if os.environ.get("NEUROND_PREIMPORT_COMPILER") == "1":
         # Ranks that compile kernels (CUDA, torch_compile): torch's compiler stack is seconds of imports that a
