@@ -62,8 +62,13 @@ class Config:
     #: batches, docs/benchmarks.md); prefill chunks, and every step on a CPU, read them gathered into a copy.
     #: Paged, full blocks are shared by requests whose context starts with the same tokens, and kept cached
     #: after their request ends until the blocks are needed (prefix caching: a repeated prompt prefills only
-    #: what is new).
+    #: what is new). -1: paged, as many blocks as fit in gpu_memory_utilization of each GPU, measured at the
+    #: first load (the least any rank fits; kept for the daemon's life); on a CPU, the static cache's memory.
     kv_cache_blocks: int = 0
+    #: With kv_cache_blocks = -1: the fraction of each GPU's memory a rank may fill (weights, the KV cache and
+    #: what a step needs on top, measured by a prefill of prefill_chunk_tokens at the end of the context
+    #: window), like vLLM's setting of the same name.
+    gpu_memory_utilization: float = 0.9
     #: Long prompts are prefilled in chunks of this many tokens, between decode steps of running requests.
     prefill_chunk_tokens: int = 512
     #: Decode steps per call to the ranks while no request waits to be prefilled: the leader's round trip is
@@ -171,8 +176,10 @@ class Config:
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.prefill_chunk_tokens < 1:
             raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk_tokens >= 1")
         if not 1 <= self.kv_block_size <= 256 or self.kv_block_size & (self.kv_block_size - 1) \
-                or self.kv_cache_blocks < 0:
-            raise ConfigError("need kv_block_size a power of two up to 256 and kv_cache_blocks >= 0")
+                or self.kv_cache_blocks < -1:
+            raise ConfigError("need kv_block_size a power of two up to 256 and kv_cache_blocks >= -1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.decode_steps_per_call < 1:
             raise ConfigError("decode_steps_per_call must be >= 1")
         if self.max_request_faults < 1:

@@ -313,6 +313,9 @@ Reply = Started | StoreOpened | Done | StepFailed | Pong | Aborted | LoadProgres
 
 # ---------------------------------------------------------------- what the leader gives each worker at spawn
 
+#: WorkerSpec.kv_blocks (config kv_cache_blocks) that asks each rank to make as many blocks as fit its GPU.
+KV_BLOCKS_FROM_MEMORY = -1
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
@@ -332,9 +335,12 @@ class WorkerSpec:
     max_batch: int = 8  # KV cache slots: sequences decoded together at most
     max_len: int = 2048  # tokens per sequence at most (prompt + completion)
     kv_block_size: int = 16  # positions per block of the paged KV cache
-    #: Blocks in the paged KV cache. 0: every slot has max_len positions of its own (the tables start as that
-    #: identity layout, and a leader that sends no BlockRow gets the static cache of before).
+    #: Blocks in the paged KV cache. 0: the static cache, every slot max_len positions of its own. -1: as many as
+    #: fit in `gpu_memory_utilization` of the GPU (measured at load: worker/kv_budget.py; on a CPU the static
+    #: cache's memory); the rank's load info says how many it made.
     kv_blocks: int = 0
+    gpu_memory_utilization: float = 0.9
+    prefill_tokens: int = 512  # tokens per prefill call at most (what kv_blocks = -1 measures a step with)
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)
     #: Capture every decode graph at load (a first start), or each on its first use (a rank started by a repair:
     #: ready ~4 s sooner, the first step of each shape ~0.1 s slower).

@@ -75,6 +75,8 @@ class AdminAPI:
             "pids": {str(rank): pid for rank, pid in snap.pids.items()},
             "spare_pids": snap.spare_pids,
             "spares_ready": snap.spares_ready,
+            "kv_cache_blocks": snap.kv_blocks,
+            "rank_kv_cache_blocks": {str(rank): n for rank, n in sorted(snap.rank_kv_blocks.items())},
             "load_progress": {str(rank): dataclasses.asdict(report)
                               for rank, report in sorted(snap.load_progress.items())},
             "last_transition": _transition(last) if last else None,

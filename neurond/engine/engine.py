@@ -103,6 +103,7 @@ class Engine:
     @property
     def kv_positions(self) -> int:
         """The most tokens (prompt + completion) one sequence can have in the KV cache, with it all to itself."""
+        self._sync_blocks()
         pool = self.scheduler.pool
         return pool.num_blocks * pool.block_size
 
@@ -114,6 +115,7 @@ class Engine:
         a ChoiceGroup: their prompt is prefilled once."""
         if not self.supervisor.serving:
             raise PoolUnavailable(None, f"model is {self.supervisor.state}")
+        self._sync_blocks()
         waiting = len(self.scheduler.waiting)
         if waiting + len(reqs) > self.max_queued:
             raise EngineBusy(f"{waiting} requests are already waiting")
@@ -128,6 +130,13 @@ class Engine:
                 req.sampling = dataclasses.replace(req.sampling, seed=random.getrandbits(63))
         self.scheduler.queue(reqs)
         self._wake.set()
+
+    def _sync_blocks(self) -> None:
+        """With kv_cache_blocks = -1 the ranks' first load measured how many blocks fit (the supervisor has it
+        before it serves): the block pool takes that size before the first request is admitted."""
+        blocks = self.supervisor.kv_blocks
+        if self.scheduler.paged and blocks > 0:
+            self.scheduler.resize(blocks)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="neurond-engine")

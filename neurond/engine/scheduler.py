@@ -48,8 +48,10 @@ class Scheduler:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.max_len = max_len  # tokens per sequence at most (a slot's positions, but for its trash column)
-        self.pool = BlockPool(kv_blocks or default_blocks(max_batch, max_len, kv_block_size), kv_block_size)
-        self.paged = kv_blocks > 0  # the ranks keep block tables (else their static slots need no rows)
+        # kv_blocks -1 (sized by the ranks from their memory): the static cache's count until `resize` says.
+        self.pool = BlockPool(kv_blocks if kv_blocks > 0 else default_blocks(max_batch, max_len, kv_block_size),
+                              kv_block_size)
+        self.paged = kv_blocks != 0  # the ranks keep block tables (else their static slots need no rows)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
@@ -60,6 +62,12 @@ class Scheduler:
         self.prefix_misses = 0
 
     # ------------------------------------------------------------------ blocks
+    def resize(self, num_blocks: int) -> None:
+        """The ranks' caches hold `num_blocks` blocks (measured at their first load): before anything holds one."""
+        if num_blocks != self.pool.num_blocks:
+            assert self.pool.used == 0, "the block pool is resized only before any request holds a block"
+            self.pool = BlockPool(num_blocks, self.pool.block_size)
+
     def limit(self, req: GenerationRequest) -> int:
         """The most positions `req`'s sequence ever fills: its prompt and max_tokens, within a slot's
         max_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
@@ -237,6 +245,13 @@ class Scheduler:
                 break
             n = min(target - req.prefilled, budget)
             if n <= 0:
+                break
+            # Every row of a prefill call reads up to the longest row's end: rows x that end positions of keys
+            # and values, per layer (gathered into one copy with a paged cache). At most one context window's
+            # worth, which is the step the ranks measure when they size their cache from memory
+            # (worker/kv_budget.py); the first row always goes.
+            longest = max([req.prefilled + n, *(r.prefilled + m for r, m in batch)])
+            if batch and (len(batch) + 1) * longest > self.max_len:
                 break
             batch.append((req, n))
             budget -= n

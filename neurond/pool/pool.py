@@ -9,6 +9,7 @@ supervisor decides what to do about it. Nothing here waits without a deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import signal
@@ -155,6 +156,16 @@ class RankPool:
         for rank, reply in replies.items():
             assert isinstance(reply, p.Done)  # a LoadShard's answer
             self.load_info[rank] = reply.info
+        if self.specs[0].kv_blocks == p.KV_BLOCKS_FROM_MEMORY:
+            # Each rank made as many blocks as fit its GPU; the leader hands out only those every rank has, and
+            # a rank started later (replace_ranks) makes exactly that many.
+            agreed = min(int(self.load_info[r]["kv_blocks"]) for r in replies)
+            self.specs = [dataclasses.replace(spec, kv_blocks=agreed) for spec in self.specs]
+
+    @property
+    def kv_blocks(self) -> int:
+        """Blocks in every rank's paged KV cache (0: static; -1: sized from memory, before the first load)."""
+        return self.specs[0].kv_blocks
 
     # ------------------------------------------------------------------ calls
     async def call_all(self, make, deadline_s: float, what: str) -> dict[int, object]:

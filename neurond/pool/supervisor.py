@@ -58,6 +58,8 @@ class Snapshot:
     load_progress: dict[int, p.LoadProgress]
     last_cause: Cause | None
     transitions: tuple[Transition, ...]
+    kv_blocks: int  # the paged KV cache's blocks the engine hands out (0: static; -1: not measured yet)
+    rank_kv_blocks: dict[int, int]  # rank -> the blocks its cache made at its last load
 
 # Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
 RANK_ENV = (
@@ -111,6 +113,8 @@ class Supervisor:
         # The supervisor is the lifecycle's one listener; every other observer gets transitions as events.
         self.lifecycle = Lifecycle(listeners=[self])
         self.pool: RankPool | None = None
+        #: Blocks in every rank's paged KV cache (0: static); -1 (sized from memory) until the first load.
+        self.kv_blocks = config.kv_cache_blocks
         self.incidents = 0
         #: Times the state left `healthy` (a fault, a reload, an unload): ranks may have been replaced since,
         #: with empty KV caches, so the engine drops its prefix cache when this changes.
@@ -138,7 +142,8 @@ class Supervisor:
             incidents=self.incidents, current_incident=self.current_incident,
             pids=pool.pids() if pool is not None else {}, spare_pids=self.spares.pids(),
             spares_ready=self.spares.ready(), load_progress=dict(self.load_progress),
-            last_cause=self.lifecycle.last_cause, transitions=tuple(self.history))
+            last_cause=self.lifecycle.last_cause, transitions=tuple(self.history), kv_blocks=self.kv_blocks,
+            rank_kv_blocks={} if pool is None else {r: int(i.get("kv_blocks", 0)) for r, i in pool.load_info.items()})
 
     @property
     def current_incident(self) -> str | None:
@@ -191,8 +196,10 @@ class Supervisor:
                 max_len=self.context_len,
                 kv_block_size=c.kv_block_size,
                 # 0: the static slot cache (every slot its own max_len positions); N: a paged cache of N blocks
-                # whose table rows the engine sends (engine/blocks.py).
-                kv_blocks=c.kv_cache_blocks,
+                # whose table rows the engine sends (engine/blocks.py); -1 until a load measured how many fit.
+                kv_blocks=self.kv_blocks,
+                gpu_memory_utilization=c.gpu_memory_utilization,
+                prefill_tokens=c.prefill_chunk_tokens,
                 cuda_graphs=c.cuda_graphs,
                 torch_compile=c.torch_compile,
             )
@@ -256,7 +263,7 @@ class Supervisor:
         pool = self._new_pool()
         self.pool = pool
         try:
-            await pool.start()
+            await self._start_pool(pool)
         except PoolFault as fault:
             self._fault(fault, None)
             return
@@ -356,7 +363,13 @@ class Supervisor:
         await self._stop_pool()
         pool = self._new_pool()
         self.pool = pool
+        await self._start_pool(pool)
+
+    async def _start_pool(self, pool: RankPool) -> None:
         await pool.start()
+        # With kv_cache_blocks = -1 the first load measured how many blocks fit: every later pool and rank makes
+        # that many (the engine's block pool was sized by it; engine.Engine reads kv_blocks).
+        self.kv_blocks = pool.kv_blocks
 
     async def _stop_pool(self) -> None:
         pool, self.pool = self.pool, None

@@ -308,6 +308,7 @@ class Worker:
             shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
             world_size=spec.world_size, use_graphs=spec.cuda_graphs,
             kv_block_size=spec.kv_block_size, kv_blocks=spec.kv_blocks,
+            memory_utilization=spec.gpu_memory_utilization, prefill_tokens=spec.prefill_tokens,
             # Not on CPU: 8.7 s of compile per start (built-in model).
             compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from neurond.protocol import BlockRow, SamplingParams, TokenLogprob
-from neurond.worker import attention, decoder
+from neurond.protocol import KV_BLOCKS_FROM_MEMORY, BlockRow, SamplingParams, TokenLogprob
+from neurond.worker import attention, decoder, kv_budget
 from neurond.worker.grammar import Constraints
 from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
 from neurond.worker.kv_cache import PagedKVCache, SlotKVCache
@@ -44,7 +44,8 @@ class ModelRunner:
                  use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None,
-                 kv_block_size: int = 16, kv_blocks: int = 0, paged_in_place: bool | None = None) -> None:
+                 kv_block_size: int = 16, kv_blocks: int = 0, paged_in_place: bool | None = None,
+                 memory_utilization: float = 0.9, prefill_tokens: int = 512) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -64,13 +65,21 @@ class ModelRunner:
         kv_heads = (getattr(cfg, "num_key_value_heads", None) or heads) // world_size
         max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len) + 1)
         dtype = next(model.parameters()).dtype
-        positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
-        _check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize, slots, max_len,
-                    kv_blocks)
-        self.cache: SlotKVCache | PagedKVCache = \
-            PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
-                         kv_blocks, paged_in_place) if kv_blocks else \
-            SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
+        sized = kv_blocks == KV_BLOCKS_FROM_MEMORY and device.type == "cuda"  # sized from memory, once built (below)
+        if kv_blocks == KV_BLOCKS_FROM_MEMORY and not sized:
+            kv_blocks = kv_budget.static_blocks(slots, max_len, kv_block_size)
+        if not sized:
+            positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
+            _check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize, slots,
+                        max_len, kv_blocks)
+
+        def make_cache(blocks: int) -> SlotKVCache | PagedKVCache:
+            if not blocks:
+                return SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
+            return PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
+                                blocks, paged_in_place)
+
+        self.cache = make_cache(1 if sized else kv_blocks)
         attention.register(model)
         attention.use_fused_norms(model)
         # Device-side per-slot state, and static inputs of the decode step.
@@ -108,6 +117,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if use_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self)
+        if sized:
+            per_block = kv_budget.block_bytes(len(self.layers), kv_block_size, kv_heads, head_dim, dtype)
+            blocks = kv_budget.blocks_that_fit(self, memory_utilization, prefill_tokens, per_block)
+            self.cache = make_cache(blocks)
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):

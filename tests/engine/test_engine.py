@@ -65,6 +65,7 @@ class FakeSupervisor:
         self.current_incident = None
         self.state = "healthy"
         self.epoch = 0
+        self.kv_blocks = 0  # as configured (a paged engine's count is its own), or measured: see the test below
 
     @property
     def serving(self):
@@ -467,6 +468,33 @@ def test_a_request_the_kv_cache_could_never_hold_is_refused_with_its_numbers():
         assert [r.request_id for r in engine.scheduler.waiting] == ["fits"]  # all or none
 
     asyncio.run(submit())
+
+
+def test_blocks_measured_by_the_ranks_size_the_pool_before_the_first_admission():
+    """kv_cache_blocks = -1: the ranks measured how many blocks fit at their first load, and the supervisor
+    serves only once it knows: the engine's pool takes that size before it admits anyone, and the limits it
+    states follow (a request that would have fit the static cache's count is refused with the measured one)."""
+    async def serve():
+        sup = FakeSupervisor(block_size=4)
+        sup.kv_blocks = 5
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4, max_len=64,
+                        kv_blocks=-1, kv_block_size=4)
+        assert engine.scheduler.paged
+        assert engine.kv_positions == 20
+        with pytest.raises(RequestTooLarge, match=r"has 5 blocks"):
+            engine.submit(request("too-long", [1] * 15, 8))
+        engine.start()
+        reqs = [request(f"r{i}", [i + 1] * 6, 6) for i in range(3)]  # 3 x 3 blocks > 5: one waits or is preempted
+        for r in reqs:
+            engine.submit(r)
+        for r in reqs:
+            while not isinstance(ev := await asyncio.wait_for(r.events.get(), 10), Finished | Failed):
+                pass
+            assert isinstance(ev, Finished), ev
+        assert engine.scheduler.pool.num_blocks == 5 and sup.shared_writes == 0
+        await engine.stop()
+
+    asyncio.run(serve())
 
 
 async def _one_by_one(sup, prompts, *, n=6, between=None, metrics=None, max_batch=4, together_after=()):

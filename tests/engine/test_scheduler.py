@@ -48,6 +48,20 @@ def test_prefill_chunks_share_the_budget_and_a_struck_request_goes_alone():
     assert [[r.request_id for r in batch] for batch in s.decode_batches()] == [["a", "c"], ["b"]]
 
 
+def test_a_prefill_call_reads_at_most_one_context_window_of_keys():
+    """Rows x the longest row's end stays within max_len (what the ranks measure a step with when they size
+    their cache from memory); one row always goes, however long."""
+    s = Scheduler(max_batch=4, prefill_chunk=100, max_len=40)
+    a, b, c, d = req("a", 30), req("b", 5), req("c", 5), req("d", 5)
+    for r in (a, b, c, d):
+        s.queue([r])
+    s.admit(lambda r: None)
+    assert [(r.request_id, n) for r, n in s.prefill_batch()] == [("a", 30)]  # 2 rows x 30 > 40
+    a.prefilled = 30
+    a.decoding = True
+    assert [(r.request_id, n) for r, n in s.prefill_batch()] == [("b", 5), ("c", 5), ("d", 5)]  # 3 x 5 <= 40
+
+
 def test_n_choices_prefill_the_shared_prompt_once_and_copy_it():
     s = Scheduler(max_batch=4, prefill_chunk=100)
     members = [req(f"x-{i}", 6) for i in range(3)]

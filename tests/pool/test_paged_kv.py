@@ -88,3 +88,26 @@ def test_a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_an
     assert hits == (prompt_tokens - 1) // BLOCK * BLOCK > 0
     assert after.get(key % "miss", 0.0) - before.get(key % "miss", 0.0) == prompt_tokens - hits
     assert after['neurond_kv_cache_blocks{state="used"}'] == 0.0
+
+
+def test_blocks_sized_by_the_ranks_are_served_and_kept_by_a_replaced_rank(start_daemon, tmp_path_factory):
+    """kv_cache_blocks = -1: each rank makes as many blocks as fit (on a CPU: the static cache's memory, every slot
+    its window and the trash column); the leader serves that count, and a rank replaced later makes the same."""
+    from tests.faults import wait_ready
+
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("sized"), 1, kv_cache_blocks=-1, kv_block_size=BLOCK,
+                     max_batch_size=2, max_model_len=100)
+    try:
+        want = 2 * -(-101 // BLOCK)  # slots x blocks of (window + trash column)
+        status = d.admin.status()
+        assert (status["kv_cache_blocks"], status["rank_kv_cache_blocks"]) == (want, {"0": want})
+        assert _metrics(d)['neurond_kv_cache_blocks{state="total"}'] == want
+        first = status["pids"]["0"]
+        assert d.admin.inject(0, "sigkill", "decode").status_code == 200
+        assert d.chat(chat_body("again", max_tokens=8, temperature=0))[0] == 200  # replayed after the repair
+        wait_ready(d)
+        status = d.admin.status()
+        assert status["pids"]["0"] != first
+        assert (status["kv_cache_blocks"], status["rank_kv_cache_blocks"]) == (want, {"0": want})
+    finally:
+        d.stop()
