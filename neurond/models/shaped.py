@@ -22,18 +22,23 @@ if TYPE_CHECKING:
 
 
 def shaped_preset(name: str) -> dict:
-    """Shapes of a known model. "llama3-8b": Meta-Llama-3-8B; "tiny": the same structure, small, for CPU tests."""
+    """Shapes of a known model. "llama3-8b": Meta-Llama-3-8B; "llama3.1-8b": Meta-Llama-3.1-8B (its 131,072-token
+    window); "tiny": the same structure, small, for CPU tests."""
     if name == "llama3-8b":
         return dict(name="llama3-8b-shaped-random", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, dtype="bfloat16",
                     init_std=0.02, shard_bytes=5_000_000_000)
+    if name == "llama3.1-8b":  # Meta-Llama-3.1-8B: the same shapes, a 131,072-token window (llama3 RoPE scaling)
+        return dict(shaped_preset("llama3-8b"), name="llama3.1-8b-shaped-random", max_position_embeddings=131072,
+                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8192))
     if name == "tiny":
         return dict(name="tiny-shaped-random", vocab_size=16384, hidden_size=128, intermediate_size=448,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, dtype="bfloat16",
                     init_std=0.02, shard_bytes=1_000_000)
-    raise ValueError(f"unknown preset {name!r} (llama3-8b, tiny)")
+    raise ValueError(f"unknown preset {name!r} (llama3-8b, llama3.1-8b, tiny)")
 
 
 def shaped_tensor_shapes(preset: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -179,6 +184,7 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
         max_position_embeddings=preset["max_position_embeddings"], rope_theta=preset["rope_theta"],
         rms_norm_eps=preset["rms_norm_eps"], initializer_range=preset["init_std"], tie_word_embeddings=False,
         bos_token_id=bos, eos_token_id=[eot, eos], pad_token_id=eos,
+        **({"rope_scaling": preset["rope_scaling"]} if "rope_scaling" in preset else {}),
     )
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = preset["dtype"]
