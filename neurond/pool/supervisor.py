@@ -79,12 +79,15 @@ RANK_ENV = (
 
 
 def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
-    """torch.compile's kernels under neurond's cache directory (kept across restarts; the default, /tmp, is
+    """torch.compile's and Triton's kernels under neurond's cache directory (kept across restarts; the default, /tmp, is
     private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
     their processes import torch's compiler before their spec arrives (worker/__main__.py), as spares do."""
     env: tuple[tuple[str, str], ...] = ()
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         env += (("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "torch-compile")),)
+    if "TRITON_CACHE_DIR" not in os.environ:
+        # The paged decode kernel's (worker/paged_attention.py) compiled variants: ~1 s each, once per machine.
+        env += (("TRITON_CACHE_DIR", os.path.join(config.cache_dir, "triton")),)
     if config.torch_compile and config.device != "cpu":
         env += (("NEUROND_PREIMPORT_COMPILER", "1"),)
     return env
