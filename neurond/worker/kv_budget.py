@@ -9,6 +9,10 @@ memory in use before it is the headroom kept free. CUDA graphs of the decode ste
 come out of the same headroom: their pool is a few MiB per shape.
 
 On a CPU nothing is measured: the pool gets the static cache's memory (every slot its whole window).
+
+A cache of a given size (static, `kv_cache_blocks = N`, or the count a first load measured, which a rank started
+by a repair makes again) is checked against the same budget, less the step's peak: a replaced rank must accept
+the count its peers measured (on 2xH100 a stricter rule refused it, and every full reload failed the same way).
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ def block_bytes(layers: int, block_size: int, kv_heads: int, head_dim: int, dtyp
 def static_blocks(slots: int, max_len: int, block_size: int) -> int:
     """As many blocks as the static cache's memory: every slot its max_len positions."""
     return slots * -(-max_len // block_size)
+
+
+def check_fits(device, nbytes: int, what: str, utilization: float) -> None:
+    """Refuse a KV cache that does not fit in `utilization` of the GPU beside what is in use, with the numbers an
+    operator needs (not a bare CUDA out-of-memory later)."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    usable = int(total * utilization) - (total - free) - SLACK_BYTES
+    if nbytes > usable:
+        raise MemoryError(
+            f"the KV cache of {what} needs {nbytes / 2**30:.1f} GiB but {max(usable, 0) / 2**30:.1f} GiB is usable "
+            f"in gpu_memory_utilization = {utilization:g} of {total / 2**30:.1f} GiB after the weights: lower "
+            f"max_batch_size, max_model_len or kv_cache_blocks")
 
 
 def blocks_that_fit(runner, utilization: float, prefill_tokens: int, per_block: int) -> int:

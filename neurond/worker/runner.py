@@ -70,8 +70,9 @@ class ModelRunner:
             kv_blocks = kv_budget.static_blocks(slots, max_len, kv_block_size)
         if not sized:
             positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
-            _check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize, slots,
-                        max_len, kv_blocks)
+            kv_budget.check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize,
+                                 f"{kv_blocks} blocks" if kv_blocks else f"{slots} slots x {max_len - 1} tokens",
+                                 memory_utilization)
 
         def make_cache(blocks: int) -> SlotKVCache | PagedKVCache:
             if not blocks:
@@ -412,20 +413,3 @@ class ModelRunner:
                 "decode_reads": "in_place" if self.cache.in_place else "gathered" if self.cache.paged else "view",
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
                 "compiled_kernels": self.compiled_kernels}
-
-
-# Of the device memory left after the weights, what the KV cache may take; the rest is for prefill activations,
-# CUDA graphs and the allocator's slack.
-KV_CACHE_SHARE = 0.85
-
-
-def _check_fits(device, nbytes: int, slots: int, max_len: int, blocks: int) -> None:
-    """Refuse a KV cache that does not fit, with the numbers an operator needs (not a bare CUDA OOM later)."""
-    if device.type != "cuda":
-        return
-    free, _total = torch.cuda.mem_get_info(device)
-    if nbytes > KV_CACHE_SHARE * free:
-        what = f"{blocks} blocks" if blocks else f"{slots} slots x {max_len - 1} tokens"
-        raise MemoryError(
-            f"the KV cache of {what} needs {nbytes / 2**30:.1f} GiB but {KV_CACHE_SHARE * free / 2**30:.1f} GiB is "
-            f"usable after the weights: lower max_batch_size, max_model_len or kv_cache_blocks")
