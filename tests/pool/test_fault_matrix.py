@@ -43,7 +43,9 @@ REQUEST_BOUND_S = 30.0  # floor 1 s deadline + detection + a rank replaced + the
 
 @pytest.fixture(scope="module")
 def daemon(start_daemon, tmp_path_factory):
-    return fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2, env={"NEUROND_SPARE_WORKERS": "2"})
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2, env={"NEUROND_SPARE_WORKERS": "2"})
+    yield d
+    d.stop()  # asserts that no rank or spare is left; and its four processes do not idle until the session ends
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "collective"])
