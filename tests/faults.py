@@ -48,6 +48,7 @@ def _toml(v) -> str:
 
 class Admin:
     def __init__(self, socket_path: str, token: str = TOKEN) -> None:
+        self.socket_path = socket_path
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://admin",
                                    headers={"Authorization": f"Bearer {token}"}, timeout=30)
 

@@ -37,6 +37,9 @@ ExecStart=
 ExecStart={exe} serve --device cpu --tp-size 1 --port {port} --cache-dir /run/neurond-cache
 # Quick enough for a test.
 WatchdogSec=2s
+# One spare worker, not the default two: still a spare through the restart, the reload and the stop (none may be
+# left), at half the imports competing with each start on a 2-core box.
+Environment=NEUROND_SPARE_WORKERS=1
 RestartSec=200ms
 TimeoutAbortSec=2s
 # The interpreter here lives under /root (mode 700): run as root and let it be read.

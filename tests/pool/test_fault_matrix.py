@@ -12,6 +12,10 @@ fault -> abort -> repair -> recovered with the cheapest ladder rung that fits:
 - a dead or wedged rank says nothing about the request: it is replayed after the repair and gets the same
   answer as without the fault (greedy). The rank is replaced alone (replace_ranks); its peer is released by its
   death and keeps its process and weights.
+
+The daemon keeps two spare workers (pool/spares.py), as in production: a replaced rank takes one whose imports
+are done instead of importing torch on the repair's critical path, and the spare's own replacement imports while
+the next case runs. That is the path production repairs take; the leader's children are its ranks and its spares.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ REQUEST_BOUND_S = 30.0  # floor 1 s deadline + detection + a rank replaced + the
 
 @pytest.fixture(scope="module")
 def daemon(start_daemon, tmp_path_factory):
-    return fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2)
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("faults"), 2, env={"NEUROND_SPARE_WORKERS": "2"})
+    yield d
+    d.stop()  # asserts that no rank or spare is left; and its four processes do not idle until the session ends
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "collective"])
@@ -71,7 +77,8 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
         assert body["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
         assert body["usage"] == answer["usage"]
 
-    transitions = daemon.admin.status()["transitions"][seen:]
+    final = daemon.admin.status()
+    transitions = final["transitions"][seen:]
     assert [t[:3] for t in transitions] == [
         ["fault", "healthy", "poisoned"],
         ["abort", "poisoned", "aborting"],
@@ -79,7 +86,7 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
         ["recovered", "reloading", "healthy"],
     ], transitions
     assert transitions[0][3] == cause
-    after = daemon.admin.status()["pids"]
+    after = final["pids"]
     faulted, peer = str(rank), str(1 - rank)
     if transitions[-1][4] == "comm_rebuild" and rung == "comm_rebuild or peer":
         assert after == before, "no process may be replaced"
@@ -92,7 +99,9 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
         assert after[peer] == before[peer], "the surviving rank must keep its process"
         assert after[faulted] != before[faulted]
         assert not _alive(before[faulted]), "the replaced worker is still alive"
-    assert sorted(daemon.worker_pids()) == sorted(after.values())
+    # no replaced worker left over: the leader's children are exactly its ranks and its spares
+    assert not set(final["spare_pids"]) & set(after.values())
+    assert sorted(daemon.worker_pids()) == sorted([*after.values(), *final["spare_pids"]])
 
 
 @pytest.mark.parametrize("rank", [0, 1])

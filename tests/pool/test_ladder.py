@@ -1,5 +1,10 @@
 """The repair ladder's other rungs and its end: comm_rebuild without reloading weights, operator actions, and
-the crash-loop breaker that gives up into `unloaded` and exits with code 4 as documented."""
+the crash-loop breaker that gives up into `unloaded` and exits with code 4 as documented.
+
+The TP=1 tests with the default fault settings share one daemon (`tp1`): each starts from a healthy daemon and
+looks only at what happens after it starts (transitions from its own start on, the process it saw), so none
+depends on a fresh one. Its stop at the end still checks that no worker is left over. The breaker's daemon
+(which exits), the one without fault injection and the TP=2 one are their own."""
 
 from __future__ import annotations
 
@@ -11,8 +16,16 @@ from tests.conftest import chat_body
 from tests.faults import Admin, fault_daemon, wait_ready
 
 
-def test_tp1_exception_is_repaired_by_comm_rebuild_keeping_the_process(start_daemon, tmp_path):
-    d = fault_daemon(start_daemon, tmp_path, 1)
+@pytest.fixture(scope="module")
+def tp1(start_daemon, tmp_path_factory):
+    d = fault_daemon(start_daemon, tmp_path_factory.mktemp("tp1"), 1)
+    yield d
+    d.stop()  # asserts that no worker process is left
+
+
+def test_tp1_exception_is_repaired_by_comm_rebuild_keeping_the_process(tp1):
+    d = tp1
+    wait_ready(d)
     pids = d.worker_pids()
     seen = len(d.admin.status()["transitions"])
     assert d.admin.inject(0, "raise", "decode").status_code == 200
@@ -24,17 +37,16 @@ def test_tp1_exception_is_repaired_by_comm_rebuild_keeping_the_process(start_dae
     assert transitions[-1][4] == "comm_rebuild"
     assert d.worker_pids() == pids  # same process, weights kept
     assert d.chat(chat_body(max_tokens=8))[0] == 200
-    d.stop()
 
 
-def test_tp1_oom_answers_503_and_keeps_serving(start_daemon, tmp_path):
-    d = fault_daemon(start_daemon, tmp_path, 1)
+def test_tp1_oom_answers_503_and_keeps_serving(tp1):
+    d = tp1
+    wait_ready(d)
     assert d.admin.inject(0, "oom", "prefill").status_code == 200
     status, headers, body = d.chat(chat_body(max_tokens=8))
     assert (status, body["error"]["code"]) == (503, "out_of_memory") and "retry-after" in headers
     wait_ready(d)
     assert d.chat(chat_body(max_tokens=8))[0] == 200
-    d.stop()
 
 
 def test_breaker_gives_up_into_unloaded_then_exits_4(start_daemon, tmp_path):
@@ -57,8 +69,9 @@ def test_breaker_gives_up_into_unloaded_then_exits_4(start_daemon, tmp_path):
     assert d.stop() == 4
 
 
-def test_operator_reload_unload_load(start_daemon, tmp_path):
-    d = fault_daemon(start_daemon, tmp_path, 1)
+def test_operator_reload_unload_load(tp1):
+    d = tp1
+    wait_ready(d)
     pids = d.worker_pids()
     assert d.admin.client.post("/admin/reload").status_code == 202
     t0 = time.monotonic()
@@ -72,17 +85,15 @@ def test_operator_reload_unload_load(start_daemon, tmp_path):
     assert d.admin.client.post("/admin/load").status_code == 202
     wait_ready(d)
     assert d.chat(chat_body(max_tokens=4))[0] == 200
-    d.stop()
 
 
-def test_admin_needs_its_token_and_fault_injection_its_setting(start_daemon, tmp_path):
-    d = fault_daemon(start_daemon, tmp_path, 1)
-    wrong = Admin(str(tmp_path / "admin.sock"), token="wrong")
+def test_admin_needs_its_token_and_fault_injection_its_setting(tp1, start_daemon, tmp_path):
+    d = tp1
+    wrong = Admin(d.admin.socket_path, token="wrong")
     assert wrong.client.get("/admin/status").status_code == 401
     assert wrong.inject(0, "raise", "decode").status_code == 401
     assert d.admin.inject(0, "nonsense", "decode").status_code == 400
     assert d.admin.inject(7, "raise", "decode").status_code == 400
-    d.stop()
 
     off = tmp_path / "off"
     off.mkdir()

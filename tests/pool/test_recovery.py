@@ -1,5 +1,8 @@
 """A rank process that dies is noticed at once, the request it was serving gets a clean error, and the pool
-repairs itself without a human: /ready returns to 200 and the next request succeeds."""
+repairs itself without a human: /ready returns to 200 and the next request succeeds.
+
+The tests share one TP=2 daemon: each starts from a healthy pool, whatever repairs came before, and nothing here
+depends on a fresh one. Its stop at the end still checks that no worker (replaced or not) is left over."""
 
 from __future__ import annotations
 
@@ -25,9 +28,16 @@ def _wait_state(d, want: set[int], timeout: float = 90) -> float:
     raise TimeoutError(f"/ready never returned {want}:\n{d.log()}")
 
 
+@pytest.fixture(scope="module")
+def d(start_daemon):
+    daemon = start_daemon(2)
+    yield daemon
+    daemon.stop()  # asserts that no worker process is left
+
+
 @pytest.mark.parametrize("victim", [0, 1])
-def test_idle_rank_killed_pool_repairs_itself(start_daemon, victim):
-    d = start_daemon(2)
+def test_idle_rank_killed_pool_repairs_itself(d, victim):
+    _wait_state(d, {200})
     before = d.worker_pids()
     killed = sorted(before)[victim]
     os.kill(killed, signal.SIGKILL)
@@ -38,13 +48,12 @@ def test_idle_rank_killed_pool_repairs_itself(start_daemon, victim):
     assert len(after) == 2 and killed not in after and set(before) - {killed} <= set(after)
     status, _, body = d.chat(chat_body(max_tokens=5, temperature=0))
     assert status == 200, body
-    d.stop()
 
 
-def test_rank_killed_mid_request_is_replayed_and_completes(start_daemon):
+def test_rank_killed_mid_request_is_replayed_and_completes(d):
     """A death says nothing about the request in flight: it is replayed (prompt + tokens so far) after the
     repair and gets exactly the answer it gets without a fault."""
-    d = start_daemon(2)
+    _wait_state(d, {200})
     request = chat_body("a long answer please", max_tokens=1500, temperature=0)
     result = {}
 
@@ -66,4 +75,3 @@ def test_rank_killed_mid_request_is_replayed_and_completes(start_daemon):
     again = d.chat(request)[2]
     assert body["choices"] == again["choices"] and body["usage"] == again["usage"]
     assert body["usage"]["completion_tokens"] > 100
-    d.stop()
