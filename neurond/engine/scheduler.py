@@ -229,6 +229,7 @@ class Scheduler:
         one chunk). A request that was in a faulted step before is prefilled alone."""
         batch: list[tuple[GenerationRequest, int]] = []
         budget = self.prefill_chunk
+        longest = 0  # the batch's longest row end so far
         for req in self.running:
             if req.decoding:
                 continue
@@ -250,7 +251,7 @@ class Scheduler:
             # and values, per layer (gathered into one copy with a paged cache). At most one context window's
             # worth, which is the step the ranks measure when they size their cache from memory
             # (worker/kv_budget.py); the first row always goes.
-            longest = max([req.prefilled + n, *(r.prefilled + m for r, m in batch)])
+            longest = max(longest, req.prefilled + n)
             if batch and (len(batch) + 1) * longest > self.max_len:
                 break
             batch.append((req, n))

@@ -79,8 +79,8 @@ RANK_ENV = (
 
 
 def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
-    """torch.compile's and Triton's kernels under neurond's cache directory (kept across restarts; the default, /tmp, is
-    private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
+    """torch.compile's and Triton's kernels under neurond's cache directory (kept across restarts; the default,
+    /tmp, is private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
     their processes import torch's compiler before their spec arrives (worker/__main__.py), as spares do."""
     env: tuple[tuple[str, str], ...] = ()
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

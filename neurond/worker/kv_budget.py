@@ -29,7 +29,7 @@ SLACK_BYTES = 512 * 2**20
 
 def block_bytes(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:
     """Bytes one block takes across every layer, keys and values."""
-    return 2 * layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 def static_blocks(slots: int, max_len: int, block_size: int) -> int:

@@ -65,12 +65,13 @@ class ModelRunner:
         kv_heads = (getattr(cfg, "num_key_value_heads", None) or heads) // world_size
         max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len) + 1)
         dtype = next(model.parameters()).dtype
-        sized = kv_blocks == KV_BLOCKS_FROM_MEMORY and device.type == "cuda"  # sized from memory, once built (below)
-        if kv_blocks == KV_BLOCKS_FROM_MEMORY and not sized:
+        if kv_blocks == KV_BLOCKS_FROM_MEMORY and device.type != "cuda":
             kv_blocks = kv_budget.static_blocks(slots, max_len, kv_block_size)
+        sized = kv_blocks == KV_BLOCKS_FROM_MEMORY  # sized from memory once everything else is built (below)
+        per_position = kv_budget.block_bytes(len(self.layers), 1, kv_heads, head_dim, dtype)
         if not sized:
             positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
-            kv_budget.check_fits(device, 2 * len(self.layers) * positions * kv_heads * head_dim * dtype.itemsize,
+            kv_budget.check_fits(device, positions * per_position,
                                  f"{kv_blocks} blocks" if kv_blocks else f"{slots} slots x {max_len - 1} tokens",
                                  memory_utilization)
 
@@ -119,9 +120,8 @@ class ModelRunner:
         if use_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self)
         if sized:
-            per_block = kv_budget.block_bytes(len(self.layers), kv_block_size, kv_heads, head_dim, dtype)
-            blocks = kv_budget.blocks_that_fit(self, memory_utilization, prefill_tokens, per_block)
-            self.cache = make_cache(blocks)
+            self.cache = make_cache(kv_budget.blocks_that_fit(self, memory_utilization, prefill_tokens,
+                                                              per_position * kv_block_size))
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):
