@@ -34,8 +34,19 @@ def attend(query, key, value, mask, scale: float):
         out = torch.nn.functional.scaled_dot_product_attention(
             q, key, value, attn_mask=mask.view(batch, 1, 1, -1), scale=scale)
         return out.reshape(batch, q_heads, 1, dim)
+    group = q_heads // kv_heads
+    if group > 1 and query.is_cuda:
+        # With a mask, CUDA's SDPA has no fused kernel for grouped heads (flash takes no mask; `enable_gqa`
+        # falls back to the math kernel, which materialises every score: it made 8B prefill chunks several times
+        # slower, docs/benchmarks.md). So, as for decode, a KV head's query heads become its query positions,
+        # each with its token's mask row, and the memory-efficient kernel takes the mask.
+        q = query.reshape(batch, kv_heads, group * tokens, dim)
+        folded = mask.view(batch, 1, 1, tokens, -1).expand(batch, 1, group, tokens, mask.shape[-1])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=folded.reshape(batch, 1, group * tokens, -1), scale=scale)
+        return out.view(batch, q_heads, tokens, dim)
     return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scale, enable_gqa=q_heads != kv_heads)
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -410,6 +410,6 @@ class ModelRunner:
         return {"slots": self.slots, "max_len": self.cache.trash, "kv_cache_bytes": self.cache.nbytes,
                 "kv_blocks": self.cache.blocks, "kv_block_size": self.cache.block_size,
                 "kv_layout": "paged" if self.cache.paged else "slots",
-                "decode_reads": "in_place" if self.cache.in_place else "gathered" if self.cache.paged else "view",
+                "kv_reads": "in_place" if self.cache.in_place else "gathered" if self.cache.paged else "view",
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
                 "compiled_kernels": self.compiled_kernels}

@@ -56,7 +56,7 @@ def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks, in_place):
     graphs.warm_up()
     assert graphs.graphs is not None and len(graphs.graphs._graphs) == len(graphs.graphs.shapes())
     if in_place:
-        assert graphs.info()["decode_reads"] == "in_place"
+        assert graphs.info()["kv_reads"] == "in_place"
     assert _decode(graphs, prompts, 20) == want
 
 
@@ -85,6 +85,41 @@ def test_paged_decode_kernel_matches_sdpa(batch, lens):
     for splits in (1, 2, 8, 32):
         got = paged_decode(query, k_pool, v_pool, table, lens_t, 128 ** -0.5, splits)
         torch.testing.assert_close(got, torch.stack(want), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("starts,counts", [((0,), (512,)), ((1500, 0, 37), (512, 300, 1))])
+def test_paged_prefill_kernel_and_folded_sdpa_match_sdpa(starts, counts):
+    """The in-place prefill kernel, and attention.attend's folded SDPA over gathered keys (the gather path on
+    CUDA), against per-row causal SDPA with grouped heads, 8B shapes, blocks scattered, rows padded to the
+    widest chunk."""
+    from neurond.worker.attention import attend
+    from neurond.worker.paged_attention import paged_prefill
+
+    dev, bs, trash = torch.device("cuda", 0), 16, 4095
+    gen = torch.Generator(device=dev).manual_seed(1)
+    batch, width = len(starts), max(counts)
+    lens = [s + n for s, n in zip(starts, counts)]
+    cols = -(-max(lens) // bs)
+    k_pool = torch.randn(batch * cols + 1, bs, 8, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    v_pool = torch.randn_like(k_pool)
+    table = torch.randperm(batch * cols, device=dev, generator=gen).view(batch, cols)
+    query = torch.randn(batch, width, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+    positions = torch.full((batch, width), trash, device=dev)
+    for b, (s, n) in enumerate(zip(starts, counts)):
+        positions[b, :n] = torch.arange(s, s + n, device=dev)
+    got = paged_prefill(query, k_pool, v_pool, table, positions, torch.tensor(lens, device=dev, dtype=torch.int32),
+                        128 ** -0.5)
+    kv_len = cols * bs
+    gathered_k = k_pool[table].view(batch, kv_len, 8, 128).transpose(1, 2)
+    gathered_v = v_pool[table].view(batch, kv_len, 8, 128).transpose(1, 2)
+    allowed = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len) <= positions.view(batch, 1, width, 1)
+    folded = attend(query, gathered_k, gathered_v, allowed, 128 ** -0.5)
+    for b, (s, n) in enumerate(zip(starts, counts)):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query[b : b + 1, :, :n], gathered_k[b : b + 1, :, : s + n], gathered_v[b : b + 1, :, : s + n],
+            attn_mask=allowed[b : b + 1, :, :n, : s + n], enable_gqa=True)
+        torch.testing.assert_close(got[b : b + 1, :, :n], want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(folded[b : b + 1, :, :n], want, atol=2e-2, rtol=2e-2)
 
 
 def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
