@@ -36,10 +36,10 @@ def attend(query, key, value, mask, scale: float):
         return out.reshape(batch, q_heads, 1, dim)
     group = q_heads // kv_heads
     if group > 1 and query.is_cuda:
-        # With a mask, CUDA's SDPA has no fused kernel for grouped heads (flash takes no mask; `enable_gqa`
-        # falls back to the math kernel, which materialises every score: it made 8B prefill chunks several times
-        # slower, docs/benchmarks.md). So, as for decode, a KV head's query heads become its query positions,
-        # each with its token's mask row, and the memory-efficient kernel takes the mask.
+        # As for decode, a KV head's query heads become its query positions, each with its token's mask row:
+        # SDPA then needs no grouped-heads support. With `enable_gqa` and a mask instead, a 12k-token prompt's
+        # prefill in the daemon took 2.15 s on an H100; folded, the runner prefills it in 0.55-0.58 s
+        # (docs/benchmarks.md).
         q = query.reshape(batch, kv_heads, group * tokens, dim)
         folded = mask.view(batch, 1, 1, tokens, -1).expand(batch, 1, group, tokens, mask.shape[-1])
         out = torch.nn.functional.scaled_dot_product_attention(
