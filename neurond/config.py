@@ -49,22 +49,25 @@ class Config:
     # --- batching and the KV cache (allocated once per rank, at load) ---
     #: Sequences decoded together at most (KV cache slots); more requests wait in the queue.
     max_batch_size: int = 32
-    #: Tokens per sequence at most, prompt + completion (capped by the model's own context window).
-    max_model_len: int = 4096
+    #: Tokens per sequence at most, prompt + completion. 0: the model's own context window (its config's
+    #: max_position_embeddings); a number above the window is capped by it.
+    max_model_len: int = 0
     #: Positions per block of the paged KV cache (a power of two up to 256): the leader hands out the cache in
     #: blocks of this many.
     kv_block_size: int = 16
-    #: Blocks in each rank's paged KV cache. 0: no paging, the static cache where every slot holds a whole
-    #: sequence (max_batch_size x max_model_len positions; nothing is ever preempted). N: a pool of N blocks
-    #: that max_batch_size slots share, each sequence holding only the blocks its tokens fill; when the pool
-    #: runs out, the requests admitted last are preempted and replayed later. On CUDA, decode attention reads
-    #: the blocks in place (a Triton kernel: within 4 % of the static cache at batch 32, faster at small
-    #: batches, docs/benchmarks.md); prefill chunks, and every step on a CPU, read them gathered into a copy.
-    #: Paged, full blocks are shared by requests whose context starts with the same tokens, and kept cached
-    #: after their request ends until the blocks are needed (prefix caching: a repeated prompt prefills only
-    #: what is new). -1: paged, as many blocks as fit in gpu_memory_utilization of each GPU, measured at the
-    #: first load (the least any rank fits; kept for the daemon's life); on a CPU, the static cache's memory.
-    kv_cache_blocks: int = 0
+    #: Blocks in each rank's paged KV cache. -1 (the default): as many blocks as fit in
+    #: gpu_memory_utilization of each GPU, measured at the first load (the least any rank fits; kept for the
+    #: daemon's life); on a CPU, the static cache's memory. N: a pool of N blocks. Paged, max_batch_size slots
+    #: share the pool, each sequence holding only the blocks its tokens fill; when the pool runs out, the
+    #: requests admitted last are preempted and replayed later. On CUDA, decode attention reads the blocks in
+    #: place (a Triton kernel: within 4 % of the static cache at batch 32, faster at small batches,
+    #: docs/benchmarks.md); prefill chunks, and every step on a CPU, read them gathered into a copy. Full
+    #: blocks are shared by requests whose context starts with the same tokens, and kept cached after their
+    #: request ends until the blocks are needed (prefix caching: a repeated prompt prefills only what is new).
+    #: 0: no paging, the static cache where every slot holds a whole sequence (max_batch_size x max_model_len
+    #: positions, so set max_model_len: a 131,072-token window does not fit 32 slots; nothing is ever
+    #: preempted, no prefix caching).
+    kv_cache_blocks: int = -1
     #: With kv_cache_blocks = -1: the fraction of each GPU's memory a rank may fill (weights, the KV cache and
     #: what a step needs on top, measured by a prefill of prefill_chunk_tokens at the end of the context
     #: window), like vLLM's setting of the same name.
@@ -173,8 +176,10 @@ class Config:
             raise ConfigError("admin_socket needs admin_token_file (the admin API always requires a token)")
         if self.fault_injection and not self.admin_socket:
             raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
-        if self.max_batch_size < 1 or self.max_model_len < 2 or self.prefill_chunk_tokens < 1:
-            raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk_tokens >= 1")
+        if self.max_batch_size < 1 or self.max_model_len == 1 or self.max_model_len < 0 \
+                or self.prefill_chunk_tokens < 1:
+            raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 (or 0: the model's window) and "
+                              "prefill_chunk_tokens >= 1")
         if not 1 <= self.kv_block_size <= 256 or self.kv_block_size & (self.kv_block_size - 1) \
                 or self.kv_cache_blocks < -1:
             raise ConfigError("need kv_block_size a power of two up to 256 and kv_cache_blocks >= -1")

@@ -119,8 +119,9 @@ class Server:
         self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
         # The journal, the metrics and STATUS= see the same events.
         events = TeeSink(JournalSink(), self.metrics, self.status)
-        # The served context window: the model's, capped by max_model_len (what each KV cache slot holds).
-        model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len))
+        # The served context window: the model's, capped by max_model_len where that is set (what each KV cache
+        # slot holds).
+        model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len or model.context_len))
         self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
                                                   context_len=model.context_len)
         self.status.incidents = lambda: supervisor.incidents
