@@ -59,9 +59,9 @@ class Config:
     #: gpu_memory_utilization of each GPU, measured at the first load (the least any rank fits; kept for the
     #: daemon's life); on a CPU, the static cache's memory. N: a pool of N blocks. Paged, max_batch_size slots
     #: share the pool, each sequence holding only the blocks its tokens fill; when the pool runs out, the
-    #: requests admitted last are preempted and replayed later. On CUDA, decode attention reads the blocks in
-    #: place (a Triton kernel: within 4 % of the static cache at batch 32, faster at small batches,
-    #: docs/benchmarks.md); prefill chunks, and every step on a CPU, read them gathered into a copy. Full
+    #: requests admitted last are preempted and replayed later. On CUDA, attention reads the blocks in place
+    #: (Triton kernels; decode within 4 % of the static cache at batch 32, faster at small batches; a fresh
+    #: 12k prompt's prefill 3x faster than gathered; docs/benchmarks.md); on a CPU it reads them gathered. Full
     #: blocks are shared by requests whose context starts with the same tokens, and kept cached after their
     #: request ends until the blocks are needed (prefix caching: a repeated prompt prefills only what is new).
     #: 0: no paging, the static cache where every slot holds a whole sequence (max_batch_size x max_model_len

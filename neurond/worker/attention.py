@@ -37,9 +37,11 @@ def attend(query, key, value, mask, scale: float):
     group = q_heads // kv_heads
     if group > 1 and query.is_cuda:
         # As for decode, a KV head's query heads become its query positions, each with its token's mask row:
-        # SDPA then needs no grouped-heads support. With `enable_gqa` and a mask instead, a 12k-token prompt's
-        # prefill in the daemon took 2.15 s on an H100; folded, the runner prefills it in 0.55-0.58 s
-        # (docs/benchmarks.md).
+        # SDPA then needs no grouped-heads support. The static cache's prefill (and the paged cache's with
+        # in_place=False) takes this path on CUDA. Measured on an H100 (docs/benchmarks.md): per call it is
+        # 16-33 % slower than `enable_gqa` with the same mask once warm; through the daemon a fresh 12k prompt
+        # took 1.88 s folded and 2.15 s with `enable_gqa` (different machines), and the static capacity run
+        # was measured with it. Which backend each picks, and why `enable_gqa` pays on first shapes, is open.
         q = query.reshape(batch, kv_heads, group * tokens, dim)
         folded = mask.view(batch, 1, 1, tokens, -1).expand(batch, 1, group, tokens, mask.shape[-1])
         out = torch.nn.functional.scaled_dot_product_attention(

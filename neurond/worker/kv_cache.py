@@ -7,12 +7,11 @@
   `p % block_size`. The leader owns the blocks (engine/blocks.py) and sends table rows with each step
   (protocol.BlockRow), so every rank's table is the same and a sequence holds the blocks it needs instead of a
   whole `max_len` row: more sequences fit the same memory. Columns no block was given point to a trash block,
-  whose contents are never read unmasked. On CUDA a one-token step (decode) reads the blocks in place, through
-  worker/paged_attention.py's kernel: `write` returns a `PagedRead` that attention.attend hands to it. Longer
-  steps (prefill chunks), and every step on a CPU, read a row's blocks gathered into one contiguous copy per
-  layer (torch's own indexing: any device, capturable in CUDA graphs), then SDPA: measured through the runner
-  on an H100, that beat a Triton prefill kernel reading the pool in place (scripts/probe-prefill,
-  docs/benchmarks.md).
+  whose contents are never read unmasked. On CUDA attention reads the blocks in place, through
+  worker/paged_attention.py's kernels (one for decode steps, one for prefill chunks): `write` returns a
+  `PagedRead` that attention.attend hands to them (why a kernel for prefill too: paged_attention.py). On a
+  CPU (or with `in_place=False`) a step reads a row's blocks gathered into one contiguous copy per layer
+  (torch's own indexing: any device, capturable in CUDA graphs).
 
 Fixed shapes either way, which is what CUDA graphs replay, and memory known up front. The last position of
 every slot (`trash`) is where rows that are in a batch but not active write (see ModelRunner).
@@ -103,20 +102,24 @@ class SlotKVCache(_BoundCache):
 
 class PagedRead(NamedTuple):
     """What a paged cache's `write` returns, for keys and values alike, when attention is to read the pool in
-    place: the layer's pools, the batch's table rows, how many positions each row attends to, and the kernel's
-    split count (paged_attention.paged_decode)."""
+    place: the layer's pools, the batch's table rows, how many positions each row attends to, the decode
+    kernel's split count (paged_attention.paged_decode) and, for a prefill step, each query token's position
+    (the causal limit; paged_attention.paged_prefill)."""
 
     k_pool: torch.Tensor
     v_pool: torch.Tensor
     table: torch.Tensor
     lens: torch.Tensor
     splits: int
+    positions: torch.Tensor | None
 
     def attend(self, query, scale: float):
-        """query [B, Hq, 1, D] -> [B, Hq, 1, D]."""
-        from neurond.worker.paged_attention import paged_decode
+        """query [B, Hq, T, D] -> [B, Hq, T, D]."""
+        from neurond.worker.paged_attention import paged_decode, paged_prefill
 
-        batch, heads, _, dim = query.shape
+        batch, heads, tokens, dim = query.shape
+        if self.positions is not None:
+            return paged_prefill(query, self.k_pool, self.v_pool, self.table, self.positions, self.lens, scale)
         out = paged_decode(query.view(batch, heads, dim), self.k_pool, self.v_pool, self.table, self.lens, scale,
                            self.splits)
         return out.view(batch, heads, 1, dim)
@@ -147,21 +150,25 @@ class PagedKVCache(_BoundCache):
         self.max_len = self.cols * block_size  # positions a read may cover (kv_len <= max_len)
         self.in_place = in_place_available(device) if in_place is None else in_place
         self._sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self._read: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (table rows, lens, splits)
+        self._read: tuple | None = None  # PagedRead's fields after the pools, once per forward
 
     def bind(self, rows, write_rows, write_pos, kv_len: int) -> None:
         super().bind(rows, write_rows, write_pos, kv_len)
         self._read = None
-        if self.in_place and write_pos.shape[1] == 1:
-            # One token per row: each row attends to the positions up to the one it writes. Made once per
-            # forward (tensor ops: captured with the decode graph), not once per layer. An inactive row (it
-            # writes to the trash column) reads one position, whose output nobody uses: not the whole window.
-            from neurond.worker.paged_attention import splits_for
+        if not self.in_place:
+            return
+        # Made once per forward (tensor ops: captured with the decode graph), not once per layer. Tokens written
+        # to the trash column (a decode batch's inactive rows, a prefill's padding) are nobody's: a row that has
+        # only those reads one position, whose output nobody uses (not the whole window up to the trash column).
+        from neurond.worker.paged_attention import splits_for
 
-            pos = write_pos[:, 0]
-            lens = torch.where(pos == self.trash, 1, pos + 1).to(torch.int32)
+        real = torch.where(write_pos == self.trash, -1, write_pos)
+        lens = torch.clamp(real.amax(1) + 1, min=1).to(torch.int32)
+        if write_pos.shape[1] == 1:
             splits = splits_for(write_pos.shape[0], self.k[0].shape[2], kv_len, self._sms)
-            self._read = (self.table[rows], lens, splits)
+            self._read = (self.table[rows], lens, splits, None)
+        else:
+            self._read = (self.table[rows], lens, 1, write_pos)
 
     def round_up(self, kv_len: int) -> int:
         """Reads cover whole blocks: the length a read of `kv_len` positions covers."""

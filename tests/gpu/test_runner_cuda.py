@@ -88,10 +88,12 @@ def test_paged_decode_kernel_matches_sdpa(batch, lens):
 
 
 @pytest.mark.parametrize("starts,counts", [((0,), (512,)), ((1500, 0, 37), (512, 300, 1))])
-def test_folded_prefill_attention_matches_sdpa(starts, counts):
-    """attention.attend's prefill on CUDA (query heads folded into positions) over gathered keys, against
-    per-row causal SDPA with grouped heads, 8B shapes, blocks scattered, rows padded to the widest chunk."""
+def test_paged_prefill_kernel_and_folded_sdpa_match_sdpa(starts, counts):
+    """The in-place prefill kernel, and attention.attend's folded SDPA over gathered keys (the static cache's and
+    the gather's path on CUDA), against per-row causal SDPA with grouped heads, 8B shapes, blocks scattered,
+    rows padded to the widest chunk."""
     from neurond.worker.attention import attend
+    from neurond.worker.paged_attention import paged_prefill
 
     dev, bs, trash = torch.device("cuda", 0), 16, 4095
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -105,6 +107,8 @@ def test_folded_prefill_attention_matches_sdpa(starts, counts):
     positions = torch.full((batch, width), trash, device=dev)
     for b, (s, n) in enumerate(zip(starts, counts)):
         positions[b, :n] = torch.arange(s, s + n, device=dev)
+    got = paged_prefill(query, k_pool, v_pool, table, positions, torch.tensor(lens, device=dev, dtype=torch.int32),
+                        128 ** -0.5)
     kv_len = cols * bs
     gathered_k = k_pool[table].view(batch, kv_len, 8, 128).transpose(1, 2)
     gathered_v = v_pool[table].view(batch, kv_len, 8, 128).transpose(1, 2)
@@ -114,6 +118,7 @@ def test_folded_prefill_attention_matches_sdpa(starts, counts):
         want = torch.nn.functional.scaled_dot_product_attention(
             query[b : b + 1, :, :n], gathered_k[b : b + 1, :, : s + n], gathered_v[b : b + 1, :, : s + n],
             attn_mask=allowed[b : b + 1, :, :n, : s + n], enable_gqa=True)
+        torch.testing.assert_close(got[b : b + 1, :, :n], want, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(folded[b : b + 1, :, :n], want, atol=2e-2, rtol=2e-2)
 
 

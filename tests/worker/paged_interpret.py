@@ -1,6 +1,6 @@
 """Run by tests/worker/test_paged_attention.py in a process of its own with TRITON_INTERPRET=1 (Triton's CPU
-interpreter must be chosen before triton is imported): the paged decode kernel against plain attention, then a
-runner whose decode reads the pool in place against the static slot cache's tokens.
+interpreter must be chosen before triton is imported): the paged decode and prefill kernels against plain
+attention, then a runner that reads the pool in place against the static slot cache's tokens.
 
     TRITON_INTERPRET=1 python tests/worker/paged_interpret.py BUILTIN_MODEL_DIR
 """
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from neurond.worker.paged_attention import paged_decode
+from neurond.worker.paged_attention import paged_decode, paged_prefill
 
 
 def kernel_matches_plain_attention() -> None:
@@ -40,6 +40,35 @@ def kernel_matches_plain_attention() -> None:
         got = paged_decode(query, k_pool, v_pool, table, lens, dim ** -0.5, splits, block_n=16)
         diff = (got - torch.stack(expected)).abs().max().item()
         assert diff < 1e-4, f"splits {splits}: max difference {diff}"
+
+
+def prefill_kernel_matches_plain_attention() -> None:
+    """Two rows of chunks at different starts (one padded), 3 query heads per KV head (a group padded to 4)."""
+    gen = torch.Generator().manual_seed(1)
+    q_heads, kv_heads, dim, bs, blocks, trash = 6, 2, 32, 8, 30, 200
+    starts, counts, width = (0, 21), (19, 7), 19
+    k_pool = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen)
+    v_pool = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen)
+    table = torch.full((2, 6), blocks, dtype=torch.long)
+    table[0, :3] = torch.tensor([4, 17, 9])
+    table[1, :4] = torch.tensor([2, 28, 11, 5])
+    positions = torch.full((2, width), trash, dtype=torch.long)
+    for b in range(2):
+        positions[b, : counts[b]] = torch.arange(starts[b], starts[b] + counts[b])
+    lens = torch.tensor([starts[b] + counts[b] for b in range(2)], dtype=torch.int32)
+    query = torch.randn(2, width, q_heads, dim, generator=gen).transpose(1, 2)  # [B, Hq, T, D], strided
+    group = q_heads // kv_heads
+    got = paged_prefill(query, k_pool, v_pool, table, positions, lens, dim ** -0.5, block_q=4, block_n=16)
+    for b in range(2):
+        pos = torch.arange(int(lens[b]))
+        k = k_pool[table[b, pos // bs], pos % bs].repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, D]
+        v = v_pool[table[b, pos // bs], pos % bs].repeat_interleave(group, 1).transpose(0, 1)
+        n = counts[b]
+        scores = query[b, :, :n] @ k.transpose(1, 2) * dim ** -0.5  # [Hq, n, L]
+        seen = pos.view(1, -1) <= positions[b, :n].view(-1, 1)
+        expected = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v
+        diff = (got[b, :, :n] - expected).abs().max().item()
+        assert diff < 1e-4, f"row {b}: max difference {diff}"
 
 
 def inactive_rows_read_one_position() -> None:
@@ -86,6 +115,7 @@ def runner_reads_in_place_like_the_slot_cache(model_dir: str) -> None:
 
 if __name__ == "__main__":
     kernel_matches_plain_attention()
+    prefill_kernel_matches_plain_attention()
     inactive_rows_read_one_position()
     runner_reads_in_place_like_the_slot_cache(sys.argv[1])
     print("ok")
