@@ -2,11 +2,11 @@
 
 One loop, readable top to bottom (`_run`): drop cancelled requests, wait (bounded) for a repair if the pool is
 not serving, admit waiting requests to free slots, run one turn. A turn (`_turn`) is what the scheduler
-(`scheduler.py`, pure) says: copy shared prompts of n choices, one prefill step, the decode steps. Each step
-is one call to the ranks with the step deadline; its tokens go to their requests (`_accept`: detokenise,
-stream, stop). A failed step is blamed (`blame.py`: who fails), everyone else is replayed after the repair;
-requests wait for the repair at most `resume_wait_s` from the fault (or from when they were queued), then get
-a retriable 503. Nothing here waits without a bound.
+(`scheduler.py`, pure) says: share (paged) or copy (static) the prompt of n choices, one prefill step, the
+decode steps. Each step is one call to the ranks with the step deadline; its tokens go to their requests
+(`_accept`: detokenise, stream, stop). A failed step is blamed (`blame.py`: who fails), everyone else is
+replayed after the repair; requests wait for the repair at most `resume_wait_s` from the fault (or from when
+they were queued), then get a retriable 503. Nothing here waits without a bound.
 
 The KV cache's blocks are the scheduler's to hand out; every command carries the rows of the block table that
 changed since the last one (`Scheduler.take_rows`), so the ranks' tables always match what the scheduler gave.
@@ -169,9 +169,9 @@ class Engine:
                 # its ranks' caches may be new, so nothing cached from before may be shared.
                 self._epoch = self.supervisor.epoch
                 self.scheduler.drop_prefix_cache()
-            self.scheduler.admit(self._start)
-            self._count_prefix()
-            try:
+            try:  # admission and counting too: a bug anywhere in a turn fails its requests, never stalls the loop
+                self.scheduler.admit(self._start)
+                self._count_prefix()
                 await self._turn()
             except Exception as exc:  # noqa: BLE001 - a bug must fail the requests involved, not the engine
                 log.exception("engine error")
@@ -184,6 +184,7 @@ class Engine:
 
     async def _turn(self) -> None:
         """One prefill step (if any request is prefilling) and one decode step (if any is decoding)."""
+        self.scheduler.share_choices()
         for group, source, targets in self.scheduler.copies():
             if not await self._step([source, *targets], self._copy(group, source, targets)):
                 return

@@ -29,6 +29,12 @@ down to whole blocks. Its row starts with the shared blocks and `prefilled` with
 writes into them (its writes are all past them), and nor does anyone else (a block is published only once its
 owner is past it). A block nobody holds stays cached until `take` evicts it (`blocks.py`). After a fault
 (`interrupt`) the whole cache is forgotten.
+
+The n choices of one API request (a ChoiceGroup) share their prompt but for its last token: one member
+prefills it. With the static cache it is then copied into the others' slots (`copies`, a rank command). Paged,
+the others take the prefiller's whole blocks of it instead (`share_choices`, no rank work: their table rows
+change) and each prefills what is left, the partial block and the last token; their own blocks for those
+positions go back to the pool.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class Scheduler:
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
         self.preemptions = 0  # requests preempted since start (the engine counts them out)
         # Context tokens of admitted requests (replays included) found in the prefix cache / to be prefilled,
-        # since start (the engine counts them out).
+        # since start (the engine counts them out); a choice of n counts when it shares blocks or starts its
+        # prefill.
         self.prefix_hits = 0
         self.prefix_misses = 0
 
@@ -126,6 +133,11 @@ class Scheduler:
         if full <= 0:
             return []
         return self.pool.match(chain(context, self.pool.block_size, req.hashes, full))
+
+    def _count(self, req: GenerationRequest) -> None:
+        """`req`'s context tokens found cached (its `prefilled` so far) and to be prefilled (the rest)."""
+        self.prefix_hits += req.prefilled
+        self.prefix_misses += len(req.context) - req.prefilled
 
     def drop_prefix_cache(self) -> None:
         """Forget every cached block (the ranks' caches may not hold them any more)."""
@@ -205,19 +217,49 @@ class Scheduler:
             req.published = len(shared)
             self._rows[req.slot] = BlockRow(req.slot, 0, tuple(req.blocks))
             req.prefilled = len(shared) * self.pool.block_size
-            if self.paged:
-                self.prefix_hits += req.prefilled
-                self.prefix_misses += len(req.context) - req.prefilled
+            if self.paged and req.group is None:  # n choices are counted when they share or start prefilling
+                self._count(req)
             req.decoding = False
             req.interrupted_at = None
             start(req)
             self.running.append(req)
 
+    def _groups(self) -> list[ChoiceGroup]:
+        return list({id(r.group): r.group for r in self.running if r.group is not None}.values())
+
+    def share_choices(self) -> int:
+        """Paged: members of a group whose shared prompt is in a member's blocks, holding a slot with nothing
+        prefilled yet, take that member's whole blocks of it (in place of as many of their own) and count as
+        prefilled up to them. Before the turn's prefill batch. Returns the blocks shared."""
+        if not self.paged:
+            return 0
+        size, shared = self.pool.block_size, 0
+        for group in self._groups():
+            source = group.source()
+            if source is None:
+                continue
+            whole = min(group.shared // size, len(source.blocks))
+            for req in group.members:
+                if req is source or req not in self.running or req.prefilled or req.decoding or not whole:
+                    continue
+                assert req.slot is not None
+                blocks = source.blocks[:whole]
+                self.pool.share(blocks)  # first: the source's blocks stay held whatever `give` frees
+                self.pool.give(req.blocks[:whole])
+                req.blocks[:whole] = blocks
+                self._rows[req.slot] = BlockRow(req.slot, 0, tuple(req.blocks))
+                req.prefilled = whole * size
+                self._count(req)
+                shared += whole
+        return shared
+
     def copies(self) -> list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]]:
-        """For each group whose shared prompt is in a member's slot: the members holding a slot with nothing
-        prefilled yet, to copy it to."""
-        out = []
-        for group in {id(r.group): r.group for r in self.running if r.group is not None}.values():
+        """The static cache: for each group whose shared prompt is in a member's slot, the members holding a
+        slot with nothing prefilled yet, to copy it to. Paged there are none (`share_choices`)."""
+        out: list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]] = []
+        if self.paged:
+            return out
+        for group in self._groups():
             source = group.source()
             targets = [r for r in group.members if r in self.running and r.prefilled == 0 and r is not source]
             if source is not None and targets:
@@ -236,12 +278,15 @@ class Scheduler:
             target = len(req.context)
             group = req.group
             if group is not None and req.prefilled < group.shared:
-                # A choice of n: one member prefills the shared prompt, the others get it copied (copies()).
+                # A choice of n: one member prefills the shared prompt; the others get it copied (copies()), or,
+                # paged, share its whole blocks (share_choices()) and prefill the rest themselves.
                 if group.source() is not None:
+                    if not self.paged:
+                        continue
+                elif group.prefiller not in (None, req) and group.prefiller.slot is not None:
                     continue
-                if group.prefiller not in (None, req) and group.prefiller.slot is not None:
-                    continue
-                group.prefiller, target = req, group.shared
+                else:
+                    group.prefiller, target = req, group.shared
             if batch and (req.faults or batch[0][0].faults):
                 break
             n = min(target - req.prefilled, budget)
@@ -254,6 +299,8 @@ class Scheduler:
             longest = max(longest, req.prefilled + n)
             if batch and (len(batch) + 1) * longest > self.max_len:
                 break
+            if group is not None and self.paged and req.prefilled == 0:
+                self._count(req)  # a choice of n that shared nothing (the prefiller, or a prompt under a block)
             batch.append((req, n))
             budget -= n
         return batch

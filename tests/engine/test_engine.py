@@ -170,8 +170,9 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
 async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False, kv_blocks=0,
               metrics=None):
     """`together`: the requests are one API request's choices (Engine.submit_all). A paged cache of
-    `kv_blocks` blocks, or (0) of as many as the static cache holds, so the rows are checked in every test."""
-    blocks = kv_blocks or default_blocks(max_batch, 64, sup.block_size)
+    `kv_blocks` blocks, or (0) of as many as the static cache holds, so the rows are checked in every test;
+    the static cache itself where `sup` is not paged."""
+    blocks = (kv_blocks or default_blocks(max_batch, 64, sup.block_size)) if sup.paged else 0
     engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
                     prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps,
                     max_len=64, kv_blocks=blocks, kv_block_size=sup.block_size, metrics=metrics)
@@ -381,14 +382,32 @@ def test_several_decode_steps_per_call_give_the_same_streams():
     assert steps[0] == 4 and steps[1] == 1
 
 
-def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4):
+def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4, **kw):
     reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
-    engine, out = asyncio.run(run(sup, reqs, max_batch=max_batch, chunk=4, together=True))
+    engine, out = asyncio.run(run(sup, reqs, max_batch=max_batch, chunk=4, together=True, **kw))
     return engine, reqs, out
 
 
-def test_n_choices_prefill_their_prompt_once_and_copy_it():
-    sup = FakeSupervisor()
+def test_n_choices_share_the_prompts_whole_blocks_with_a_paged_cache():
+    """No copy command: the others' rows start with the prefiller's two whole blocks of the shared 10 tokens
+    (the fake checks that every position read was written, and that nobody writes into a block two rows
+    hold), and each prefills positions 8-10 itself."""
+    sup = FakeSupervisor(block_size=4)
+    prompt = list(range(10, 21))
+    metrics = MetricsSink()  # the prefix counters only grow (a counter that would fall stalled the engine once)
+    engine, reqs, out = _run_group(sup, 3, prompt, 5, metrics=metrics)
+    assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 5)) for ev, text in out.values())
+    text = metrics.render()[0].decode()
+    assert 'neurond_prefix_cache_tokens_total{result="hit"} 16.0' in text  # two choices x two shared blocks
+    assert 'neurond_prefix_cache_tokens_total{result="miss"} 17.0' in text  # 11 + 3 + 3
+    assert not [c for c in sup.calls if isinstance(c, p.CopyPrefix)] and sup.shared_writes == 0
+    chunks = [c for call in sup.calls if isinstance(call, p.Prefill) for c in call.chunks]
+    assert sum(len(c.token_ids) for c in chunks if c.start < 8) == 8, "a shared whole block was prefilled twice"
+    assert sorted((c.start, len(c.token_ids)) for c in chunks if c.start >= 8) == [(8, 2), (8, 3), (8, 3), (10, 1)]
+
+
+def test_n_choices_prefill_their_prompt_once_and_copy_it_with_the_static_cache():
+    sup = FakeSupervisor(paged=False)
     prompt = list(range(10, 21))  # 11 tokens: three chunks of 4 for the shared 10
     engine, reqs, out = _run_group(sup, 3, prompt, 5)
     assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 5)) for ev, text in out.values())
@@ -445,16 +464,21 @@ def test_the_default_kv_cache_never_preempts_and_every_row_is_sent():
     assert isinstance(sup.calls[0], p.Prefill) and sup.calls[0].tables[0].start == 0
 
 
-def test_a_fault_sends_every_row_afresh_and_n_choices_copy_into_their_blocks():
+def test_a_fault_sends_every_row_afresh_and_n_choices_share_blocks_again_after_it():
     sup = FakeSupervisor({7: RankDied(1, -9)}, block_size=4)
-    prompt = list(range(30, 39))
+    prompt = list(range(30, 39))  # 9 tokens: the shared 8 are two whole blocks
     engine, _, out = _run_group(sup, 3, prompt, 6)
     assert all(isinstance(ev, Finished) and text == text_of(expected(prompt, 6)) for ev, text in out.values())
     after = next(c for c in sup.calls[7:] if c.tables)
     assert sorted(r.slot for r in after.tables) == [0, 1, 2, 3] and all(r.start == 0 for r in after.tables)
-    # The fake checked that every copy wrote into blocks its destinations held (their rows came with the
-    # first command after their admission: the copy, or the prefill of the shared prompt before it).
-    assert sum(isinstance(c, p.CopyPrefix) for c in sup.calls) >= 2
+
+    def sharing(calls) -> bool:  # a command whose rows give two slots the same two first blocks
+        return any(len({r.blocks[:2] for r in c.tables if len(r.blocks) >= 2}) < sum(
+            len(r.blocks) >= 2 for r in c.tables) for c in calls if getattr(c, "tables", ()))
+
+    # The fake checked every read and that nobody wrote into a block two rows held.
+    assert not any(isinstance(c, p.CopyPrefix) for c in sup.calls) and sup.shared_writes == 0
+    assert sharing(sup.calls[:6]) and sharing(sup.calls[7:]), "the choices shared no blocks, before or after"
 
 
 def test_a_request_the_kv_cache_could_never_hold_is_refused_with_its_numbers():

@@ -375,6 +375,44 @@ def test_an_interrupt_drops_the_prefix_cache():
     assert c.prefilled == 0
 
 
+def test_n_choices_share_the_prefillers_whole_blocks_and_prefill_the_rest_themselves():
+    """Paged: no copy. The others take the shared prompt's whole blocks from the member that prefilled it,
+    give back their own, and prefill the partial block and the last token (14 - 1 shared tokens: 3 whole
+    blocks of 4, then 2 tokens each)."""
+    s = cached_scheduler()
+    prompt = list(range(1, 15))
+    choices = [ask(f"n{i}", prompt) for i in range(3)]
+    s.queue(choices)
+    s.admit(lambda r: None)
+    free_before = s.pool.free
+    assert [(r.request_id, n) for r, n in s.prefill_batch()] == [("n0", 13)]  # the shared part, by one member
+    assert s.share_choices() == 0  # nothing to share before it is prefilled
+    choices[0].prefilled = 13
+    s.take_rows()
+    assert s.share_choices() == 6 and s.copies() == []
+    source = choices[0].blocks[:3]
+    for r in choices[1:]:
+        assert r.blocks[:3] == source and r.prefilled == 12 and not set(r.blocks[3:]) & set(choices[0].blocks)
+    assert s.pool.free == free_before + 6  # the others' own first blocks went back
+    assert (s.prefix_hits, s.prefix_misses) == (24, 14 + 2 + 2)  # n0 prefilled it all; n1, n2 share 12 each
+    assert s.take_rows() == tuple(p.BlockRow(r.slot, 0, tuple(r.blocks)) for r in choices[1:])
+    assert [(r.request_id, n) for r, n in s.prefill_batch()] == [("n0", 1), ("n1", 2), ("n2", 2)]
+    assert s.share_choices() == 0  # once
+    for r in choices:
+        s.release(r)
+    assert s.pool.used == 0
+
+
+def test_n_choices_copy_with_the_static_cache():
+    s = Scheduler(max_batch=4, prefill_chunk=100, max_len=64, kv_blocks=0, kv_block_size=4)
+    choices = [ask(f"n{i}", list(range(1, 15))) for i in range(2)]
+    s.queue(choices)
+    s.admit(lambda r: None)
+    choices[0].prefilled = 13
+    assert s.share_choices() == 0 and s.copies()[0][2] == [choices[1]]
+    assert [r.request_id for r, _ in s.prefill_batch()] == ["n0"]  # n1 waits for its copy
+
+
 def test_n_choices_keep_the_copy_path():
     s = cached_scheduler()
     prompt = list(range(1, 10))
