@@ -1,6 +1,7 @@
 """A paged KV cache end to end (TP=2, gloo): more sequences than the pool holds at full length all complete with
 the answers they get alone (the newest are preempted and replayed), a request the pool could never hold gets a
-400 with the numbers, and a rank killed mid-decode under paging is repaired with every answer intact."""
+400 with the numbers, a rank killed mid-decode under paging is repaired with every answer intact, and a fault in
+the first chunk of a long prompt's chunked prefill ends that request cleanly or replays it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import concurrent.futures
 import pytest
 
 from tests.conftest import chat_body
-from tests.faults import fault_daemon
+from tests.faults import fault_daemon, wait_ready
 
 BLOCKS, BLOCK = 10, 16  # 160 positions: about two of the sequences below at full length
+CHUNK = 16  # prefill_chunk_tokens: the long prompts below (about 60 tokens) are prefilled in 4 chunks
 
 
 @pytest.fixture(scope="module")
 def daemon(start_daemon, tmp_path_factory):
     d = fault_daemon(start_daemon, tmp_path_factory.mktemp("paged"), 2, kv_cache_blocks=BLOCKS,
-                     kv_block_size=BLOCK, max_batch_size=4, decode_steps_per_call=4)
+                     kv_block_size=BLOCK, max_batch_size=4, decode_steps_per_call=4, prefill_chunk_tokens=CHUNK)
     yield d
     d.stop()
 
@@ -90,11 +92,35 @@ def test_a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_an
     assert after['neurond_kv_cache_blocks{state="used"}'] == 0.0
 
 
+def _long(first_word: str) -> dict:
+    body = chat_body("What is the rule?", max_tokens=8, temperature=0)
+    rules = " ".join(f"rule {i}." for i in range(7))
+    body["messages"].insert(0, {"role": "system", "content": f"{first_word} {rules}"})
+    return body
+
+
+def test_a_fault_in_a_long_chunked_prefill_ends_the_request_cleanly_or_replays_it(daemon):
+    """Prompts no earlier request shared (so nothing comes from the prefix cache): the fault fires in the first
+    of their prefill chunks. A killed rank is replaced and the request replayed from its first chunk, with the
+    answer it gets unfaulted; an out-of-memory fails it with a clean 503, and the next one is served."""
+    killed = daemon.admin.status()["pids"]["1"]
+    assert daemon.admin.inject(1, "sigkill", "prefill").status_code == 200
+    status, _, faulted = daemon.chat(_long("Alpha"))
+    assert status == 200, faulted
+    assert daemon.admin.status()["pids"]["1"] != killed  # the fault fired: rank 1 was replaced
+    assert faulted["usage"]["prompt_tokens"] > 3 * CHUNK  # a chunked prefill
+    assert daemon.chat(_long("Alpha"))[2]["choices"][0]["message"] == faulted["choices"][0]["message"]
+    assert daemon.admin.inject(0, "oom", "prefill").status_code == 200
+    status, _, failed = daemon.chat(_long("Beta"))
+    assert status == 503 and failed["error"]["code"] == "out_of_memory", failed
+    wait_ready(daemon)  # new requests get a retriable 503 while the communicator is rebuilt
+    again = daemon.chat(_long("Beta"))
+    assert again[0] == 200, again
+
+
 def test_blocks_sized_by_the_ranks_are_served_and_kept_by_a_replaced_rank(start_daemon, tmp_path_factory):
     """kv_cache_blocks = -1: each rank makes as many blocks as fit (on a CPU: the static cache's memory, every slot
     its window and the trash column); the leader serves that count, and a rank replaced later makes the same."""
-    from tests.faults import wait_ready
-
     d = fault_daemon(start_daemon, tmp_path_factory.mktemp("sized"), 1, kv_cache_blocks=-1, kv_block_size=BLOCK,
                      max_batch_size=2, max_model_len=100)
     try:
