@@ -176,7 +176,8 @@ class DecoderLayer:
 
     def __call__(self, h, delta, cache, layer_idx: int, cos, sin_signed, mask, batch: int, tokens: int):
         """h [N, hidden] the residual stream (N = batch x tokens) and delta, the previous layer's output still to
-        be added to it (None for the first layer); cos/sin_signed [N, 1, D]; mask float [B, 1, T, L].
+        be added to it (None for the first layer); cos/sin_signed [N, 1, D]; mask float [B, 1, T, L] (None: the cache
+        reads in place).
         Returns (h, delta) for the next layer."""
         k = self.decode_kernels if tokens == 1 else self.prefill_kernels
         hq, hkv, dim = self.q_heads, self.kv_heads, self.head_dim

@@ -3,8 +3,9 @@ and what a step needs on top of them, within `gpu_memory_utilization` of the car
 
 What a step needs is measured, not estimated (vLLM profiles the same way): with a one-block cache, the runner
 prefills one row of `prefill_tokens` tokens at the end of the context window, which is the largest transient
-a step allocates (activations, the mask over the whole window, and the row's keys and values gathered into one
-copy: the scheduler batches no more rows than one window of context, engine/scheduler.py). Its peak above the
+a step allocates (activations and, where the pool is read gathered rather than in place, the mask over the
+whole window and the row's keys and values gathered into one copy: the scheduler batches no more rows than one
+window of context, engine/scheduler.py). Its peak above the
 memory in use before it is the headroom kept free. CUDA graphs of the decode step, captured after the cache,
 come out of the same headroom: their pool is a few MiB per shape.
 

@@ -117,7 +117,7 @@ class PagedRead(NamedTuple):
         """query [B, Hq, T, D] -> [B, Hq, T, D]."""
         from neurond.worker.paged_attention import paged_decode, paged_prefill
 
-        batch, heads, tokens, dim = query.shape
+        batch, heads, _, dim = query.shape
         if self.positions is not None:
             return paged_prefill(query, self.k_pool, self.v_pool, self.table, self.positions, self.lens, scale)
         out = paged_decode(query.view(batch, heads, dim), self.k_pool, self.v_pool, self.table, self.lens, scale,

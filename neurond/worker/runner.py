@@ -125,14 +125,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):
-        """ids/positions [B, T], mask [B, 1, T, L] -> float32 logits [B, V] of each row's last position (or of
-        position last_index[b] of row b)."""
+        """ids/positions [B, T], mask [B, 1, T, L] (None where the cache reads in place: the kernel has its own
+        limits) -> float32 logits [B, V] of each row's last position (or of position last_index[b] of row b)."""
         h = self.embed(ids)
         cos, sin = self.rotary(h, positions)
         if self.own is not None:
             batch, tokens = ids.shape
             cos, sin = cos.view(-1, 1, cos.shape[-1]), decoder.signed_sin(sin).view(-1, 1, sin.shape[-1])
-            bias = decoder.additive_mask(mask, h.dtype)
+            bias = None if mask is None else decoder.additive_mask(mask, h.dtype)
             h, delta = h.view(batch * tokens, -1), None
             for i, layer in enumerate(self.own):
                 if i == self._mid_layer and self.hooks_enabled:
@@ -199,7 +199,10 @@ class ModelRunner:
         with torch.inference_mode(), self.guard.region(self.world_size > 1):
             self.active[slots] = False
             ids, positions = ids.to(self.device), positions.to(self.device)
-            mask = (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, width, 1))
+            # A paged cache read in place (paged_attention.paged_prefill) needs no mask: none is built, rows x width
+            # x kv_len of it, twice (bool and additive), per chunk.
+            mask = None if self.cache.in_place else \
+                (self.key_idx[:kv_len].view(1, 1, 1, kv_len) <= positions.view(rows, 1, width, 1))
             rows_index = slots if rows > 1 else slice(chunks[0].slot, chunks[0].slot + 1)
             self.cache.bind(rows_index, slots.view(rows, 1), positions, kv_len)
             last_index = torch.tensor([len(c.token_ids) - 1 for c in chunks], device=self.device)
