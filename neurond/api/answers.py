@@ -21,6 +21,21 @@ from neurond.api.tools import ToolCall, ToolCalling
 from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
 from neurond.served_model import ServedModel
 
+# SSE splits lines at CR and LF only, but a client reading lines with Python's str.splitlines (httpx's
+# aiter_lines does) also splits at U+0085, U+2028 and U+2029, which JSON may carry raw, and a byte-level vocabulary
+# generates them: the chaos soak saw a chunk cut in two. Escaped, each is the same JSON and no splitter breaks
+# it. (In UTF-8 these byte runs can only be those characters, so replacing them is exact.)
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def sse_data(body: dict) -> bytes:
+    """One server-sent event carrying `body` as JSON, on one line whatever line splitter the client uses."""
+    data = orjson.dumps(body)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
+
 
 def _logprobs(model: ServedModel, choices: Choices, shape: Shape, entries, offset: int) -> dict | None:
     """A choice's `logprobs` for these entries: null unless the request asked for them."""
@@ -73,7 +88,7 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
                 "model": model.name, "choices": [choice] if choice is not None else []}
         if include_usage:
             body["usage"] = usage
-        return b"data: " + orjson.dumps(body) + b"\n\n"
+        return sse_data(body)
 
     async def events() -> AsyncIterator[bytes]:
         offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
@@ -94,7 +109,7 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
                         yield chunk(_at(index, shape.delta(text, None, logprobs)))
                     offsets[index] += len(event.text)
                 elif isinstance(event, Failed):
-                    yield b"data: " + orjson.dumps(_api_error(event, choices.request_id).body()) + b"\n\n"
+                    yield sse_data(_api_error(event, choices.request_id).body())
                     return
                 elif isinstance(event, Finished):
                     finished[index] = event
