@@ -89,6 +89,11 @@ class Config:
     #: fault within ~15 s of the first (its spare's replacement still importing) finds one ready too; with one,
     #: the second replacement took 15.5 s instead of 7.5 s (8B, 2xH100, benchmarks.md).
     spare_workers: int = 2
+    #: Fork rank processes from one process that imported torch and transformers once (the worker zygote)
+    #: instead of starting each from scratch: a replaced rank or a spare is ready in milliseconds, not seconds
+    #: of imports. CPU ranks only for now: on CUDA devices ranks start from scratch until the zygote is measured
+    #: there. false: always from scratch.
+    worker_zygote: bool = True
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---

@@ -77,6 +77,8 @@ def render(status: dict, now: float | None = None) -> str:
     ]
     if status.get("spare_pids"):
         rows.append(("spares", "  ".join(f"pid {pid}" for pid in status["spare_pids"])))
+    if status.get("zygote_pid"):
+        rows.append(("zygote", f"pid {status['zygote_pid']} (ranks are forked from it)"))
     requests = status.get("requests") or {}
     if requests:
         rows.append(("requests", ", ".join(f"{requests.get(k, 0)} {k}" for k in ("completed", "failed", "cancelled"))))

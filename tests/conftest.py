@@ -109,6 +109,11 @@ class Daemon:
         raise TimeoutError(f"daemon not ready after {timeout}s:\n{self.log()}")
 
     def worker_pids(self) -> list[int]:
+        """The leader's worker processes (ranks and spares): its children but the worker zygote."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if not is_zygote(int(p))]
+
+    def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
@@ -116,6 +121,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int:
+        children = self.children()
         workers = self.worker_pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -125,12 +131,21 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        workers += [pid for pid in children if is_zygote(pid)]
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         leftover = [pid for pid in workers if alive(pid)]
         assert not leftover, f"worker processes left after stop: {leftover}"
         return self.proc.returncode
+
+
+def is_zygote(pid: int) -> bool:
+    """The worker zygote (pool/launcher.py) names itself; its forked workers share its command line."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "neurond-zygote"
+    except OSError:
+        return False
 
 
 def alive(pid: int) -> bool:

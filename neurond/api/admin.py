@@ -75,6 +75,7 @@ class AdminAPI:
             "pids": {str(rank): pid for rank, pid in snap.pids.items()},
             "spare_pids": snap.spare_pids,
             "spares_ready": snap.spares_ready,
+            "zygote_pid": snap.zygote_pid,
             "kv_cache_blocks": snap.kv_blocks,
             "rank_kv_cache_blocks": {str(rank): n for rank, n in sorted(snap.rank_kv_blocks.items())},
             "load_progress": {str(rank): dataclasses.asdict(report)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from neurond import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
+from neurond.pool.launcher import Launcher
 from neurond.pool.ranks import RankProcess
 
 log = logging.getLogger("neurond.pool")
@@ -68,7 +69,9 @@ class RankPool:
         on_spawn: Callable[[int, int | None], None] | None = None,
         on_progress: Callable[[p.LoadProgress], None] | None = None,
         spares=None,
+        launcher: Launcher | None = None,
     ) -> None:
+        self.launcher = launcher or Launcher()  # starts worker processes: forked by a zygote, or from scratch
         self.spares = spares  # SpareWorkers: processes with their imports done, taken before starting fresh ones
         self.on_spawn = on_spawn
         self.on_progress = on_progress  # a rank's load progress, passed on as it arrives
@@ -103,7 +106,7 @@ class RankPool:
                 proc.close()
                 proc = None
         if proc is None:
-            proc = RankProcess(spec)
+            proc = RankProcess(spec, self.launcher)
             proc.start(loop, self._on_reply, self._on_exit)
         self._started[rank] = loop.create_future()
         self.ranks[rank] = proc
@@ -114,6 +117,8 @@ class RankPool:
 
     async def start(self) -> None:
         """Spawn every rank, form the communicator and load the shards. Raises PoolFault on any failure."""
+        # The zygote's imports are what each rank would do itself: wait for them, then fork every rank at once.
+        await self.launcher.wait_ready(self.load_timeout_s)
         for rank in range(self.world_size):
             self.spawn(rank)
         await self.wait_started(range(self.world_size))

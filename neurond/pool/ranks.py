@@ -1,4 +1,4 @@
-"""One rank worker process as the leader sees it: spawn, pipes, death notice (pidfd), kill.
+"""One rank worker process as the leader sees it: start (pool/launcher.py), pipes, death notice (pidfd), kill.
 
 Everything here is non-blocking on the event loop: replies and the process sentinel are watched with
 `loop.add_reader`, so a rank's death is noticed the moment the process exits, not by polling. Sending a
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 from neurond import protocol as p
+from neurond.pool.launcher import Launcher, Process
 
 log = logging.getLogger("neurond.pool")
 
@@ -30,11 +28,12 @@ _DIRECT_SEND_LIMIT = 16 * 1024  # bytes; well under the 64 KiB pipe buffer
 class RankProcess:
     """A spawned worker. `on_reply(rank, reply)` and `on_exit(rank, exitcode)` run on the event loop."""
 
-    def __init__(self, spec: p.WorkerSpec | None) -> None:
+    def __init__(self, spec: p.WorkerSpec | None, launcher: Launcher) -> None:
         self.spec = spec
+        self.launcher = launcher
         self.rank = spec.rank if spec is not None else -1
         self.env: dict[str, str] = {}
-        self.process: subprocess.Popen | None = None
+        self.process: Process | None = None
         self._pidfd: int | None = None
         self.step_conn: Connection | None = None
         self.ctrl_conn: Connection | None = None
@@ -53,29 +52,16 @@ class RankProcess:
         return self.process is not None and self.exitcode is None
 
     @classmethod
-    def spare(cls, env: tuple[tuple[str, str], ...]) -> RankProcess:
+    def spare(cls, env: tuple[tuple[str, str], ...], launcher: Launcher) -> RankProcess:
         """A worker process started before it is needed: it imports torch and transformers, then waits for
         the WorkerSpec that makes it a rank (`assign`). It holds no device until then."""
-        proc = cls(None)
+        proc = cls(None, launcher)
         proc._popen(env)
         return proc
 
     def _popen(self, env: tuple[tuple[str, str], ...]) -> None:
-        # A fresh interpreter running `python -m neurond.worker`, not multiprocessing's spawn: spawn re-imports
-        # the leader's __main__ in the child, and the worker should carry nothing of the leader.
-        step_parent, step_child = multiprocessing.Pipe(duplex=True)
-        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
-        fds = (step_child.fileno(), ctrl_child.fileno())
         self.env = dict(env)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, **self.env),
-        )
-        step_child.close()
-        ctrl_child.close()
-        self.step_conn, self.ctrl_conn = step_parent, ctrl_parent
+        self.process, self.step_conn, self.ctrl_conn = self.launcher.launch(env)
 
     @property
     def imported(self) -> bool:

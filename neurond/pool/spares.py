@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 
+from neurond.pool.launcher import Launcher
 from neurond.pool.ranks import RankProcess
 
 log = logging.getLogger("neurond.pool")
 
 
 class SpareWorkers:
-    def __init__(self, count: int, env: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, count: int, env: tuple[tuple[str, str], ...], launcher: Launcher) -> None:
         self.count = count
         self.env = env
+        self.launcher = launcher
         self._idle: list[RankProcess] = []
         self.closed = False
 
@@ -29,7 +31,7 @@ class SpareWorkers:
         """Start spares until `count` are alive."""
         self._idle = [proc for proc in self._idle if self._alive(proc)]
         while not self.closed and len(self._idle) < self.count:
-            proc = RankProcess.spare(self.env)
+            proc = RankProcess.spare(self.env, self.launcher)
             log.info("spare worker started as pid %s", proc.pid)
             self._idle.append(proc)
 

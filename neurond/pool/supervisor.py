@@ -25,6 +25,7 @@ from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incide
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder
+from neurond.pool.launcher import Launcher
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
 
@@ -54,6 +55,7 @@ class Snapshot:
     current_incident: str | None
     pids: dict[int, int | None]  # rank -> its process id (None: not started yet)
     spare_pids: list[int]
+    zygote_pid: int | None  # the worker zygote (pool/launcher.py), when one runs
     spares_ready: int
     load_progress: dict[int, p.LoadProgress]
     last_cause: Cause | None
@@ -130,7 +132,9 @@ class Supervisor:
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
         # Started when the model is first healthy (not while the first ranks load and import), and again
         # whenever the pool takes one, so the next is importing while the replaced rank loads.
-        self.spares = SpareWorkers(config.spare_workers, RANK_ENV + _compile_env(config))
+        env = RANK_ENV + _compile_env(config)
+        self.launcher = Launcher(env, zygote=config.worker_zygote and config.device == "cpu")
+        self.spares = SpareWorkers(config.spare_workers, env, self.launcher)
         self.ladder = RepairLadder.from_config(config, self._emit, self._restart_pool)
 
     # ------------------------------------------------------------------ state for readers
@@ -144,6 +148,7 @@ class Supervisor:
             state=self.state, model=self.config.model_name(), model_dir=self.model_dir, tp_size=self.config.tp_size,
             incidents=self.incidents, current_incident=self.current_incident,
             pids=pool.pids() if pool is not None else {}, spare_pids=self.spares.pids(),
+            zygote_pid=next(iter(self.launcher.pids()), None),
             spares_ready=self.spares.ready(), load_progress=dict(self.load_progress),
             last_cause=self.lifecycle.last_cause, transitions=tuple(self.history), kv_blocks=self.kv_blocks,
             rank_kv_blocks={} if pool is None else {r: int(i.get("kv_blocks", 0)) for r, i in pool.load_info.items()})
@@ -215,7 +220,7 @@ class Supervisor:
                         load_stall_timeout_s=self.config.load_stall_timeout_s,
                         comm_timeout_s=self.config.comm_timeout_s,
                         spec_hook=self._at_spawn, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
-                        spares=self.spares)
+                        spares=self.spares, launcher=self.launcher)
 
     def _on_load_progress(self, progress: p.LoadProgress) -> None:
         previous = self.load_progress.get(progress.rank)
@@ -416,4 +421,5 @@ class Supervisor:
             self._send("stop", Cause("shutdown"))
         self.spares.close()
         await self._stop_pool()
+        self.launcher.close()
 

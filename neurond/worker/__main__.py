@@ -42,20 +42,29 @@ def main() -> None:
     from neurond.worker.main import _die_with_parent
 
     _die_with_parent()  # a spare waits for a spec that may never come: it must not outlive the leader
-    # SIGUSR1 dumps every thread's Python stack to stderr (the journal): the leader sends it to a rank it is about
-    # to kill for not answering, so the operator sees where it was stuck.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     step_conn = Connection(int(sys.argv[1]))
     ctrl_conn = Connection(int(sys.argv[2]))
     preimport()
+    serve(step_conn, ctrl_conn)
+
+
+def serve(step_conn: Connection, ctrl_conn: Connection) -> None:
+    """Say the imports are done, wait for the spec, run the rank; never returns. The part of a worker's start
+    that a process forked from the zygote (worker/zygote.py) shares with one started from scratch."""
+    # SIGUSR1 dumps every thread's Python stack to stderr (the journal): the leader sends it to a rank it is about
+    # to kill for not answering, so the operator sees where it was stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     from neurond.protocol import Imported
 
     try:
         ctrl_conn.send(Imported(os.getpid()))
         spec = step_conn.recv()
     except (EOFError, OSError):  # the leader went away (or closed an unused spare)
-        sys.exit(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     from neurond.worker.main import run_worker
 
     run_worker(spec, step_conn, ctrl_conn)

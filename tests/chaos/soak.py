@@ -297,6 +297,8 @@ async def _soak(report: SoakReport, daemon, admin_socket: str, token: str, track
     pool = {int(pid) for pid in status["pids"].values() if pid is not None}
     report.pool_size_at_end = len(pool)
     pool |= set(status.get("spare_pids", []))  # spares are the pool's too (and must be gone after stop)
+    if status.get("zygote_pid"):
+        pool.add(status["zygote_pid"])  # the worker zygote ranks are forked from (gone after stop too)
     tracker.note(pool)
     report.engine_stats = status.get("requests", {})
     report.stray_processes = {pid: state for pid, state in probes.descendants(leader).items() if pid not in pool}

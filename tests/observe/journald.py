@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Daemon
+from tests.conftest import REPO, Daemon, is_zygote
 
 WRAPPER = Path(__file__).with_name("private-journal.sh")
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -110,7 +110,7 @@ class WrappedDaemon(Daemon):
 
     def worker_pids(self) -> list[int]:
         leader = self.leader_pid()
-        return _children(leader) if leader else []
+        return [pid for pid in _children(leader) if not is_zygote(pid)] if leader else []
 
 
 def _children(pid: int) -> list[int]:

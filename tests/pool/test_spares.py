@@ -1,6 +1,9 @@
 """Spare worker processes (pool/spares.py): a rank replaced in a repair takes the spare (its imports done)
 instead of starting a fresh interpreter, a new spare is started once the model is healthy again, a spare's own
-death is nobody's incident, and none outlives the daemon."""
+death is nobody's incident, and none outlives the daemon.
+
+These daemons start workers from scratch (worker_zygote off), as CUDA ranks do: that is where spares save the
+imports. (With the zygote, a spare is forked from it like any rank: tests/pool/test_fault_matrix.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import time
 
 from tests.conftest import alive, chat_body
 from tests.faults import fault_daemon, wait_ready
+
+FROM_SCRATCH = {"NEUROND_WORKER_ZYGOTE": "false"}
 
 
 def _spares(d, timeout: float = 30) -> list[int]:
@@ -43,7 +48,7 @@ def _replaced(d, rank_pid: int, timeout: float = 90) -> dict:
 
 
 def test_a_replaced_rank_takes_the_spare(start_daemon, tmp_path):
-    d = fault_daemon(start_daemon, tmp_path, 1, env={"NEUROND_SPARE_WORKERS": "1"})
+    d = fault_daemon(start_daemon, tmp_path, 1, env={"NEUROND_SPARE_WORKERS": "1", **FROM_SCRATCH})
     (spare,) = _spares(d)
     _wait_imported(d, 1)
     rank = d.admin.status()["pids"]["0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from neurond.pool import spares as spares_module
+from neurond.pool.launcher import Launcher
 from neurond.pool.spares import SpareWorkers
 
 ENV = (("A", "1"),)
@@ -30,8 +31,8 @@ class FakeSpare:
 
 
 def _spares(monkeypatch, count: int) -> SpareWorkers:
-    monkeypatch.setattr(spares_module.RankProcess, "spare", staticmethod(lambda env: FakeSpare()))
-    s = SpareWorkers(count, ENV)
+    monkeypatch.setattr(spares_module.RankProcess, "spare", staticmethod(lambda env, launcher: FakeSpare()))
+    s = SpareWorkers(count, ENV, Launcher())
     s.fill()
     return s
 

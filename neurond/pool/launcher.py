@@ -1,0 +1,209 @@
+"""How the leader starts a worker process: forked by the zygote, or from scratch.
+
+From scratch is a fresh interpreter running `python -m neurond.worker` (not multiprocessing's spawn, which
+re-imports the leader's __main__ in the child: the worker should carry nothing of the leader). It imports torch and
+transformers itself: seconds of CPU before it can take its spec.
+
+The zygote (worker/zygote.py) did those imports once; a worker forked from it is ready in milliseconds, so a
+replaced rank, a spare's replacement and a full reload's ranks skip them. The leader becomes a child subreaper so
+that the forked workers, orphaned by the zygote's double fork, are its own children: it waits for them and reads
+their exit status exactly as for a worker it started itself (`Adopted`), and they die with it (PR_SET_PDEATHSIG).
+
+A launch never waits for the zygote: one asked for while it is still importing, after it died, or for another
+environment starts from scratch, and a dead or unresponsive zygote is replaced in the background. Only a pool's
+first start waits for it (`wait_ready`, bounded by the load deadline), since its ranks would import as long.
+
+The zygote is used where it was proven: CPU ranks. Forking a process that imported torch is safe for CUDA only if
+nothing in the imports initialised the driver; that is still to be measured on the GPU, so CUDA ranks start from
+scratch (and spares hide the imports there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+
+log = logging.getLogger("neurond.pool")
+
+PID = struct.Struct("i")  # the zygote's answer (worker/zygote.py)
+FORK_TIMEOUT_S = 2.0  # a fork of the zygote takes milliseconds; longer, and it is replaced
+PR_SET_CHILD_SUBREAPER = 36
+
+Env = tuple[tuple[str, str], ...]
+
+
+class Adopted:
+    """A worker forked by the zygote and adopted by the leader: the parts of subprocess.Popen the pool uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not our child (never adopted): its status is lost
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.01)
+        return code
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+Process = subprocess.Popen | Adopted
+
+
+class Zygote:
+    """The leader's side of one zygote process, started with `env`."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.ready = False
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "neurond.worker.zygote", str(child.fileno())],
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=dict(os.environ, **dict(env)))
+        child.close()
+        self.sock.setblocking(False)
+        log.info("worker zygote started as pid %s", self.process.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def poll_ready(self) -> bool:
+        """Whether the zygote said its imports are done (never blocks)."""
+        if not self.ready and self.alive:
+            try:
+                self.ready = self.sock.recv(16) == b"ready"
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                pass
+        return self.ready and self.alive
+
+    def fork(self, fds: tuple[int, int]) -> int:
+        """The pid of a worker forked on these pipe ends, already the leader's child. OSError on failure."""
+        self.sock.settimeout(FORK_TIMEOUT_S)
+        try:
+            socket.send_fds(self.sock, [b"fork"], list(fds))
+            data = self.sock.recv(16)
+        finally:
+            self.sock.setblocking(False)
+        if len(data) != PID.size:
+            raise OSError(f"the zygote answered {data!r}")
+        pid = PID.unpack(data)[0]
+        if pid < 0:
+            raise OSError(-pid, f"the zygote could not fork: {os.strerror(-pid)}")
+        return pid
+
+    def close(self) -> None:
+        self.sock.close()  # EOF: the zygote exits by itself
+        if self.process.poll() is None:
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class Launcher:
+    """Starts worker processes with `env` over the leader's environment; forks them from a zygote when
+    `zygote` is set and it is ready."""
+
+    def __init__(self, env: Env = (), zygote: bool = False) -> None:
+        self.env = env
+        self.use_zygote = zygote
+        self.zygote: Zygote | None = None  # started by the first pool's start (wait_ready)
+        self.closed = False
+
+    def launch(self, env: Env) -> tuple[Process, Connection, Connection]:
+        """A started worker process and the leader's ends of its step and control pipes."""
+        step_parent, step_child = multiprocessing.Pipe(duplex=True)
+        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
+        fds = (step_child.fileno(), ctrl_child.fileno())
+        try:
+            process = self._fork(env, fds) or _exec(env, fds)
+        finally:
+            step_child.close()
+            ctrl_child.close()
+        return process, step_parent, ctrl_parent
+
+    def _fork(self, env: Env, fds: tuple[int, int]) -> Adopted | None:
+        zygote = self.zygote
+        if zygote is None or self.closed or dict(env) != dict(self.env):
+            return None
+        if not zygote.poll_ready():
+            if not zygote.alive:
+                log.warning("worker zygote pid %s exited with code %s; starting another", zygote.process.pid,
+                            zygote.process.returncode)
+                self._replace()
+            return None
+        try:
+            return Adopted(zygote.fork(fds))
+        except OSError as exc:
+            log.warning("worker zygote pid %s failed to fork (%s); starting another", zygote.process.pid, exc)
+            self._replace()
+            return None
+
+    def _replace(self) -> None:
+        old = self.zygote
+        if old is not None:
+            old.process.kill()
+            old.close()
+        self.zygote = Zygote(self.env)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until the zygote is ready to fork (or gone, or `timeout_s` passed: launches then start from scratch)."""
+        if self.use_zygote and self.zygote is None and not self.closed:
+            _become_subreaper()  # before the first fork: the zygote's workers must be orphaned to the leader
+            self.zygote = Zygote(self.env)
+        deadline = time.monotonic() + timeout_s
+        while (zygote := self.zygote) is not None and not self.closed and zygote.alive \
+                and not zygote.poll_ready() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        return [self.zygote.process.pid] if self.zygote is not None and self.zygote.alive else []
+
+    def close(self) -> None:
+        self.closed = True
+        if self.zygote is not None:
+            self.zygote.close()
+
+
+def _exec(env: Env, fds: tuple[int, int]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
+                            pass_fds=fds, stdin=subprocess.DEVNULL, env=dict(os.environ, **dict(env)))
+
+
+def _become_subreaper() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")

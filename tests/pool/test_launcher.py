@@ -1,0 +1,74 @@
+"""The worker zygote (pool/launcher.py, worker/zygote.py): ranks forked from it are the leader's own children,
+their deaths read with the right exit status and repaired as before; a dead zygote is replaced while the repair
+that found it starts its rank from scratch; none of it outlives the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.conftest import alive, chat_body, is_zygote
+from tests.faults import fault_daemon, wait_ready
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _replaced(d, rank: str, old_pid: int, timeout: float = 90) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = d.admin.status()
+        if status["state"] == "healthy" and status["pids"].get(rank) not in (None, old_pid):
+            return status
+        time.sleep(0.05)
+    raise TimeoutError(f"rank {rank} was not replaced:\n{d.log()[-4000:]}")
+
+
+def test_ranks_are_forked_adopted_repaired_and_reaped(start_daemon, tmp_path):
+    d = fault_daemon(start_daemon, tmp_path, 2)
+    leader = d.proc.pid
+    status = d.admin.status()
+    zygote, ranks = status["zygote_pid"], status["pids"]
+    assert zygote and is_zygote(zygote) and _ppid(zygote) == leader
+    for pid in ranks.values():  # forked by the zygote, adopted by the leader
+        assert _ppid(pid) == leader and _comm(pid) == "neurond-worker"
+    assert sorted(d.children()) == sorted([zygote, *ranks.values()])
+
+    # A forked rank's death is read with its real exit status, and its replacement is forked too.
+    os.kill(ranks["1"], signal.SIGKILL)
+    status = _replaced(d, "1", ranks["1"])
+    assert "rank 1: process exited with code -9" in d.log()
+    new = status["pids"]["1"]
+    assert _ppid(new) == leader and _comm(new) == "neurond-worker" and status["zygote_pid"] == zygote
+    assert d.chat(chat_body(max_tokens=6, temperature=0))[0] == 200
+
+    # A dead zygote: the next repair starts its rank from scratch (it never waits for a new zygote's imports),
+    # a new zygote is started, and the one after forks from it.
+    os.kill(zygote, signal.SIGKILL)
+    time.sleep(0.5)
+    os.kill(new, signal.SIGKILL)
+    status = _replaced(d, "1", new)
+    scratch = status["pids"]["1"]
+    assert _comm(scratch) != "neurond-worker"  # a fresh interpreter, not a fork
+    assert f"worker zygote pid {zygote} exited with code -9; starting another" in d.log()
+    t0 = time.monotonic()
+    while not ((second := d.admin.status()["zygote_pid"]) and second != zygote and is_zygote(second)):
+        assert time.monotonic() - t0 < 90, d.log()[-4000:]
+        time.sleep(0.1)
+    os.kill(scratch, signal.SIGKILL)
+    _replaced(d, "1", scratch)
+    # (the second zygote may still be importing: this replacement is forked or fresh, and either is fine)
+    wait_ready(d)
+    assert d.chat(chat_body(max_tokens=6, temperature=0))[0] == 200
+
+    children = d.children()
+    d.stop()  # asserts that no rank is left
+    assert not any(alive(pid) for pid in children), "the zygote or a rank outlived the daemon"
+    assert not alive(zygote) and not alive(second)
