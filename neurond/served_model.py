@@ -29,6 +29,8 @@ class ServedModel:
 
     name: str
     tokenizer: ChatTokenizer
+    #: The served context window: the model's own (max_position_embeddings), capped by max_model_len where that
+    #: is set. Prompt + completion must fit it; each rank's KV cache holds it per sequence.
     context_len: int
     stop_token_ids: frozenset[int]
     created: int
@@ -52,7 +54,8 @@ def resolve_model_dir(config: Config) -> Path:
     return target
 
 
-def load_served_model(model_dir: Path, name: str) -> ServedModel:
+def load_served_model(model_dir: Path, name: str, max_model_len: int = 0) -> ServedModel:
+    """The model as the API serves it; `max_model_len` (0: none) caps its context window."""
     # Not transformers' tokenizer classes: on some versions importing them loads torch (and CUDA libraries),
     # and the leader must not (tests check libtorch is never mapped here).
     from neurond.engine.tokenizer import ChatTokenizer
@@ -60,6 +63,8 @@ def load_served_model(model_dir: Path, name: str) -> ServedModel:
     tokenizer = ChatTokenizer(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     context = int(cfg.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
+    if max_model_len > 0:
+        context = min(context, max_model_len)
     stop_ids: set[int] = set()
     for source in (cfg, _read_json(model_dir / "generation_config.json")):
         eos = source.get("eos_token_id")

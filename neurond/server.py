@@ -14,7 +14,6 @@ tokenizers library, and all tensor work happens in the rank workers.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -110,7 +109,7 @@ class Server:
     async def _serve(self, loop) -> int:
         c = self.config
         model_dir = await asyncio.to_thread(resolve_model_dir, c)
-        model = await asyncio.to_thread(load_served_model, model_dir, c.model_name())
+        model = await asyncio.to_thread(load_served_model, model_dir, c.model_name(), c.max_model_len)
         try:
             listener = bind_http(c.host, c.port)
         except OSError as exc:
@@ -119,9 +118,6 @@ class Server:
         self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
         # The journal, the metrics and STATUS= see the same events.
         events = TeeSink(JournalSink(), self.metrics, self.status)
-        # The served context window: the model's, capped by max_model_len where that is set (what each KV cache
-        # slot holds).
-        model = dataclasses.replace(model, context_len=min(model.context_len, c.max_model_len or model.context_len))
         self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
                                                   context_len=model.context_len)
         self.status.incidents = lambda: supervisor.incidents

@@ -104,10 +104,10 @@ def _ms_since(t0: float) -> int:
 
 
 class Supervisor:
-    def __init__(self, config: Config, model_dir: str, events: EventSink | None = None,
-                 context_len: int | None = None) -> None:
-        #: Tokens per sequence the ranks' KV caches hold (the served context window).
-        self.context_len = context_len or config.max_model_len
+    def __init__(self, config: Config, model_dir: str, context_len: int, events: EventSink | None = None) -> None:
+        #: Tokens per sequence the ranks' KV caches hold: the served context window (ServedModel.context_len,
+        #: resolved there from the model and max_model_len).
+        self.context_len = context_len
         self.events = events if events is not None else EventSink()
         self._fault_at: float | None = None
         self.config = config
