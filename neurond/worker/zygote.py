@@ -26,6 +26,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 from multiprocessing.connection import Connection
 
 from neurond.worker.__main__ import preimport, serve
@@ -50,6 +51,9 @@ def main() -> None:
     leader = os.getppid()
     sock = socket.socket(fileno=int(sys.argv[1]))
     preimport()
+    # Python 3.12 warns on fork() in a process with more than one thread. The only other thread here is numpy's
+    # OpenBLAS server, idle (nothing computed yet), which its own pthread_atfork handler shuts down before a fork.
+    warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
     sock.send(b"ready")
     while True:
         try:
