@@ -14,8 +14,9 @@ fault -> abort -> repair -> recovered with the cheapest ladder rung that fits:
   death and keeps its process and weights.
 
 The daemon keeps two spare workers (pool/spares.py), as in production: a replaced rank takes one whose imports
-are done instead of importing torch on the repair's critical path, and the spare's own replacement imports while
-the next case runs. That is the path production repairs take; the leader's children are its ranks and its spares.
+are done instead of importing torch on the repair's critical path. On CPU ranks and spares are forked from the
+worker zygote (pool/launcher.py), so a spare's replacement is ready at once; the leader's children are its ranks,
+its spares and the zygote. (tests/pool/test_spares.py covers spares started from scratch, as CUDA ranks are.)
 """
 
 from __future__ import annotations
