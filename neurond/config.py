@@ -91,9 +91,9 @@ class Config:
     spare_workers: int = 2
     #: Fork rank processes from one process that imported torch and transformers once (the worker zygote)
     #: instead of starting each from scratch: a replaced rank or a spare is ready in milliseconds, not seconds
-    #: of imports. CPU ranks only for now: on CUDA devices ranks start from scratch until the zygote is measured
-    #: there. false: always from scratch.
-    worker_zygote: bool = True
+    #: of imports. "cpu": for CPU ranks (device cpu, or auto on a machine without an NVIDIA driver); CUDA ranks
+    #: start from scratch until the zygote is measured there. "all": CUDA ranks too (to measure it). "off": never.
+    worker_zygote: str = "cpu"
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---
@@ -170,6 +170,8 @@ class Config:
             raise ConfigError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.worker_zygote not in ("cpu", "all", "off"):
+            raise ConfigError(f"worker_zygote must be cpu, all or off, got {self.worker_zygote!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if not 0 < self.port < 65536:

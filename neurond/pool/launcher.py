@@ -198,6 +198,14 @@ class Launcher:
             self.zygote.close()
 
 
+def zygote_wanted(setting: str, device: str) -> bool:
+    """Whether ranks are forked from the zygote (`worker_zygote`). "cpu" leaves CUDA ranks out; with device auto
+    the leader, which never touches CUDA, takes the machine for CPU-only when it has no NVIDIA driver loaded."""
+    if setting != "cpu":
+        return setting == "all"
+    return device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia"))
+
+
 def _exec(env: Env, fds: tuple[int, int]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "neurond.worker", str(fds[0]), str(fds[1])],
                             pass_fds=fds, stdin=subprocess.DEVNULL, env=dict(os.environ, **dict(env)))

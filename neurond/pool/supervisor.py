@@ -25,7 +25,7 @@ from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incide
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder
-from neurond.pool.launcher import Launcher
+from neurond.pool.launcher import Launcher, zygote_wanted
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
 
@@ -133,7 +133,7 @@ class Supervisor:
         # Started when the model is first healthy (not while the first ranks load and import), and again
         # whenever the pool takes one, so the next is importing while the replaced rank loads.
         env = RANK_ENV + _compile_env(config)
-        self.launcher = Launcher(env, zygote=config.worker_zygote and config.device == "cpu")
+        self.launcher = Launcher(env, zygote=zygote_wanted(config.worker_zygote, config.device))
         self.spares = SpareWorkers(config.spare_workers, env, self.launcher)
         self.ladder = RepairLadder.from_config(config, self._emit, self._restart_pool)
 

@@ -9,6 +9,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
+from neurond.config import Config, ConfigError
+from neurond.pool.launcher import zygote_wanted
 from tests.conftest import alive, chat_body, is_zygote
 from tests.faults import fault_daemon, wait_ready
 
@@ -72,3 +76,15 @@ def test_ranks_are_forked_adopted_repaired_and_reaped(start_daemon, tmp_path):
     d.stop()  # asserts that no rank is left
     assert not any(alive(pid) for pid in children), "the zygote or a rank outlived the daemon"
     assert not alive(zygote) and not alive(second)
+
+
+def test_which_ranks_the_zygote_forks(monkeypatch):
+    assert zygote_wanted("cpu", "cpu") and not zygote_wanted("cpu", "cuda")
+    assert zygote_wanted("all", "cuda") and not zygote_wanted("off", "cpu")
+    # device auto: CPU ranks unless the machine has an NVIDIA driver (the leader never asks CUDA itself)
+    for driver in (False, True):
+        monkeypatch.setattr("neurond.pool.launcher.os.path.exists",
+                            lambda path, driver=driver: driver and path == "/proc/driver/nvidia")
+        assert zygote_wanted("cpu", "auto") is not driver
+    with pytest.raises(ConfigError, match="worker_zygote must be cpu, all or off"):
+        Config(worker_zygote="yes").validate()

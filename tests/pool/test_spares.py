@@ -14,7 +14,7 @@ import time
 from tests.conftest import alive, chat_body
 from tests.faults import fault_daemon, wait_ready
 
-FROM_SCRATCH = {"NEUROND_WORKER_ZYGOTE": "false"}
+FROM_SCRATCH = {"NEUROND_WORKER_ZYGOTE": "off"}
 
 
 def _spares(d, timeout: float = 30) -> list[int]:
