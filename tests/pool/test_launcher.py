@@ -88,3 +88,30 @@ def test_which_ranks_the_zygote_forks(monkeypatch):
         assert zygote_wanted("cpu", "auto") is not driver
     with pytest.raises(ConfigError, match="worker_zygote must be cpu, all or off"):
         Config(worker_zygote="yes").validate()
+
+
+def test_an_adopted_worker_reads_like_popen():
+    """Exit status as subprocess.Popen gives it: the code, or minus the signal; kill and wait as Popen's."""
+    import subprocess
+
+    from neurond.pool.launcher import Adopted
+
+    def forked(body) -> Adopted:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                body()
+            finally:
+                os._exit(0)
+        return Adopted(pid)
+
+    exits = forked(lambda: os._exit(3))
+    assert exits.wait(10) == 3 and exits.poll() == 3
+    sleeper = forked(lambda: time.sleep(60))
+    assert sleeper.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        sleeper.wait(0.05)
+    sleeper.kill()
+    assert sleeper.wait(10) == -signal.SIGKILL
+    sleeper.kill()  # once reaped: nothing to signal, no error
+    assert Adopted(os.getpid()).poll() == -1  # not a child: its status is not ours to read
