@@ -14,8 +14,10 @@ environment starts from scratch, and a dead or unresponsive zygote is replaced i
 first start waits for it (`wait_ready`, bounded by the load deadline), since its ranks would import as long.
 
 The zygote is used where it was proven: CPU ranks. Forking a process that imported torch is safe for CUDA only if
-nothing in the imports initialised the driver; that is still to be measured on the GPU, so CUDA ranks start from
-scratch (and spares hide the imports there).
+nothing in the imports initialised the driver; that is still to be measured on the GPU (scripts/probe-zygote-cuda),
+so CUDA ranks start from scratch (and spares hide the imports there). One more thing to settle there: as a
+subreaper the leader also inherits a dead rank's own children (torch.compile's compile workers on CUDA) and must
+reap them when they exit; CPU ranks start none.
 """
 
 from __future__ import annotations
