@@ -46,7 +46,7 @@ def test_every_event_has_its_id_fields_priority_and_greppable_message(captured):
 def test_code_fields_name_the_deciding_code_not_the_plumbing(captured):
     from neurond.pool.supervisor import Supervisor
 
-    sup = Supervisor(Config(), "/nonexistent", events=journal.JournalSink())
+    sup = Supervisor(Config(), "/nonexistent", 4096, events=journal.JournalSink())
 
     def deciding_site():
         sup._send("loaded", Cause("startup"))  # -> lifecycle -> after_transition -> _emit -> emit -> sink

@@ -120,7 +120,7 @@ def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_re
 
     async def scenario() -> list[tuple[int, int]]:
         sink = Recorder()
-        sup = Supervisor(Config(spare_workers=0), "/nonexistent", events=sink)
+        sup = Supervisor(Config(spare_workers=0), "/nonexistent", 4096, events=sink)
         for counts in [(0, 2 * GIB, 0, 2), (GIB // 2, 2 * GIB, 0, 2), (GIB, 2 * GIB, 1, 2), (GIB + 1, 2 * GIB, 1, 2),
                        (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2),
                        (0, 2 * GIB, 0, 2)]:  # ... bytes within files, the warm-up's repeats, then a new load

@@ -8,7 +8,7 @@ from neurond.pool.supervisor import Supervisor
 
 
 def test_a_repair_spawns_ranks_that_capture_lazily():
-    sup = Supervisor(Config(), "/nonexistent-model")
+    sup = Supervisor(Config(), "/nonexistent-model", 4096)
     spec = sup._specs()[0]
     assert spec.capture_at_load is True
     assert sup._at_spawn(spec).capture_at_load is True  # first start: everything captured before `loaded`
@@ -22,7 +22,7 @@ def test_a_repair_spawns_ranks_that_capture_lazily():
 def test_every_rank_is_told_the_kv_cache_layout():
     """0: the static slot cache, no block tables; N: a paged cache of exactly the N blocks the leader hands out."""
     sup = Supervisor(Config(max_batch_size=4, max_model_len=100, kv_block_size=16, kv_cache_blocks=0), "/nonexistent-model",
-                     context_len=64)
+                     64)
     assert [(s.kv_blocks, s.kv_block_size, s.max_len) for s in sup._specs()] == [(0, 16, 64)]
-    sup = Supervisor(Config(kv_cache_blocks=123, kv_block_size=32), "/nonexistent-model")
+    sup = Supervisor(Config(kv_cache_blocks=123, kv_block_size=32), "/nonexistent-model", 4096)
     assert sup._specs()[0].kv_blocks == 123 and sup._specs()[0].kv_block_size == 32
