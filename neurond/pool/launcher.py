@@ -39,6 +39,9 @@ log = logging.getLogger("neurond.pool")
 
 PID = struct.Struct("i")  # the zygote's answer (worker/zygote.py)
 FORK_TIMEOUT_S = 2.0  # a fork of the zygote takes milliseconds; longer, and it is replaced
+# Zygotes that died or failed to fork in a row before the launcher stops starting them (one that cannot import
+# would otherwise be restarted at every launch, seconds of CPU each, while ranks start from scratch anyway).
+MAX_ZYGOTE_FAILURES = 3
 PR_SET_CHILD_SUBREAPER = 36
 
 Env = tuple[tuple[str, str], ...]
@@ -144,6 +147,7 @@ class Launcher:
         self.use_zygote = zygote
         self.zygote: Zygote | None = None  # started by the first pool's start (wait_ready)
         self.closed = False
+        self._failures = 0  # zygotes lost in a row (reset by a fork)
 
     def launch(self, env: Env) -> tuple[Process, Connection, Connection]:
         """A started worker process and the leader's ends of its step and control pipes."""
@@ -168,7 +172,9 @@ class Launcher:
                 self._replace()
             return None
         try:
-            return Adopted(zygote.fork(fds))
+            process = Adopted(zygote.fork(fds))
+            self._failures = 0
+            return process
         except OSError as exc:
             log.warning("worker zygote pid %s failed to fork (%s); starting another", zygote.process.pid, exc)
             self._replace()
@@ -179,6 +185,11 @@ class Launcher:
         if old is not None:
             old.process.kill()
             old.close()
+        self._failures += 1
+        if self._failures >= MAX_ZYGOTE_FAILURES:
+            log.error("worker zygote lost %d times in a row; ranks start from scratch from now on", self._failures)
+            self.zygote, self.use_zygote = None, False
+            return
         self.zygote = Zygote(self.env)
 
     async def wait_ready(self, timeout_s: float) -> None:

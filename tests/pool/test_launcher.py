@@ -115,3 +115,42 @@ def test_an_adopted_worker_reads_like_popen():
     assert sleeper.wait(10) == -signal.SIGKILL
     sleeper.kill()  # once reaped: nothing to signal, no error
     assert Adopted(os.getpid()).poll() == -1  # not a child: its status is not ours to read
+
+
+def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
+    """Each launch that finds the zygote dead starts the rank from scratch and a new zygote; after
+    MAX_ZYGOTE_FAILURES in a row no more are started (one that cannot import would cost seconds per launch)."""
+    import asyncio
+    import types
+
+    from neurond.pool import launcher
+
+    started = []
+
+    class DeadZygote:
+        alive = False
+
+        def __init__(self, env) -> None:
+            started.append(self)
+            self.process = types.SimpleNamespace(pid=1, returncode=1, kill=lambda: None)
+
+        def poll_ready(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(launcher, "Zygote", DeadZygote)
+    monkeypatch.setattr(launcher, "_exec", lambda env, fds: "from scratch")
+    monkeypatch.setattr(launcher, "_become_subreaper", lambda: None)
+    env = (("A", "1"),)
+    la = launcher.Launcher(env, zygote=True)
+    asyncio.run(la.wait_ready(0.2))  # a pool's start: returns once the zygote is gone
+    assert len(started) == 1
+    for _ in range(2 * launcher.MAX_ZYGOTE_FAILURES):
+        process, step, ctrl = la.launch(env)
+        step.close()
+        ctrl.close()
+        assert process == "from scratch"
+    asyncio.run(la.wait_ready(0.2))  # a later pool (a full reload) does not start one either
+    assert len(started) == launcher.MAX_ZYGOTE_FAILURES and la.pids() == []
