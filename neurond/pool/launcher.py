@@ -151,34 +151,44 @@ class Launcher:
 
     def launch(self, env: Env) -> tuple[Process, Connection, Connection]:
         """A started worker process and the leader's ends of its step and control pipes."""
-        step_parent, step_child = multiprocessing.Pipe(duplex=True)
-        ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
-        fds = (step_child.fileno(), ctrl_child.fileno())
+        if self._zygote_ready(env):
+            assert self.zygote is not None
+            step_parent, step_child, ctrl_parent, ctrl_child = _pipes()
+            try:
+                pid = self.zygote.fork((step_child.fileno(), ctrl_child.fileno()))
+            except OSError as exc:
+                log.warning("worker zygote pid %s failed to fork (%s); starting another", self.zygote.process.pid,
+                            exc)
+                # Never reused for the fallback: a fork that answered late would give its worker these pipes
+                # too. Closed, such a worker reads EOF instead of a spec and exits.
+                for conn in (step_parent, step_child, ctrl_parent, ctrl_child):
+                    conn.close()
+                self._replace()
+            else:
+                self._failures = 0
+                step_child.close()
+                ctrl_child.close()
+                return Adopted(pid), step_parent, ctrl_parent
+        step_parent, step_child, ctrl_parent, ctrl_child = _pipes()
         try:
-            process = self._fork(env, fds) or _exec(env, fds)
+            process = _exec(env, (step_child.fileno(), ctrl_child.fileno()))
         finally:
             step_child.close()
             ctrl_child.close()
         return process, step_parent, ctrl_parent
 
-    def _fork(self, env: Env, fds: tuple[int, int]) -> Adopted | None:
+    def _zygote_ready(self, env: Env) -> bool:
+        """Whether this launch can fork from the zygote; replaces one found dead."""
         zygote = self.zygote
         if zygote is None or self.closed or dict(env) != dict(self.env):
-            return None
-        if not zygote.poll_ready():
-            if not zygote.alive:
-                log.warning("worker zygote pid %s exited with code %s; starting another", zygote.process.pid,
-                            zygote.process.returncode)
-                self._replace()
-            return None
-        try:
-            process = Adopted(zygote.fork(fds))
-            self._failures = 0
-            return process
-        except OSError as exc:
-            log.warning("worker zygote pid %s failed to fork (%s); starting another", zygote.process.pid, exc)
+            return False
+        if zygote.poll_ready():
+            return True
+        if not zygote.alive:
+            log.warning("worker zygote pid %s exited with code %s; starting another", zygote.process.pid,
+                        zygote.process.returncode)
             self._replace()
-            return None
+        return False
 
     def _replace(self) -> None:
         old = self.zygote
@@ -217,6 +227,13 @@ def zygote_wanted(setting: str, device: str) -> bool:
     if setting != "cpu":
         return setting == "all"
     return device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia"))
+
+
+def _pipes() -> tuple[Connection, Connection, Connection, Connection]:
+    """The step pipe's and the control pipe's ends: (step parent, step child, control parent, control child)."""
+    step_parent, step_child = multiprocessing.Pipe(duplex=True)
+    ctrl_parent, ctrl_child = multiprocessing.Pipe(duplex=True)
+    return step_parent, step_child, ctrl_parent, ctrl_child
 
 
 def _exec(env: Env, fds: tuple[int, int]) -> subprocess.Popen:

@@ -154,3 +154,44 @@ def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
         assert process == "from scratch"
     asyncio.run(la.wait_ready(0.2))  # a later pool (a full reload) does not start one either
     assert len(started) == launcher.MAX_ZYGOTE_FAILURES and la.pids() == []
+
+
+def test_a_failed_fork_falls_back_on_fresh_pipes(monkeypatch):
+    """A fork that timed out may still happen later: its worker must not share the pipes of the rank started
+    from scratch instead (it would read that rank's spec). The fallback gets new pipes; the zygote is replaced."""
+    import types
+
+    from neurond.pool import launcher
+
+    sent, given, started = [], [], []
+
+    class StuckZygote:
+        alive = True
+
+        def __init__(self, env) -> None:
+            started.append(self)
+            self.process = types.SimpleNamespace(pid=1, returncode=None, kill=lambda: None)
+
+        def poll_ready(self) -> bool:
+            return True
+
+        def fork(self, fds) -> int:
+            sent.extend(os.fstat(fd).st_ino for fd in fds)
+            raise OSError("timed out")
+
+        def close(self) -> None:
+            pass
+
+    def scratch(env, fds):
+        given.extend(os.fstat(fd).st_ino for fd in fds)
+        return "from scratch"
+
+    monkeypatch.setattr(launcher, "Zygote", StuckZygote)
+    monkeypatch.setattr(launcher, "_exec", scratch)
+    la = launcher.Launcher((), zygote=True)
+    la.zygote = StuckZygote(())
+    process, step, ctrl = la.launch(())
+    assert process == "from scratch" and len(started) == 2  # replaced
+    assert len(sent) == len(given) == 2 and not set(sent) & set(given)
+    step.close()
+    ctrl.close()
