@@ -110,8 +110,7 @@ class Daemon:
 
     def worker_pids(self) -> list[int]:
         """The leader's worker processes (ranks and spares): its children but the worker zygote."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split() if not is_zygote(int(p))]
+        return [pid for pid in self.children() if not is_zygote(pid)]
 
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
@@ -121,8 +120,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int:
-        children = self.children()
-        workers = self.worker_pids()
+        children = self.children()  # ranks, spares and the zygote: none may outlive the leader
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -131,11 +129,10 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        workers += [pid for pid in children if is_zygote(pid)]
         deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.05)
-        leftover = [pid for pid in workers if alive(pid)]
+        leftover = [pid for pid in children if alive(pid)]
         assert not leftover, f"worker processes left after stop: {leftover}"
         return self.proc.returncode
 

@@ -107,9 +107,7 @@ class Zygote:
         if not self.ready and self.alive:
             try:
                 self.ready = self.sock.recv(16) == b"ready"
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
+            except OSError:  # nothing yet (BlockingIOError), or gone: `alive` says which
                 pass
         return self.ready and self.alive
 
@@ -212,8 +210,9 @@ class Launcher:
                 and not zygote.poll_ready() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    def pids(self) -> list[int]:
-        return [self.zygote.process.pid] if self.zygote is not None and self.zygote.alive else []
+    @property
+    def zygote_pid(self) -> int | None:
+        return self.zygote.process.pid if self.zygote is not None and self.zygote.alive else None
 
     def close(self) -> None:
         self.closed = True

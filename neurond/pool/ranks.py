@@ -56,10 +56,10 @@ class RankProcess:
         """A worker process started before it is needed: it imports torch and transformers, then waits for
         the WorkerSpec that makes it a rank (`assign`). It holds no device until then."""
         proc = cls(None, launcher)
-        proc._popen(env)
+        proc._launch(env)
         return proc
 
-    def _popen(self, env: tuple[tuple[str, str], ...]) -> None:
+    def _launch(self, env: tuple[tuple[str, str], ...]) -> None:
         self.env = dict(env)
         self.process, self.step_conn, self.ctrl_conn = self.launcher.launch(env)
 
@@ -89,9 +89,9 @@ class RankProcess:
         spec = self.spec
         assert spec is not None  # a spare is assigned its spec first
         if self.process is None:
-            self._popen(spec.env)
+            self._launch(spec.env)
         process, step_conn, ctrl_conn = self.process, self.step_conn, self.ctrl_conn
-        assert process is not None and step_conn is not None and ctrl_conn is not None  # _popen made them
+        assert process is not None and step_conn is not None and ctrl_conn is not None  # _launch made them
         step_conn.send(spec)
         # A pidfd becomes readable when the process exits: death is an event, not something to poll for.
         self._pidfd = os.pidfd_open(process.pid)

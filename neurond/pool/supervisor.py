@@ -148,7 +148,7 @@ class Supervisor:
             state=self.state, model=self.config.model_name(), model_dir=self.model_dir, tp_size=self.config.tp_size,
             incidents=self.incidents, current_incident=self.current_incident,
             pids=pool.pids() if pool is not None else {}, spare_pids=self.spares.pids(),
-            zygote_pid=next(iter(self.launcher.pids()), None),
+            zygote_pid=self.launcher.zygote_pid,
             spares_ready=self.spares.ready(), load_progress=dict(self.load_progress),
             last_cause=self.lifecycle.last_cause, transitions=tuple(self.history), kv_blocks=self.kv_blocks,
             rank_kv_blocks={} if pool is None else {r: int(i.get("kv_blocks", 0)) for r, i in pool.load_info.items()})

@@ -51,11 +51,11 @@ def main() -> None:
 
 def serve(step_conn: Connection, ctrl_conn: Connection) -> None:
     """Say the imports are done, wait for the spec, run the rank; never returns. The part of a worker's start
-    that a process forked from the zygote (worker/zygote.py) shares with one started from scratch."""
+    that a process forked from the zygote (worker/zygote.py) shares with one started from scratch; both callers
+    have armed the death signal and ignore SIGINT already (a fork inherits the zygote's)."""
     # SIGUSR1 dumps every thread's Python stack to stderr (the journal): the leader sends it to a rank it is about
     # to kill for not answering, so the operator sees where it was stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the leader, which stops us in order
     from neurond.protocol import Imported
 
     try:

@@ -112,7 +112,7 @@ def _worker(sock: socket.socket, fds: list[int], leader: int) -> None:
         traceback.print_exc()
         sys.stderr.flush()
     finally:
-        os._exit(1)  # serve never returns; an exception must not unwind into the zygote's loop
+        os._exit(1)  # serve never returns
 
 
 if __name__ == "__main__":
