@@ -27,6 +27,35 @@ import triton.language as tl
 
 
 @triton.jit
+def _kv_rows(Table, b, kvh, n0, end, stride_tb, stride_kb, stride_kt, stride_kh,
+             BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions n0 .. n0 + BLOCK_N of row b: which are below `end`, and each one's offset in the pool for KV head
+    kvh (its block looked up in the row's table)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < end
+    block = tl.load(Table + b * stride_tb + offs_n // BS, mask=nmask, other=0)
+    return offs_n, nmask, block * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh
+
+
+@triton.jit
+def _attend(q, m, denom, acc, K, V, row, nmask, visible, scale, D: tl.constexpr):
+    """One online-softmax step: the tile's queries q against the keys and values at `row` (loaded where nmask),
+    each query seeing the positions `visible` marks. Returns the running max, denominator and accumulator."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with nothing to see yet (prefill padding)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _partials(Q, K, V, Table, Lens, Acc, M, L, scale,
               stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
               HQ: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
@@ -47,20 +76,8 @@ def _partials(Q, K, V, Table, Lens, Acc, M, L, scale,
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
-        block = tl.load(Table + b * stride_tb + offs_n // BS, mask=nmask, other=0)
-        row = block * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh
-        k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        _, nmask, row = _kv_rows(Table, b, kvh, n0, end, stride_tb, stride_kb, stride_kt, stride_kh, BS, BLOCK_N)
+        m, denom, acc = _attend(q, m, denom, acc, K, V, row, nmask, nmask[None, :], scale, D)
     base = (b * HQ + heads) * SPLITS + split
     tl.store(M + base, m, mask=gmask)
     tl.store(L + base, denom, mask=gmask)
@@ -107,21 +124,10 @@ def _prefill(Q, K, V, Table, Pos, Lens, Out, scale, T,
     denom = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, D], tl.float32)
     for n0 in range(0, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
-        block = tl.load(Table + b * stride_tb + offs_n // BS, mask=nmask, other=0)
-        row = block * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh
-        k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where((offs_n[None, :] <= pos[:, None]) & nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to see yet (padding)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        offs_n, nmask, row = _kv_rows(Table, b, kvh, n0, end, stride_tb, stride_kb, stride_kt, stride_kh, BS,
+                                      BLOCK_N)
+        visible = (offs_n[None, :] <= pos[:, None]) & nmask[None, :]
+        m, denom, acc = _attend(q, m, denom, acc, K, V, row, nmask, visible, scale, D)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=rmask[:, None])
