@@ -15,9 +15,12 @@ first start waits for it (`wait_ready`, bounded by the load deadline), since its
 
 The zygote is used where it was proven: CPU ranks. Forking a process that imported torch is safe for CUDA only if
 nothing in the imports initialised the driver; that is still to be measured on the GPU (scripts/probe-zygote-cuda),
-so CUDA ranks start from scratch (and spares hide the imports there). One more thing to settle there: as a
-subreaper the leader also inherits a dead rank's own children (torch.compile's compile workers on CUDA) and must
-reap them when they exit; CPU ranks start none.
+so CUDA ranks start from scratch (and spares hide the imports there).
+
+As a subreaper the leader also inherits every orphan below it: a dead rank's own children (torch.compile's compile
+workers on CUDA, which exit once their parent is gone) and a worker forked after its fork had timed out. The
+launcher reaps those on SIGCHLD (`reap_strays`), leaving alone the processes it started, whose exit status the pool
+reads itself.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class Launcher:
         self.zygote: Zygote | None = None  # started by the first pool's start (wait_ready)
         self.closed = False
         self._failures = 0  # zygotes lost in a row (reset by a fork)
+        self._started: set[int] = set()  # pids of what this launcher started (the pool reaps those itself)
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the SIGCHLD handler is, once a subreaper
 
     def launch(self, env: Env) -> tuple[Process, Connection, Connection]:
         """A started worker process and the leader's ends of its step and control pipes."""
@@ -164,6 +169,7 @@ class Launcher:
                 self._replace()
             else:
                 self._failures = 0
+                self._started.add(pid)
                 step_child.close()
                 ctrl_child.close()
                 return Adopted(pid), step_parent, ctrl_parent
@@ -173,6 +179,7 @@ class Launcher:
         finally:
             step_child.close()
             ctrl_child.close()
+        self._started.add(process.pid)
         return process, step_parent, ctrl_parent
 
     def _zygote_ready(self, env: Env) -> bool:
@@ -198,13 +205,17 @@ class Launcher:
             log.error("worker zygote lost %d times in a row; ranks start from scratch from now on", self._failures)
             self.zygote, self.use_zygote = None, False
             return
+        self._start_zygote()
+
+    def _start_zygote(self) -> None:
         self.zygote = Zygote(self.env)
+        self._started.add(self.zygote.process.pid)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until the zygote is ready to fork (or gone, or `timeout_s` passed: launches then start from scratch)."""
         if self.use_zygote and self.zygote is None and not self.closed:
-            _become_subreaper()  # before the first fork: the zygote's workers must be orphaned to the leader
-            self.zygote = Zygote(self.env)
+            self.adopt_orphans()  # before the first fork: the zygote's workers must be orphaned to the leader
+            self._start_zygote()
         deadline = time.monotonic() + timeout_s
         while (zygote := self.zygote) is not None and not self.closed and zygote.alive \
                 and not zygote.poll_ready() and time.monotonic() < deadline:
@@ -214,10 +225,37 @@ class Launcher:
     def zygote_pid(self) -> int | None:
         return self.zygote.process.pid if self.zygote is not None and self.zygote.alive else None
 
+    def adopt_orphans(self) -> None:
+        """Make the leader a child subreaper (orphans below it become its children) and reap the strays among
+        them on SIGCHLD. Call from the running event loop."""
+        if self._loop is None or self._loop.is_closed():
+            _become_subreaper()
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_signal_handler(signal.SIGCHLD, self.reap_strays)
+
+    def reap_strays(self) -> list[int]:
+        """Reap the exited children this launcher did not start; returns their pids. The ones it started stay
+        for the pool to reap and read (their pids leave the set once reaped; a pid is not reused before)."""
+        self._started = {pid for pid in self._started if os.path.exists(f"/proc/{pid}")}
+        reaped = []
+        for pid in _zombie_children():
+            if pid not in self._started:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        reaped.append(pid)
+                except ChildProcessError:
+                    pass
+        if reaped:
+            log.info("reaped %d orphaned process(es) below the ranks: pids %s", len(reaped), reaped)
+        return reaped
+
     def close(self) -> None:
         self.closed = True
         if self.zygote is not None:
             self.zygote.close()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_signal_handler(signal.SIGCHLD)
+            self._loop = None
 
 
 def zygote_wanted(setting: str, device: str) -> bool:
@@ -244,3 +282,19 @@ def _become_subreaper() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _zombie_children() -> list[int]:
+    """Pids of this process's children that have exited and are not yet reaped (state Z in /proc)."""
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # comm, in parentheses, may hold spaces
+            if state == "Z" and int(ppid) == me:
+                found.append(int(entry.name))
+    return found

@@ -141,7 +141,8 @@ def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
             pass
 
     monkeypatch.setattr(launcher, "Zygote", DeadZygote)
-    monkeypatch.setattr(launcher, "_exec", lambda env, fds: "from scratch")
+    scratch = types.SimpleNamespace(pid=2)
+    monkeypatch.setattr(launcher, "_exec", lambda env, fds: scratch)
     monkeypatch.setattr(launcher, "_become_subreaper", lambda: None)
     env = (("A", "1"),)
     la = launcher.Launcher(env, zygote=True)
@@ -151,7 +152,7 @@ def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
         process, step, ctrl = la.launch(env)
         step.close()
         ctrl.close()
-        assert process == "from scratch"
+        assert process is scratch
     asyncio.run(la.wait_ready(0.2))  # a later pool (a full reload) does not start one either
     assert len(started) == launcher.MAX_ZYGOTE_FAILURES and la.zygote_pid is None
 
@@ -182,16 +183,66 @@ def test_a_failed_fork_falls_back_on_fresh_pipes(monkeypatch):
         def close(self) -> None:
             pass
 
+    fresh = types.SimpleNamespace(pid=2)
+
     def scratch(env, fds):
         given.extend(os.fstat(fd).st_ino for fd in fds)
-        return "from scratch"
+        return fresh
 
     monkeypatch.setattr(launcher, "Zygote", StuckZygote)
     monkeypatch.setattr(launcher, "_exec", scratch)
     la = launcher.Launcher((), zygote=True)
     la.zygote = StuckZygote(())
     process, step, ctrl = la.launch(())
-    assert process == "from scratch" and len(started) == 2  # replaced
+    assert process is fresh and len(started) == 2  # replaced
     assert len(sent) == len(given) == 2 and not set(sent) & set(given)
     step.close()
     ctrl.close()
+
+
+
+STRAYS = r"""
+import asyncio, logging, os, subprocess, sys, time
+from neurond.pool.launcher import Launcher, _zombie_children
+
+logging.basicConfig(level=logging.INFO)
+
+async def main():
+    launcher = Launcher()
+    launcher.adopt_orphans()
+    rank, _, _ = launcher.launch(())  # a real worker started from scratch (it waits for its spec): killed
+    rank.kill()
+    # Another process the launcher started: it starts a child of its own, says its pid, and dies with code 3.
+    # The child, orphaned to this subreaper, exits a moment later, as a dead rank's compile workers do.
+    dies = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                             "print(subprocess.Popen(['sleep', '0.5']).pid, flush=True); sys.exit(3)"],
+                            stdout=subprocess.PIPE, text=True)
+    launcher._started.add(dies.pid)
+    orphan = int(dies.stdout.readline())
+    t0 = time.monotonic()
+    while os.path.exists(f"/proc/{orphan}") and time.monotonic() - t0 < 20:
+        await asyncio.sleep(0.05)
+    assert not os.path.exists(f"/proc/{orphan}"), "the orphan was not reaped"
+    await asyncio.sleep(0.2)
+    # The started ones are left for their owner: zombies still, their exit status theirs to read.
+    assert set(_zombie_children()) == {dies.pid, rank.pid}, _zombie_children()
+    assert dies.wait(5) == 3 and rank.wait(5) == -9
+    launcher.close()
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_orphans_below_the_ranks_are_reaped_and_started_processes_left_alone(tmp_path):
+    """As a subreaper the leader inherits a dead rank's children; they must not pile up as zombies, and reaping
+    them must not steal the exit status of a process the pool waits for."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "strays.py"
+    script.write_text(STRAYS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr[-3000:]
+    assert "reaped 1 orphaned process" in done.stderr, done.stderr[-3000:]
