@@ -93,6 +93,7 @@ class Zygote:
     def __init__(self, env: Env) -> None:
         self.env = env
         self.ready = False
+        self.unsafe = False  # its imports left forks unable to use CUDA (worker/zygote.py): never to be used
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "neurond.worker.zygote", str(child.fileno())],
@@ -107,11 +108,12 @@ class Zygote:
 
     def poll_ready(self) -> bool:
         """Whether the zygote said its imports are done (never blocks)."""
-        if not self.ready and self.alive:
+        if not self.ready and not self.unsafe:
             try:
-                self.ready = self.sock.recv(16) == b"ready"
+                said = self.sock.recv(16)
             except OSError:  # nothing yet (BlockingIOError), or gone: `alive` says which
-                pass
+                said = b""
+            self.ready, self.unsafe = said == b"ready", said == b"unsafe"
         return self.ready and self.alive
 
     def fork(self, fds: tuple[int, int]) -> int:
@@ -189,7 +191,9 @@ class Launcher:
             return False
         if zygote.poll_ready():
             return True
-        if not zygote.alive:
+        if zygote.unsafe:
+            self._give_up_unsafe()
+        elif not zygote.alive:
             log.warning("worker zygote pid %s exited with code %s; starting another", zygote.process.pid,
                         zygote.process.returncode)
             self._replace()
@@ -211,6 +215,14 @@ class Launcher:
         self.zygote = Zygote(self.env)
         self._started.add(self.zygote.process.pid)
 
+    def _give_up_unsafe(self) -> None:
+        assert self.zygote is not None
+        log.error("worker zygote pid %s: its imports initialised CUDA, so ranks forked from it could not use it; "
+                  "ranks start from scratch from now on (set worker_zygote = \"cpu\" or \"off\")",
+                  self.zygote.process.pid)
+        self.zygote.close()
+        self.zygote, self.use_zygote = None, False
+
     async def wait_ready(self, timeout_s: float) -> None:
         """Until the zygote is ready to fork (or gone, or `timeout_s` passed: launches then start from scratch)."""
         if self.use_zygote and self.zygote is None and not self.closed:
@@ -218,8 +230,10 @@ class Launcher:
             self._start_zygote()
         deadline = time.monotonic() + timeout_s
         while (zygote := self.zygote) is not None and not self.closed and zygote.alive \
-                and not zygote.poll_ready() and time.monotonic() < deadline:
+                and not zygote.poll_ready() and not zygote.unsafe and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.zygote is not None and self.zygote.unsafe:
+            self._give_up_unsafe()
 
     @property
     def zygote_pid(self) -> int | None:

@@ -11,7 +11,13 @@ a child subreaper (pool/launcher.py): the leader then waits for it and reads its
 started itself. The child arms its death signal only once it is the leader's: armed before, the exit of the
 short-lived middle process would deliver it.
 
-Protocol on the SOCK_SEQPACKET socket: the zygote sends b"ready" once imported; then each b"fork" message from
+Whether the imports left forks usable for CUDA is checked, not assumed: torch poisons every later fork once
+anything asked the CUDA runtime (a device count, say), and a rank forked then cannot start ("Cannot re-initialize
+CUDA in forked subprocess"). So the zygote forks one throwaway child that asks torch, and answers b"unsafe"
+instead of b"ready" if it would be: the leader then starts ranks from scratch.
+
+Protocol on the SOCK_SEQPACKET socket: the zygote sends b"ready" once imported (or b"unsafe", then exits); then
+each b"fork" message from
 the leader carries the child's two pipe ends (SCM_RIGHTS) and is answered with the worker's pid (4 bytes, signed;
 negative: the fork failed with that errno). EOF: the leader is gone or done, and the zygote exits.
 """
@@ -54,6 +60,9 @@ def main() -> None:
     # Python 3.12 warns on fork() in a process with more than one thread. The only other thread here is numpy's
     # OpenBLAS server, idle (nothing computed yet), which its own pthread_atfork handler shuts down before a fork.
     warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
+    if not forks_can_use_cuda():
+        sock.send(b"unsafe")
+        os._exit(0)
     sock.send(b"ready")
     while True:
         try:
@@ -70,6 +79,17 @@ def main() -> None:
             os.close(fd)
         sock.send(PID.pack(answer))
     os._exit(0)
+
+
+def forks_can_use_cuda() -> bool:
+    """Whether a child forked now could initialise CUDA (torch's bad-fork flag, set in a child when the parent
+    had asked the CUDA runtime). Answered by a throwaway child: the flag is set only in children."""
+    import torch
+
+    child = os.fork()
+    if child == 0:
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
 
 
 def _fork(sock: socket.socket, fds: list[int], leader: int) -> int:

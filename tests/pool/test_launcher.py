@@ -129,6 +129,7 @@ def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
 
     class DeadZygote:
         alive = False
+        unsafe = False
 
         def __init__(self, env) -> None:
             started.append(self)
@@ -168,6 +169,7 @@ def test_a_failed_fork_falls_back_on_fresh_pipes(monkeypatch):
 
     class StuckZygote:
         alive = True
+        unsafe = False
 
         def __init__(self, env) -> None:
             started.append(self)
@@ -246,3 +248,53 @@ def test_orphans_below_the_ranks_are_reaped_and_started_processes_left_alone(tmp
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr[-3000:]
     assert "reaped 1 orphaned process" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_zygote_whose_forks_cannot_use_cuda_is_never_used(monkeypatch, caplog):
+    """On a GPU box the zygote's imports may ask the CUDA runtime (torch's compiler does, measured on an H200),
+    after which torch refuses CUDA in every fork. The zygote then answers b"unsafe": the launcher says so once and
+    starts every rank from scratch, for good."""
+    import asyncio
+    import types
+
+    from neurond.pool import launcher
+
+    started = []
+
+    class UnsafeZygote:
+        alive = False  # it exits after its answer
+        ready = False
+        unsafe = True
+
+        def __init__(self, env) -> None:
+            started.append(self)
+            self.process = types.SimpleNamespace(pid=1, returncode=0, kill=lambda: None)
+
+        def poll_ready(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(launcher, "Zygote", UnsafeZygote)
+    scratch = types.SimpleNamespace(pid=2)
+    monkeypatch.setattr(launcher, "_exec", lambda env, fds: scratch)
+    monkeypatch.setattr(launcher, "_become_subreaper", lambda: None)
+    la = launcher.Launcher((), zygote=True)
+    asyncio.run(la.wait_ready(5.0))
+    assert la.zygote is None and not la.use_zygote and "initialised CUDA" in caplog.text
+    process, step, ctrl = la.launch(())
+    step.close()
+    ctrl.close()
+    assert process is scratch and len(started) == 1
+
+
+def test_the_zygote_asks_a_fork_whether_cuda_is_usable_there(monkeypatch):
+    """torch's bad-fork flag is set only in children: the check forks one and reads its answer."""
+    import torch
+
+    from neurond.worker.zygote import forks_can_use_cuda
+
+    assert forks_can_use_cuda()
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)  # as in a child of a poisoned parent
+    assert not forks_can_use_cuda()
