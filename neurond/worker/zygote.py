@@ -56,6 +56,10 @@ def main() -> None:
     set_process_name("neurond-zygote")
     leader = os.getppid()
     sock = socket.socket(fileno=int(sys.argv[1]))
+    # torch's compiler asks `torch.cuda.is_available()` as it is imported (_inductor/runtime/benchmarking.py,
+    # torch 2.11). By default that asks the CUDA runtime, which poisons every later fork; asked through NVML it
+    # does not (measured on an H200: scripts/probe-zygote-cuda --compiler). Forked ranks inherit the setting.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     preimport()
     # Python 3.12 warns on fork() in a process with more than one thread. The only other thread here is numpy's
     # OpenBLAS server, idle (nothing computed yet), which its own pthread_atfork handler shuts down before a fork.
