@@ -91,8 +91,9 @@ class Config:
     spare_workers: int = 2
     #: Fork rank processes from one process that imported torch and transformers once (the worker zygote)
     #: instead of starting each from scratch: a replaced rank or a spare is ready in milliseconds, not seconds
-    #: of imports. "cpu": for CPU ranks (device cpu, or auto on a machine without an NVIDIA driver); CUDA ranks
-    #: start from scratch until the zygote is measured there. "all": CUDA ranks too (to measure it). "off": never.
+    #: of imports. "cpu": for CPU ranks (device cpu, or auto on a machine without an NVIDIA driver). "all": CUDA
+    #: ranks too; it worked through a TP=2 fault run on 2xH200 (benchmarks.md, session 11), but has not had the
+    #: whole GPU matrix yet, so it is not the default. "off": never.
     worker_zygote: str = "cpu"
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
