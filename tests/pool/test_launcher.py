@@ -117,6 +117,24 @@ def test_an_adopted_worker_reads_like_popen():
     assert Adopted(os.getpid()).poll() == -1  # not a child: its status is not ours to read
 
 
+class FakeZygote:
+    """Stands in for launcher.Zygote: records each start in `started`; subclasses set how it behaves."""
+
+    alive, ready, unsafe = True, False, False
+
+    def __init__(self, env, started: list) -> None:
+        import types
+
+        started.append(self)
+        self.process = types.SimpleNamespace(pid=1, returncode=None if self.alive else 1, kill=lambda: None)
+
+    def poll_ready(self) -> bool:
+        return self.ready and self.alive
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
     """Each launch that finds the zygote dead starts the rank from scratch and a new zygote; after
     MAX_ZYGOTE_FAILURES in a row no more are started (one that cannot import would cost seconds per launch)."""
@@ -127,21 +145,10 @@ def test_a_zygote_that_keeps_dying_is_given_up(monkeypatch):
 
     started = []
 
-    class DeadZygote:
+    class DeadZygote(FakeZygote):
         alive = False
-        unsafe = False
 
-        def __init__(self, env) -> None:
-            started.append(self)
-            self.process = types.SimpleNamespace(pid=1, returncode=1, kill=lambda: None)
-
-        def poll_ready(self) -> bool:
-            return False
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(launcher, "Zygote", DeadZygote)
+    monkeypatch.setattr(launcher, "Zygote", lambda env: DeadZygote(env, started))
     scratch = types.SimpleNamespace(pid=2)
     monkeypatch.setattr(launcher, "_exec", lambda env, fds: scratch)
     monkeypatch.setattr(launcher, "_become_subreaper", lambda: None)
@@ -167,23 +174,12 @@ def test_a_failed_fork_falls_back_on_fresh_pipes(monkeypatch):
 
     sent, given, started = [], [], []
 
-    class StuckZygote:
-        alive = True
-        unsafe = False
-
-        def __init__(self, env) -> None:
-            started.append(self)
-            self.process = types.SimpleNamespace(pid=1, returncode=None, kill=lambda: None)
-
-        def poll_ready(self) -> bool:
-            return True
+    class StuckZygote(FakeZygote):
+        ready = True
 
         def fork(self, fds) -> int:
             sent.extend(os.fstat(fd).st_ino for fd in fds)
             raise OSError("timed out")
-
-        def close(self) -> None:
-            pass
 
     fresh = types.SimpleNamespace(pid=2)
 
@@ -191,10 +187,10 @@ def test_a_failed_fork_falls_back_on_fresh_pipes(monkeypatch):
         given.extend(os.fstat(fd).st_ino for fd in fds)
         return fresh
 
-    monkeypatch.setattr(launcher, "Zygote", StuckZygote)
+    monkeypatch.setattr(launcher, "Zygote", lambda env: StuckZygote(env, started))
     monkeypatch.setattr(launcher, "_exec", scratch)
     la = launcher.Launcher((), zygote=True)
-    la.zygote = StuckZygote(())
+    la.zygote = StuckZygote((), started)
     process, step, ctrl = la.launch(())
     assert process is fresh and len(started) == 2  # replaced
     assert len(sent) == len(given) == 2 and not set(sent) & set(given)
@@ -261,22 +257,10 @@ def test_a_zygote_whose_forks_cannot_use_cuda_is_never_used(monkeypatch, caplog)
 
     started = []
 
-    class UnsafeZygote:
-        alive = False  # it exits after its answer
-        ready = False
-        unsafe = True
+    class UnsafeZygote(FakeZygote):
+        alive, unsafe = False, True  # it exits after its answer
 
-        def __init__(self, env) -> None:
-            started.append(self)
-            self.process = types.SimpleNamespace(pid=1, returncode=0, kill=lambda: None)
-
-        def poll_ready(self) -> bool:
-            return False
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(launcher, "Zygote", UnsafeZygote)
+    monkeypatch.setattr(launcher, "Zygote", lambda env: UnsafeZygote(env, started))
     scratch = types.SimpleNamespace(pid=2)
     monkeypatch.setattr(launcher, "_exec", lambda env, fds: scratch)
     monkeypatch.setattr(launcher, "_become_subreaper", lambda: None)
