@@ -17,9 +17,9 @@ CUDA in forked subprocess"). So the zygote forks one throwaway child that asks t
 instead of b"ready" if it would be: the leader then starts ranks from scratch.
 
 Protocol on the SOCK_SEQPACKET socket: the zygote sends b"ready" once imported (or b"unsafe", then exits); then
-each b"fork" message from
-the leader carries the child's two pipe ends (SCM_RIGHTS) and is answered with the worker's pid (4 bytes, signed;
-negative: the fork failed with that errno). EOF: the leader is gone or done, and the zygote exits.
+each b"fork" message from the leader carries the child's two pipe ends (SCM_RIGHTS) and is answered with the
+worker's pid (4 bytes, signed; negative: the fork failed with that errno). EOF: the leader is gone or done, and the
+zygote exits.
 """
 
 from __future__ import annotations
