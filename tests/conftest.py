@@ -145,6 +145,16 @@ def is_zygote(pid: int) -> bool:
         return False
 
 
+def describe(pid: int) -> str:
+    """pid, state, parent and command line, for an assertion's message about a process nobody expected."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} state={stat[0]} ppid={stat[1]} {args[:300]}"
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

@@ -107,6 +107,7 @@ class RankProcess:
 
         def reaped() -> None:
             self._unwatch_all()
+            _kill_group(process.pid)  # still a zombie here: its pid, the group's id, cannot have been reused
             code = process.poll()
             self.exitcode = code if code is not None else -1
             # Replies sent just before death are still in the pipes: deliver them first.
@@ -183,3 +184,12 @@ class RankProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def _kill_group(pid: int) -> None:
+    """Kill what is left of a dead rank's process group (worker/__main__.py: each rank leads one): its compile
+    workers, orphaned to the leader, would otherwise run on for seconds. None left, or never made: nothing."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -56,6 +56,10 @@ def serve(step_conn: Connection, ctrl_conn: Connection) -> None:
     # SIGUSR1 dumps every thread's Python stack to stderr (the journal): the leader sends it to a rank it is about
     # to kill for not answering, so the operator sees where it was stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # The rank leads a process group of its own, so that what it starts (torch's compile workers: a fresh Python
+    # and 32 forks of it, seconds of imports before they notice their parent is gone) dies with it: the leader
+    # kills the group when it finds the rank dead (pool/ranks.py).
+    os.setpgid(0, 0)
     from neurond.protocol import Imported
 
     try:

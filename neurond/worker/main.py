@@ -40,6 +40,8 @@ ABORT_JOIN_S = 30.0
 # The most a load waits for the kernels' pre-warm thread (~3 s for an 8B rank on an H100); the load's own
 # deadline (the leader's) bounds the whole call anyway.
 PREWARM_JOIN_S = 120.0
+# How often a load that waits on the pre-warm repeats its progress (well under any load stall deadline).
+PROGRESS_EVERY_S = 1.0
 
 
 def _die_with_parent() -> None:
@@ -315,8 +317,13 @@ class Worker:
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
         info.update(self.runner.info())
-        if self._prewarm is not None:
-            self._prewarm.join(PREWARM_JOIN_S)  # its compiles are the runner's (shared wrappers): let it finish
+        if self._prewarm is not None:  # its compiles are the runner's (shared wrappers): let it finish
+            # Saying so as it goes: on a cold compile cache the pre-warm outlasted a short load stall deadline
+            # (8.3 s of compiles, the leader's 8 s, on an H200 with forked ranks) and cost a full reload.
+            end = time.monotonic() + PREWARM_JOIN_S
+            while self._prewarm.is_alive() and time.monotonic() < end:
+                self._prewarm.join(PROGRESS_EVERY_S)
+                still_warming_up()
         info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load,
                                                             progress=still_warming_up), 3)
         # Where a (re)load's time goes: the largest part of replacing a rank after its weights (session 4).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -40,8 +41,12 @@ def test_idle_rank_killed_pool_repairs_itself(d, victim):
     _wait_state(d, {200})
     before = d.worker_pids()
     killed = sorted(before)[victim]
+    # What a rank starts (on a GPU: torch's compile workers) is in its process group; this one stands in for them.
+    below = subprocess.Popen(["sleep", "600"], process_group=os.getpgid(killed))
+    assert os.getpgid(killed) == killed  # the rank leads its own group
     os.kill(killed, signal.SIGKILL)
     _wait_state(d, {503}, timeout=10)
+    assert below.wait(timeout=10) == -signal.SIGKILL  # killed with the rank, not left to run on
     _wait_state(d, {200})
     after = d.worker_pids()
     # Only the dead rank is replaced; the other keeps its process (and its weights).
