@@ -91,10 +91,10 @@ class Config:
     spare_workers: int = 2
     #: Fork rank processes from one process that imported torch and transformers once (the worker zygote)
     #: instead of starting each from scratch: a replaced rank or a spare is ready in milliseconds, not seconds
-    #: of imports. "cpu": for CPU ranks (device cpu, or auto on a machine without an NVIDIA driver). "all": CUDA
-    #: ranks too; it worked through a TP=2 fault run on 2xH200 (benchmarks.md, session 11), but has not had the
-    #: whole GPU matrix yet, so it is not the default. "off": never.
-    worker_zygote: str = "cpu"
+    #: of imports. "all": CUDA ranks too (the GPU fault matrix at TP=1 and 2 passed with it on H200s,
+    #: benchmarks.md, session 12; a zygote whose forks could not use CUDA is noticed and not used). "cpu": CPU
+    #: ranks only (device cpu, or auto on a machine without an NVIDIA driver). "off": never.
+    worker_zygote: str = "all"
     #: Times a request may be in a step that faulted before it is quarantined (failed, not replayed again).
     max_request_faults: int = 2
     # --- HTTP ---

@@ -13,15 +13,15 @@ A launch never waits for the zygote: one asked for while it is still importing, 
 environment starts from scratch, and a dead or unresponsive zygote is replaced in the background. Only a pool's
 first start waits for it (`wait_ready`, bounded by the load deadline), since its ranks would import as long.
 
-By default the zygote serves CPU ranks; `worker_zygote = "all"` forks CUDA ranks too. That is safe only if nothing
+By default (`worker_zygote = "all"`) the zygote forks CUDA ranks as well as CPU ones. That is safe only if nothing
 in the imports asked the CUDA runtime: torch then refuses CUDA in every fork. The zygote checks before it says
 ready and answers b"unsafe" otherwise; the launcher then starts ranks from scratch for good (worker/zygote.py;
 scripts/probe-zygote-cuda, measured on 2xH200 in docs/benchmarks.md).
 
 As a subreaper the leader also inherits every orphan below it: a dead rank's own children (torch.compile's compile
-workers on CUDA, which exit once their parent is gone) and a worker forked after its fork had timed out. The
-launcher reaps those on SIGCHLD (`reap_strays`), leaving alone the processes it started, whose exit status the pool
-reads itself.
+workers on CUDA, killed with the rank's process group by pool/ranks.py) and a worker forked after its fork had timed
+out. The launcher reaps those on SIGCHLD (`reap_strays`), leaving alone the processes it started, whose exit status
+the pool reads itself.
 """
 
 from __future__ import annotations
