@@ -77,6 +77,11 @@ def test_innocent_and_hung_requests_are_counted():
     hung = Outcome(PLAN, bound_s=60.0, started=0.0, ended=60.0, ending=Ending.HUNG)
     v = verdicts(_report(_incident("a", "rank_died"), [culprit]))
     assert v["no innocent request lost"] == [] and v["every request ends cleanly within its bound"] == []
-    v = verdicts(_report(_incident("a", "rank_died"), [culprit, innocent, hung]))
+    failed = _event(9, "request_failed", "a", request_id="chatcmpl-2", cause="request_quarantined")
+    failed["MESSAGE"] = "neurond request_failed: chatcmpl-2 request_quarantined"
+    v = verdicts(_report(_incident("a", "rank_died") + [failed], [culprit, innocent, hung]))
     assert "1 innocent requests failed" in v["no innocent request lost"][0]
+    # and what the journal says about it: its own entry, and the fault of the incident it failed in
+    story = v["no innocent request lost"][1:]
+    assert len(story) == 2 and story[-1].endswith("chatcmpl-2 request_quarantined"), story
     assert "hung" in v["every request ends cleanly within its bound"][0]

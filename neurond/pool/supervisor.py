@@ -289,7 +289,11 @@ class Supervisor:
         except PoolFault as fault:
             if self.pool is pool and self.state == LifecycleState.HEALTHY:
                 self._fault(fault, request_id, detect_ms=_ms_since(t0))
-            raise
+                raise
+            # A fault found outside this call came first (a rank died after it had answered the call; the
+            # journal named no request): this step only ran into that incident's repair. Its requests are
+            # replayed, with no strike: an innocent one struck twice so was failed as quarantined (chaos soak).
+            raise PoolUnavailable(fault.rank, f"model is {self.state}: {fault.message}") from fault
 
     def _on_pool_fault(self, fault: PoolFault) -> None:
         """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""

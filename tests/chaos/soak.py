@@ -373,7 +373,20 @@ def innocent_problems(report: SoakReport) -> list[str]:
         return []
     return [f"{len(lost)} innocent requests failed (allowed {INNOCENT_LOSSES_ALLOWED}): "
             + ", ".join(f"#{o.plan.index} {o.status} {o.code}{' mid-stream' if o.mid_stream else ''}"
-                        for o in lost[:20])]
+                        for o in lost[:20]),
+            *(line for o in lost[:3] for line in _story_of(report, o.request_id))]
+
+
+def _story_of(report: SoakReport, request_id: str) -> list[str]:
+    """The journal's entries about one request, and the faults of the incidents it was in: enough to tell a
+    blame gap from a judge's mistake when an innocent request is reported lost (a timing-dependent rarity)."""
+    incidents = {e.get("NEUROND_INCIDENT") for e in report.events if e.get("NEUROND_REQUEST_ID") == request_id}
+
+    def told(e: dict) -> bool:
+        return e.get("NEUROND_REQUEST_ID") == request_id or (
+            e.get("NEUROND_EVENT") == "fault_detected" and e.get("NEUROND_INCIDENT") in incidents - {None})
+
+    return [f"  {request_id}: {e.get('MESSAGE', '')}" for e in report.events if told(e)]  # in journal order
 
 
 def start_daemon_for_soak(start_daemon, workdir):

@@ -1,0 +1,69 @@
+"""Supervisor.call: which faults are this call's own (journaled with its request, blamed on its requests) and
+which only interrupt it. No processes: the pool is a stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from neurond.config import Config
+from neurond.pool.faults import PoolUnavailable, RankDied, StepTimeout
+from neurond.pool.supervisor import Supervisor
+
+
+class Pool:
+    """A pool whose call fails with `fault`; `before` runs first (a death the pool finds outside the call)."""
+
+    def __init__(self, fault, before=None) -> None:
+        self.fault, self.before = fault, before
+
+    async def call_all(self, make, deadline_s, what):
+        if self.before is not None:
+            self.before()
+        raise self.fault
+
+    def pids(self):
+        return {}
+
+
+def healthy_supervisor(monkeypatch) -> tuple[Supervisor, list]:
+    sup = Supervisor(Config(), "/nonexistent-model", 4096)
+    sup.lifecycle.send("loaded")
+    recoveries = []
+
+    async def recover(fault, cause):
+        recoveries.append(cause)
+
+    monkeypatch.setattr(sup, "_recover", recover)
+    return sup, recoveries
+
+
+def test_the_calls_own_fault_is_journaled_with_its_request_and_raised_as_it_is(monkeypatch):
+    sup, recoveries = healthy_supervisor(monkeypatch)
+    sup.pool = Pool(StepTimeout([1], 1.0, "decode"))
+
+    async def scenario():
+        with pytest.raises(StepTimeout):
+            await sup.call(lambda cid: None, 1.0, "decode", "chatcmpl-alone")
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert [c.request_id for c in recoveries] == ["chatcmpl-alone"] and sup.state == "poisoned"
+
+
+def test_a_call_that_runs_into_a_fault_found_outside_it_blames_nobody(monkeypatch):
+    """A rank died after answering the call: the pool reports it outside any call (no request named), and the
+    call then fails too. Its requests must not take a strike for that (the engine replays a PoolUnavailable)."""
+    sup, recoveries = healthy_supervisor(monkeypatch)
+    sup.pool = Pool(StepTimeout([0], 1.0, "decode"), before=lambda: sup._on_pool_fault(RankDied(1, -9)))
+
+    async def scenario():
+        with pytest.raises(PoolUnavailable) as err:
+            await sup.call(lambda cid: None, 1.0, "decode", "chatcmpl-innocent")
+        await asyncio.sleep(0)
+        return err.value
+
+    err = asyncio.run(scenario())
+    assert isinstance(err.__cause__, StepTimeout) and "did not finish" in str(err)
+    assert [c.request_id for c in recoveries] == [None]  # one incident, from the death, naming no request
