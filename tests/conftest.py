@@ -18,7 +18,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The longest tests go first: scripts/test spreads the modules over workers (pytest-xdist, --dist loadfile) in
+# collection order, and the Debian package test alone is a quarter of the suite; started last, it is its tail.
+FIRST = ("tests/packaging/",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
     try:
         import torch
 

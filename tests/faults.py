@@ -34,7 +34,8 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
     d = start_daemon(tp_size, ["--config", str(conf), *(extra or [])], **({"env": env} if env else {}))
     d.admin = Admin(values["admin_socket"])
     # Warm up so the step deadline has observations (before any, it is the ceiling).
-    assert d.chat(chat_body(max_tokens=8, temperature=0))[0] == 200
+    status, _, body = d.chat(chat_body(max_tokens=8, temperature=0))
+    assert status == 200, f"warm-up request: {status} {body}\n{d.log()[-3000:]}"
     return d
 
 
