@@ -67,3 +67,34 @@ def test_a_call_that_runs_into_a_fault_found_outside_it_blames_nobody(monkeypatc
     err = asyncio.run(scenario())
     assert isinstance(err.__cause__, StepTimeout) and "did not finish" in str(err)
     assert [c.request_id for c in recoveries] == [None]  # one incident, from the death, naming no request
+
+
+def test_a_start_that_failed_is_repaired_by_a_full_reload_even_with_every_rank_alive(monkeypatch):
+    """The ranks of a pool that never finished loading hold no weights: a rung that keeps them (a new
+    communicator among the same processes) would declare healthy a pool with nothing loaded."""
+    sup = Supervisor(Config(), "/nonexistent-model", 4096)  # `loading`
+
+    class Unloaded(Pool):
+        kv_blocks = 0
+
+        async def start(self):
+            raise StepTimeout([0, 1], 20.0, "worker start")  # slow imports: both alive, neither started
+
+    rungs = []
+
+    async def unblock(pool, fault, cause):
+        return set()  # every rank alive and idle: the cheapest rung would be comm_rebuild
+
+    async def repair(pool, rung, victims, cause):
+        rungs.append(rung)
+
+    monkeypatch.setattr(sup, "_new_pool", lambda: Unloaded(None))
+    monkeypatch.setattr(sup.ladder, "unblock", unblock)
+    monkeypatch.setattr(sup.ladder, "repair", repair)
+
+    async def scenario():
+        await sup.start()
+        await sup._recovery
+
+    asyncio.run(scenario())
+    assert rungs == ["full_reload"] and sup.state == "healthy"
