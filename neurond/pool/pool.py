@@ -89,6 +89,7 @@ class RankPool:
         self._started: dict[int, asyncio.Future] = {}
         self.info: dict[int, p.Started] = {}
         self.load_info: dict[int, dict] = {}
+        self.loaded = False  # start() finished: every rank has its shard (until then, no weights to keep)
         self._closing = False
 
     # ------------------------------------------------------------------ lifecycle of the processes
@@ -124,6 +125,7 @@ class RankPool:
         await self.wait_started(range(self.world_size))
         await self.form_comm()
         await self.load(range(self.world_size))
+        self.loaded = True
 
     async def wait_started(self, ranks, timeout_s: float | None = None) -> None:
         """Wait for the ranks' Started; `timeout_s` (default: the load deadline) bounds the wait."""

@@ -118,7 +118,6 @@ class Supervisor:
         # The supervisor is the lifecycle's one listener; every other observer gets transitions as events.
         self.lifecycle = Lifecycle(listeners=[self])
         self.pool: RankPool | None = None
-        self._loaded_pool: RankPool | None = None  # the last pool whose start (every shard loaded) finished
         #: Blocks in every rank's paged KV cache (0: static); -1 (sized from memory) until the first load.
         self.kv_blocks = config.kv_cache_blocks
         self.incidents = 0
@@ -347,7 +346,7 @@ class Supervisor:
                 # A pool that never finished loading has no weights to keep: only a full reload repairs it. (A
                 # cheaper rung once "recovered" a start that had timed out, and the first request then found
                 # ranks with no shard: seen on the 2-core box under load.)
-                if self.pool is not None and self.pool is self._loaded_pool and attempt == 1:
+                if self.pool is not None and self.pool.loaded and attempt == 1:
                     victims = await self.ladder.unblock(self.pool, fault, cause.with_(attempt=attempt))
                     rung = self.ladder.rung(victims)
                 self._send("repair", cause.with_(rung=rung, attempt=attempt,
@@ -383,7 +382,6 @@ class Supervisor:
 
     async def _start_pool(self, pool: RankPool) -> None:
         await pool.start()
-        self._loaded_pool = pool
         # With kv_cache_blocks = -1 the first load measured how many blocks fit: every later pool and rank makes
         # that many (the engine's block pool was sized by it; engine.Engine reads kv_blocks).
         self.kv_blocks = pool.kv_blocks

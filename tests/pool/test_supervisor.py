@@ -75,7 +75,7 @@ def test_a_start_that_failed_is_repaired_by_a_full_reload_even_with_every_rank_a
     sup = Supervisor(Config(), "/nonexistent-model", 4096)  # `loading`
 
     class Unloaded(Pool):
-        kv_blocks = 0
+        kv_blocks, loaded = 0, False
 
         async def start(self):
             raise StepTimeout([0, 1], 20.0, "worker start")  # slow imports: both alive, neither started
