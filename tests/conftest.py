@@ -151,23 +151,31 @@ def is_zygote(pid: int) -> bool:
         return False
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [19] start time; None: gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
 def describe(pid: int) -> str:
     """pid, state, parent and command line, for an assertion's message about a process nobody expected."""
+    stat = proc_stat(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
         args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
+        stat = None
+    if stat is None:
         return f"{pid} (gone)"
     return f"{pid} state={stat[0]} ppid={stat[1]} {args[:300]}"
 
 
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from tests.conftest import proc_stat
+
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -23,17 +25,8 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [19] start time."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
 def start_time(pid: int) -> int | None:
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields else None
 
 
@@ -42,7 +35,7 @@ def descendants(pid: int) -> dict[int, str]:
     parent_of: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat(int(entry))
+            fields = proc_stat(int(entry))
             if fields:
                 parent_of[int(entry)] = (int(fields[1]), fields[0])
     found: dict[int, str] = {}
@@ -80,7 +73,7 @@ class WorkerTracker:
         """Remembered workers still running (not zombies), other than `exclude`."""
         out = []
         for w in self.seen:
-            fields = _stat(w.pid)
+            fields = proc_stat(w.pid)
             if w.pid not in exclude and fields and int(fields[19]) == w.started and fields[0] != "Z":
                 out.append(w.pid)
         return sorted(out)

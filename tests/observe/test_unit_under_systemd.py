@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, http
+from tests.conftest import REPO, free_port, http, proc_stat
 from tests.observe.journald import need_private_journald
 
 SYSTEMD = "/lib/systemd/systemd"
@@ -124,10 +124,10 @@ def _ancestor(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
             return True
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        stat = proc_stat(pid)
+        if stat is None:
             return False
+        pid = int(stat[1])
     return False
 
 

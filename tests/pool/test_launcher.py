@@ -13,12 +13,14 @@ import pytest
 
 from neurond.config import Config, ConfigError
 from neurond.pool.launcher import zygote_wanted
-from tests.conftest import alive, chat_body, is_zygote
+from tests.conftest import alive, chat_body, is_zygote, proc_stat
 from tests.faults import fault_daemon, wait_ready
 
 
 def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    stat = proc_stat(pid)
+    assert stat is not None, f"pid {pid} is gone"
+    return int(stat[1])
 
 
 def _comm(pid: int) -> str:
