@@ -41,6 +41,10 @@ class Config:
     backend: str = "auto"
     #: "auto": CUDA if available in the worker, else CPU; or "cpu" / "cuda".
     device: str = "auto"
+    #: Threads each rank computes with on a CPU device. 0: the machine's cores shared among the ranks. A box
+    #: that runs other work beside the daemon wants fewer: a rank's threads wait for each other at every
+    #: operation, so one thread descheduled by another process stalls them all (the test suite sets 1).
+    cpu_threads: int = 0
     #: Seconds a rank may take to start and load its shard before it counts as failed.
     load_timeout_s: float = 600.0
     #: Seconds a loading rank may go without reporting progress (it reports as it reads its shard and as it
@@ -199,6 +203,8 @@ class Config:
             raise ConfigError("max_request_faults must be >= 1")
         if self.load_stall_timeout_s <= 0:
             raise ConfigError("load_stall_timeout_s must be > 0")
+        if self.cpu_threads < 0:
+            raise ConfigError("cpu_threads must be >= 0")
         if self.spare_workers < 0:
             raise ConfigError("spare_workers must be >= 0")
         if self.max_concurrent_requests < 1:

@@ -346,3 +346,4 @@ class WorkerSpec:
     #: ready ~4 s sooner, the first step of each shape ~0.1 s slower).
     capture_at_load: bool = True
     torch_compile: bool = True  # compile the decoder's elementwise kernels (CUDA devices only)
+    cpu_threads: int = 0  # threads a rank computes with on a CPU device; 0: the cores shared among the ranks

@@ -71,8 +71,11 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
 
 
 # Test daemons run without spare worker processes unless a test asks (tests/pool/test_spares.py): the tests that
-# count a daemon's child processes count its ranks.
-NO_SPARES = {"NEUROND_SPARE_WORKERS": "0"}
+# count a daemon's child processes count its ranks. Their CPU ranks compute on one thread each: the suite runs
+# two test workers on two cores, and a rank whose threads wait on a descheduled sibling at every operation ran
+# the long answer of test_disconnect 3-25x slower beside other work (1 thread: 3.0-4.9 s, idle or beside one or
+# two busy loops; 2 threads: 2.6 s idle, 9-14 s beside them; docs/benchmarks.md).
+TEST_ENV = {"NEUROND_SPARE_WORKERS": "0", "NEUROND_CPU_THREADS": "1"}
 # The device test daemons run on: cpu in CI; NEUROND_TEST_DEVICE=cuda runs the same API tests against a daemon on
 # the GPU(s) of the device machine (scripts/gpu-check --api), where the sampling paths differ (graphs, kernels).
 DEVICE = os.environ.get("NEUROND_TEST_DEVICE", "cpu")
@@ -87,7 +90,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
              "--device", DEVICE, "--cache-dir", str(cache_dir), *(extra or [])],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **{**NO_SPARES, **(env or {})}),
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, **{**TEST_ENV, **(env or {})}),
         )
 
     def url(self, path: str) -> str:

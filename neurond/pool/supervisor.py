@@ -210,6 +210,7 @@ class Supervisor:
                 prefill_tokens=c.prefill_chunk_tokens,
                 cuda_graphs=c.cuda_graphs,
                 torch_compile=c.torch_compile,
+                cpu_threads=c.cpu_threads,
             )
             for r in range(c.tp_size)
         ]

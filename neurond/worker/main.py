@@ -85,7 +85,7 @@ class Worker:
         else:
             # Ranks share the CPU: without this each spins as many threads as there are cores, and the
             # all-reduce waits on oversubscribed spinners (3x slower per step at TP=2 on 2 cores).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.spec.world_size))
+            torch.set_num_threads(self.spec.cpu_threads or max(1, (os.cpu_count() or 1) // self.spec.world_size))
         self.backend = pick_backend(self.spec.backend, self.device)
         self.comm = Communicator(self.rank, self.spec.world_size, self.backend, self.device)
         self.faults = FaultPlan(self.device)

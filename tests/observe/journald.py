@@ -87,7 +87,7 @@ class WrappedDaemon(Daemon):
 
     def __init__(self, cache_dir: Path, tp_size: int, extra: list[str], mode: str, journal_dir: Path | None,
                  cgroup: Path | None = None, env: dict | None = None) -> None:
-        from tests.conftest import NO_SPARES, free_port
+        from tests.conftest import TEST_ENV, free_port
 
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -96,7 +96,7 @@ class WrappedDaemon(Daemon):
         cmd = [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
                "--device", "cpu", "--cache-dir", str(cache_dir), *extra]
         self.proc = subprocess.Popen(wrap(mode, journal_dir, cgroup, cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHON=sys.executable, **{**NO_SPARES, **(env or {})}), cwd=REPO)
+                                     env=dict(os.environ, PYTHON=sys.executable, **{**TEST_ENV, **(env or {})}), cwd=REPO)
 
     def leader_pid(self) -> int | None:
         """The neurond process: the wrapper's child that is not journald."""
