@@ -98,6 +98,7 @@ class Engine:
         self.stats: EngineStats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
                                    "repair_wait_expired": 0, "preempted": 0, "last_cancelled_tokens": None,
                                    "max_batch_seen": 0}
+        self._drawn = 0  # tokens accepted in the current step, not yet counted in the metrics
 
     # ------------------------------------------------------------------ public
     @property
@@ -208,6 +209,10 @@ class Engine:
         except PoolFault as fault:
             self._on_fault(fault, members)
             return False
+        finally:
+            if self._drawn and self.metrics is not None:
+                self.metrics.generated(self._drawn)  # once per call: _accept runs per token
+            self._drawn = 0
 
     def _start(self, req: GenerationRequest) -> None:
         """A request was given a slot: it streams text through its own detokeniser (kept across a replay)."""
@@ -305,6 +310,7 @@ class Engine:
             self._finish(req, FinishReason.STOP)
             return
         req.generated.append(token)
+        self._drawn += 1
         if logprob is not None:
             req.pending_logprobs.append(LogprobEntry(token, logprob.logprob, logprob.top))
         detok = req.detok
@@ -323,7 +329,7 @@ class Engine:
         tail = req.detok.flush()
         if tail or req.pending_logprobs:
             req.emit(TextDelta(tail, self._take_logprobs(req)))
-        self._outcome("completed", len(req.generated))
+        self._outcome("completed")
         req.emit(Finished(reason, len(req.prompt_ids), len(req.generated)))
 
     @staticmethod
@@ -336,22 +342,22 @@ class Engine:
         """The client went away: free the slot, count it."""
         self.scheduler.release(req)
         self.stats["last_cancelled_tokens"] = len(req.generated)
-        self._outcome("cancelled", len(req.generated))
+        self._outcome("cancelled")
 
     def _drop_cancelled(self) -> None:
         for req in self.scheduler.cancelled():
             self._cancel(req)
 
-    def _outcome(self, outcome: Literal["completed", "cancelled", "repair_wait_expired"], tokens: int) -> None:
+    def _outcome(self, outcome: Literal["completed", "cancelled", "repair_wait_expired"]) -> None:
         self.stats[outcome] += 1
         if self.metrics is not None:
-            self.metrics.request_done(outcome, tokens)
+            self.metrics.request_done(outcome)
 
     def _fail(self, req: GenerationRequest, failed: Failed, fault: PoolFault | None = None) -> None:
         self.scheduler.forget(req)
         self.stats["failed"] += 1
         if self.metrics is not None:
-            self.metrics.request_done("failed", len(req.generated))
+            self.metrics.request_done("failed")
         req.emit(failed)
         if fault is not None and not isinstance(fault, PoolUnavailable):
             emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
@@ -384,7 +390,7 @@ class Engine:
                     self.scheduler.forget(req)
                     if not gone:
                         # Its own count: how often repairs outlast resume_wait_s is what tunes that setting.
-                        self._outcome("repair_wait_expired", 0)
+                        self._outcome("repair_wait_expired")
                     self._fail(req, Failed(
                         503, "model_unavailable",
                         f"model is {self.supervisor.state}: not repaired within {self.resume_wait_s:.0f}s"

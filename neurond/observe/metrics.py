@@ -2,7 +2,8 @@
 
 A private CollectorRegistry per daemon (no process-global default registry), so tests can run several. The
 process collector adds process_start_time_seconds (uptime), CPU and memory of the leader. Tokens per second
-is `rate(neurond_generated_tokens_total[1m])`: a counter, so no rate is lost between two scrapes.
+is `rate(neurond_generated_tokens_total[1m])`: a counter, so no rate is lost between two scrapes, raised as the
+tokens are drawn (a minute-long answer counts in the minute it ran, not all at its end).
 docs/operator-guide.md lists every metric; a test keeps the list and this file in step.
 """
 
@@ -103,10 +104,11 @@ class MetricsSink(EventSink):
     def step(self, kind: str, seconds: float) -> None:
         self.step_seconds.labels(kind).observe(seconds)
 
-    def request_done(self, outcome: str, completion_tokens: int = 0) -> None:
+    def generated(self, tokens: int) -> None:
+        self.tokens.inc(tokens)
+
+    def request_done(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
-        if completion_tokens:
-            self.tokens.inc(completion_tokens)
 
     def preempted(self, n: int) -> None:
         self.preemptions.inc(n)

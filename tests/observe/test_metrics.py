@@ -52,7 +52,8 @@ def one_incident(sink: MetricsSink) -> None:
     emit(sink, Event.REQUEST_FAILED, request_id="r1", cause="rank_timeout", status=504, **f)
     sink.step("prefill", 0.02)
     sink.step("decode", 0.004)
-    sink.request_done("completed", 17)
+    sink.generated(17)
+    sink.request_done("completed")
 
 
 def test_every_required_family_is_there_with_its_labels():
