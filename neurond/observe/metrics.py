@@ -48,7 +48,8 @@ class MetricsSink(EventSink):
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.step_seconds = Histogram("neurond_step_seconds", "Prefill/decode step latency as the leader sees it",
                                       ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("neurond_generated_tokens_total", "Completion tokens generated", registry=r)
+        self.tokens = Counter("neurond_generated_tokens_total", "Completion tokens generated, counted at each step "
+                              "that draws them (not when their request ends)", registry=r)
         self.requests = Counter("neurond_requests_total", "Requests by outcome: completed, cancelled, failed (of "
                                 "those, failed_by_fault and repair_wait_expired are also counted on their own), "
                                 "rejected_NNN (its 4xx status)", ["outcome"], registry=r)
