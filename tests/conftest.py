@@ -99,6 +99,15 @@ class Daemon:
     def get(self, path: str, timeout: float = 10):
         return http("GET", self.url(path), timeout=timeout)
 
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics as {sample as written, name and labels: value}, e.g.
+        'neurond_requests_total{outcome="completed"}': 3.0."""
+        status, headers, text = self.get("/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain"), (status, text)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
     def chat(self, body: dict, headers: dict | None = None, timeout: float = 120):
         return http("POST", self.url("/v1/chat/completions"), json.dumps(body).encode(),
                     {"Content-Type": "application/json", **(headers or {})}, timeout)

@@ -8,7 +8,7 @@ import os
 import openai
 import pytest
 
-from tests.conftest import MODEL, Daemon, chat_body
+from tests.conftest import MODEL, chat_body
 
 
 def test_health_ready_models(daemon_tp1):
@@ -135,18 +135,10 @@ def test_client_disconnect_mid_stream_cancels_generation(start_daemon, tmp_path)
     d.stop()
 
 
-def _metrics(d: Daemon) -> dict[str, float]:
-    status, headers, text = d.get("/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain")
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
-
-
 def test_metrics_count_requests_tokens_and_lifecycle(daemon_tp1):
     status, _, body = daemon_tp1.chat(chat_body(max_tokens=5, temperature=0))
     assert status == 200
-    metrics = _metrics(daemon_tp1)
+    metrics = daemon_tp1.metrics()
     assert metrics['neurond_lifecycle_state{state="healthy"}'] == 1.0
     assert metrics['neurond_lifecycle_state{state="poisoned"}'] == 0.0
     assert metrics['neurond_requests_total{outcome="completed"}'] >= 1
@@ -158,7 +150,7 @@ def test_generated_tokens_are_counted_as_they_stream(daemon_tp1):
     """`rate(neurond_generated_tokens_total[1m])` is the daemon's throughput: a long answer's tokens count while it
     streams, not all at its end (before: a minute-long answer showed no tokens until it finished)."""
     client = openai.OpenAI(base_url=daemon_tp1.url("/v1"), api_key="unused", max_retries=0)
-    before = _metrics(daemon_tp1)["neurond_generated_tokens_total"]
+    before = daemon_tp1.metrics()["neurond_generated_tokens_total"]
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a long answer"}],
                                             max_tokens=600, temperature=1.0, seed=3, stream=True,
                                             stream_options={"include_usage": True})
@@ -166,8 +158,8 @@ def test_generated_tokens_are_counted_as_they_stream(daemon_tp1):
     for chunk in stream:
         seen += bool(chunk.choices and chunk.choices[0].delta.content)
         if seen == 40 and not during:  # mid-answer: decode calls of 8 tokens have streamed
-            during = _metrics(daemon_tp1)["neurond_generated_tokens_total"] - before
+            during = daemon_tp1.metrics()["neurond_generated_tokens_total"] - before
         usage = chunk.usage
     assert usage is not None and usage.completion_tokens > 100, usage  # long enough to be read mid-answer
     assert 0 < during < usage.completion_tokens, (during, usage)
-    assert _metrics(daemon_tp1)["neurond_generated_tokens_total"] - before == usage.completion_tokens
+    assert daemon_tp1.metrics()["neurond_generated_tokens_total"] - before == usage.completion_tokens

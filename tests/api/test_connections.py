@@ -174,13 +174,6 @@ def capped(start_daemon, tmp_path_factory):
     d.stop()
 
 
-def _metric(d, name: str) -> float:
-    status, _, text = d.get("/metrics")
-    assert status == 200
-    line = next(line for line in text.decode().splitlines() if line.startswith(name + " "))
-    return float(line.split()[1])
-
-
 def test_a_connection_beyond_the_cap_gets_503_and_is_closed(capped):
     """max_connections = 8: six silent connections, one that sent half a request head, one idle keep-alive
     connection after a completed request hold every place (hypercorn would close them after its 5 s
@@ -188,7 +181,7 @@ def test_a_connection_beyond_the_cap_gets_503_and_is_closed(capped):
     and so is a real HTTP client's request; once three are closed, requests are served again."""
     d = capped
     fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
-    refused_before = _metric(d, "neurond_http_connections_refused_total")
+    refused_before = d.metrics()["neurond_http_connections_refused_total"]
     held = [_connect(d.port) for _ in range(6)]
     slow = _connect(d.port)
     slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
@@ -234,8 +227,8 @@ def test_a_connection_beyond_the_cap_gets_503_and_is_closed(capped):
     finally:
         for s in held:
             s.close()
-    assert _metric(d, "neurond_http_connections_refused_total") >= refused_before + 2
-    assert _metric(d, "neurond_http_connections") >= 1  # the scrape's own
+    assert d.metrics()["neurond_http_connections_refused_total"] >= refused_before + 2
+    assert d.metrics()["neurond_http_connections"] >= 1  # the scrape's own
     assert d.get("/ready")[0] == 200 and d.proc.poll() is None
     # Every descriptor of the refused and closed connections is given back.
     assert _wait(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")) <= fds + 1), os.listdir(f"/proc/{d.proc.pid}/fd")
@@ -246,7 +239,7 @@ def test_a_flood_of_connections_never_starves_the_daemon(capped):
     and the daemon serves, repairs nothing and holds no more descriptors than before once they are gone."""
     d = capped
     # Every place free (hypercorn may still hold an earlier test's idle connections for a few seconds).
-    assert _wait(lambda: d.get("/health")[0] == 200 and _metric(d, "neurond_http_connections") == 1)
+    assert _wait(lambda: d.get("/health")[0] == 200 and d.metrics()["neurond_http_connections"] == 1)
     fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
     flood = [_connect(d.port) for _ in range(200)]
     try:

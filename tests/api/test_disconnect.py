@@ -60,10 +60,7 @@ def _wait(predicate, timeout: float = 30.0, what: str = ""):
 
 def _decode_calls(d) -> float:
     """Decode calls the daemon made so far (its metrics' step latency count)."""
-    text = d.get("/metrics")[2]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith('neurond_step_seconds_count{kind="decode"}'))
+    return d.metrics()['neurond_step_seconds_count{kind="decode"}']
 
 
 def _generating(d, since: float) -> None:

@@ -28,14 +28,6 @@ def _bodies():
     return [chat_body(f"Request number {i}", max_tokens=48, temperature=0) for i in range(4)]
 
 
-def _metrics(d) -> dict[str, float]:
-    status, _, text = d.get("/metrics")
-    assert status == 200
-    text = text.decode() if isinstance(text, bytes) else text
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
-
-
 def _together(d, bodies):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         results = list(pool.map(d.chat, bodies))
@@ -47,9 +39,9 @@ def test_more_sequences_than_the_pool_holds_complete_with_their_own_answers(daem
     alone = [daemon.chat(b)[2] for b in _bodies()]
     assert all(a["choices"][0]["finish_reason"] == "length" for a in alone)  # each grows to 48 tokens
     # Each needs 4-5 blocks at full length, 10 are there: the ones admitted last are preempted and replayed.
-    before = _metrics(daemon).get("neurond_preemptions_total", 0.0)
+    before = daemon.metrics().get("neurond_preemptions_total", 0.0)
     assert _together(daemon, _bodies()) == [a["choices"][0]["message"]["content"] for a in alone]
-    after = _metrics(daemon)
+    after = daemon.metrics()
     assert after["neurond_preemptions_total"] > before
     assert after['neurond_kv_cache_blocks{state="used"}'] == 0.0
     assert after['neurond_kv_cache_blocks{state="total"}'] == BLOCKS
@@ -79,11 +71,11 @@ def test_a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_an
     assert status == 200, first
     prompt_tokens = first["usage"]["prompt_tokens"]
     assert BLOCK * 3 < prompt_tokens + 8 <= BLOCKS * BLOCK, prompt_tokens
-    before = _metrics(daemon)
+    before = daemon.metrics()
     status, _, second = daemon.chat(body)
     assert status == 200
     assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
-    after = _metrics(daemon)
+    after = daemon.metrics()
     key = 'neurond_prefix_cache_tokens_total{result="%s"}'
     hits = after.get(key % "hit", 0.0) - before.get(key % "hit", 0.0)
     # Every full block of the prompt but the one holding its last token (which is always prefilled).
@@ -127,7 +119,7 @@ def test_blocks_sized_by_the_ranks_are_served_and_kept_by_a_replaced_rank(start_
         want = 2 * -(-101 // BLOCK)  # slots x blocks of (window + trash column)
         status = d.admin.status()
         assert (status["kv_cache_blocks"], status["rank_kv_cache_blocks"]) == (want, {"0": want})
-        assert _metrics(d)['neurond_kv_cache_blocks{state="total"}'] == want
+        assert d.metrics()['neurond_kv_cache_blocks{state="total"}'] == want
         first = status["pids"]["0"]
         assert d.admin.inject(0, "sigkill", "decode").status_code == 200
         assert d.chat(chat_body("again", max_tokens=8, temperature=0))[0] == 200  # replayed after the repair
