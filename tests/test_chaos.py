@@ -24,8 +24,16 @@ import random
 
 import pytest
 
-from tests.chaos.soak import (DAEMON_SETTINGS, INNOCENT_LOSSES_ALLOWED, long_profile, request_bound_s, run_soak,
-                              short_profile, start_daemon_for_soak, verdicts)
+from tests.chaos.soak import (
+    DAEMON_SETTINGS,
+    INNOCENT_LOSSES_ALLOWED,
+    long_profile,
+    request_bound_s,
+    run_soak,
+    short_profile,
+    start_daemon_for_soak,
+    verdicts,
+)
 
 LONG_S = float(os.environ.get("CHAOS_SOAK_S") or 0)
 PROFILE = long_profile(LONG_S) if LONG_S else short_profile()

@@ -159,7 +159,8 @@ def test_openapi_describes_completions(daemon_tp1):
 def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path, tokenizer):
     """The same engine path as chat: a rank killed during a completion's decode is replaced, the request is
     replayed (prompt + tokens so far, same sampling state) and the answer is exactly the one without a fault,
-    plain and streamed, and so is a chat answer under a JSON schema. A rank that raises in a step holding only this request fails it, as for chat."""
+    plain and streamed, and so is a chat answer under a JSON schema. A rank that raises in a step holding only
+    this request fails it, as for chat."""
     from tests.faults import fault_daemon, wait_ready
 
     d = fault_daemon(start_daemon, tmp_path, 2)

@@ -6,7 +6,6 @@ back when connections close; and the leader's open-file limit always leaves room
 from __future__ import annotations
 
 import asyncio
-from http.client import HTTPConnection
 import json
 import os
 import resource
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.client import HTTPConnection
 
 import pytest
 
@@ -49,7 +49,8 @@ def _get_health(s: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += s.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += s.recv(65536)
     return head

@@ -13,7 +13,6 @@ import pytest
 
 from tests.conftest import MODEL, http
 
-
 MESSAGES = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 PROMPT = "Once upon a time"
 
@@ -68,7 +67,7 @@ def test_completions_logprobs_legacy_shape(client, tokenizer):
     n = out.usage.completion_tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
     assert all(len(t) <= 4 and max(t.values()) == pytest.approx(v, abs=1e-5)
-               for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+               for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=4,
                                        echo=True).choices[0].logprobs
@@ -146,7 +145,7 @@ def test_n_choices_are_the_answers_of_seed_plus_i_and_their_prompt_counts_once(c
     out = client.chat.completions.create(n=3, seed=11, logprobs=True, **kw)
     assert [c.index for c in out.choices] == [0, 1, 2]
     alone = [client.chat.completions.create(seed=11 + i, logprobs=True, **kw) for i in range(3)]
-    for choice, single in zip(out.choices, alone):
+    for choice, single in zip(out.choices, alone, strict=True):
         assert choice.message.content == single.choices[0].message.content
         assert [e.token for e in choice.logprobs.content] == [e.token for e in single.choices[0].logprobs.content]
     assert len({c.message.content for c in out.choices}) > 1, "three seeds, one answer"
@@ -168,7 +167,8 @@ def test_n_choices_are_the_answers_of_seed_plus_i_and_their_prompt_counts_once(c
 
 def test_n_greedy_choices_agree_and_completions_take_n_too(client):
     out = _greedy_chat(client, n=2)
-    assert out.choices[0].message.content == out.choices[1].message.content == _greedy_chat(client).choices[0].message.content
+    alone = _greedy_chat(client).choices[0].message.content
+    assert out.choices[0].message.content == out.choices[1].message.content == alone
     comp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, n=2, echo=True)
     assert [c.index for c in comp.choices] == [0, 1] and comp.choices[0].text == comp.choices[1].text
     assert comp.choices[0].text.startswith(PROMPT)

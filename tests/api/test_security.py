@@ -263,8 +263,8 @@ def test_no_prompt_text_or_token_ids_in_the_logs_even_on_faults(locked):
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     full, empty = ids(prompt), ids("")
-    head = next(i for i, (a, b) in enumerate(zip(full, empty + [None])) if a != b)
-    tail = next(i for i, (a, b) in enumerate(zip(reversed(full), reversed([None] + empty))) if a != b)
+    head = next(i for i, (a, b) in enumerate(zip(full, empty + [None], strict=False)) if a != b)
+    tail = next(i for i, (a, b) in enumerate(zip(reversed(full), reversed([None] + empty), strict=False)) if a != b)
     text_ids = [str(i) for i in full[head:len(full) - tail]]  # the prompt's own tokens, not the template's
     assert len(text_ids) >= 8, text_ids
     for sep in (", ", " ", ","):

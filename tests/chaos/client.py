@@ -68,7 +68,7 @@ async def send(client: httpx.AsyncClient, plan: RequestPlan, bound_s: float) -> 
     out = Outcome(plan, bound_s, time.monotonic())
     try:
         await asyncio.wait_for(_exchange(client, plan, out), bound_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         out.ending, out.detail = Ending.HUNG, f"no ending within its bound of {bound_s:.0f}s"
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
         out.ending, out.detail = Ending.BROKEN, f"{type(exc).__name__}: {exc}"[:300]

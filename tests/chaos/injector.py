@@ -115,7 +115,7 @@ class Injector:
         for batch in ([armed[0]], armed[1:]) if armed and armed[0].phase == "load" else (armed,):
             # Faults of one phase are armed at once: two admin calls in a row leave a whole step between them.
             replies = await asyncio.gather(*(self.admin.inject(f.rank, f.kind, f.phase, f.count) for f in batch))
-            refused = [(f, r) for f, r in zip(batch, replies) if r.status_code != 200]
+            refused = [(f, r) for f, r in zip(batch, replies, strict=True) if r.status_code != 200]
             if refused:
                 f, r = refused[0]
                 record.problem = f"arming {f} refused: {r.status_code} {r.text[:200]}"

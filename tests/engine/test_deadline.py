@@ -1,4 +1,5 @@
 import pytest
+
 from neurond.engine.deadline import StepDeadline
 
 

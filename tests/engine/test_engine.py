@@ -304,7 +304,7 @@ def test_cancelled_request_leaves_the_batch():
         engine.submit(b)
         await asyncio.wait_for(a.events.get(), 5)
         a.cancelled = True
-        while not isinstance(ev := await asyncio.wait_for(b.events.get(), 5), Finished):
+        while not isinstance(await asyncio.wait_for(b.events.get(), 5), Finished):
             pass
         await asyncio.sleep(0.05)
         await engine.stop()

@@ -27,10 +27,10 @@ def shard(builtin_model):
 
 def _decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> dict[int, list[int]]:
     first = runner.prefill([PrefillChunk(slot, tuple(p), 0, True, GREEDY, 0) for slot, p in prompts.items()])
-    out = {slot: [tok] for slot, tok in zip(prompts, first)}
+    out = {slot: [tok] for slot, tok in zip(prompts, first, strict=True)}
     slots = tuple(prompts)
     for _ in range(steps):
-        for slot, tok in zip(slots, runner.decode(slots)):
+        for slot, tok in zip(slots, runner.decode(slots), strict=True):
             out[slot].append(tok)
     return out
 
@@ -98,14 +98,14 @@ def test_paged_prefill_kernel_and_folded_sdpa_match_sdpa(starts, counts):
     dev, bs, trash = torch.device("cuda", 0), 16, 4095
     gen = torch.Generator(device=dev).manual_seed(1)
     batch, width = len(starts), max(counts)
-    lens = [s + n for s, n in zip(starts, counts)]
+    lens = [s + n for s, n in zip(starts, counts, strict=True)]
     cols = -(-max(lens) // bs)
     k_pool = torch.randn(batch * cols + 1, bs, 8, 128, device=dev, dtype=torch.bfloat16, generator=gen)
     v_pool = torch.randn_like(k_pool)
     table = torch.randperm(batch * cols, device=dev, generator=gen).view(batch, cols)
     query = torch.randn(batch, width, 32, 128, device=dev, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
     positions = torch.full((batch, width), trash, device=dev)
-    for b, (s, n) in enumerate(zip(starts, counts)):
+    for b, (s, n) in enumerate(zip(starts, counts, strict=True)):
         positions[b, :n] = torch.arange(s, s + n, device=dev)
     got = paged_prefill(query, k_pool, v_pool, table, positions, torch.tensor(lens, device=dev, dtype=torch.int32),
                         128 ** -0.5)
@@ -114,7 +114,7 @@ def test_paged_prefill_kernel_and_folded_sdpa_match_sdpa(starts, counts):
     gathered_v = v_pool[table].view(batch, kv_len, 8, 128).transpose(1, 2)
     allowed = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len) <= positions.view(batch, 1, width, 1)
     folded = attend(query, gathered_k, gathered_v, allowed, 128 ** -0.5)
-    for b, (s, n) in enumerate(zip(starts, counts)):
+    for b, (s, n) in enumerate(zip(starts, counts, strict=True)):
         want = torch.nn.functional.scaled_dot_product_attention(
             query[b : b + 1, :, :n], gathered_k[b : b + 1, :, : s + n], gathered_v[b : b + 1, :, : s + n],
             attn_mask=allowed[b : b + 1, :, :n, : s + n], enable_gqa=True)

@@ -8,8 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from neurond.observe.events import Event as E
-from neurond.observe.events import Observation
+from neurond.observe.events import Event as E, Observation
 from neurond.observe.journal import JournalSink, entry_for
 from tests.observe.journald import write_journal_file
 

@@ -96,7 +96,8 @@ class WrappedDaemon(Daemon):
         cmd = [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
                "--device", "cpu", "--cache-dir", str(cache_dir), *extra]
         self.proc = subprocess.Popen(wrap(mode, journal_dir, cgroup, cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHON=sys.executable, **{**TEST_ENV, **(env or {})}), cwd=REPO)
+                                     env=dict(os.environ, PYTHON=sys.executable, **{**TEST_ENV, **(env or {})}),
+                                     cwd=REPO)
 
     def leader_pid(self) -> int | None:
         """The neurond process: the wrapper's child that is not journald."""

@@ -16,8 +16,17 @@ from neurond.observe.entries import unique
 from neurond.observe.events import Event as E
 from neurond.observe.incident import CLEAN_WITHIN_S, rebuild
 from tests.conftest import REPO
-from tests.observe.fleet import (Episode, abort, fault, gave_up_after, host_entries, recovered, repair, startup,
-                                 stop, write_fleet)
+from tests.observe.fleet import (
+    Episode,
+    abort,
+    fault,
+    host_entries,
+    recovered,
+    repair,
+    startup,
+    stop,
+    write_fleet,
+)
 from tests.observe.journald import need_journal_remote, write_journal_file
 from tests.observe.test_audit import audit, query
 

@@ -9,12 +9,19 @@ import textwrap
 import pytest
 
 from neurond.config import Config
+from neurond.lifecycle import Cause
 from neurond.observe import journal
 from neurond.observe.catalog import MESSAGES
 from neurond.observe.events import Event, emit
-from neurond.lifecycle import Cause
-from tests.observe.journald import (HOSTNAME, need_private_journald, read_journal, remove_cgroup,
-                                    run_with_journal, unit_cgroup, wrap)
+from tests.observe.journald import (
+    HOSTNAME,
+    need_private_journald,
+    read_journal,
+    remove_cgroup,
+    run_with_journal,
+    unit_cgroup,
+    wrap,
+)
 
 
 @pytest.fixture
@@ -30,7 +37,7 @@ def test_every_event_has_its_id_fields_priority_and_greppable_message(captured):
         emit(sink, event, incident="inc1", cause="rank_died", rank=1, tp_size=2, model="m", state_from="healthy",
              state_to="poisoned", lifecycle_event="fault", request_id=None, detail="")
     assert len(captured) == len(Event)
-    for event, entry in zip(Event, captured):
+    for event, entry in zip(Event, captured, strict=True):
         assert entry["MESSAGE_ID"] == MESSAGES[event].message_id
         assert entry["MESSAGE"].startswith(f"neurond {event.value}: ")
         assert entry["SYSLOG_IDENTIFIER"] == "neurond" and entry["NEUROND_EVENT"] == event.value

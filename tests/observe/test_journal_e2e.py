@@ -13,8 +13,14 @@ from neurond.observe.catalog import MESSAGES
 from neurond.observe.events import Event
 from tests.conftest import REPO, chat_body
 from tests.faults import fault_daemon, wait_ready
-from tests.observe.journald import (HOSTNAME, WrappedDaemon, need_private_journald, read_journal, remove_cgroup,
-                                    unit_cgroup)
+from tests.observe.journald import (
+    HOSTNAME,
+    WrappedDaemon,
+    need_private_journald,
+    read_journal,
+    remove_cgroup,
+    unit_cgroup,
+)
 
 
 def test_a_fault_in_a_real_journal_is_one_complete_clean_incident(cache_dir, builtin_model, tmp_path):

@@ -6,6 +6,7 @@ dead journald (a stale socket), which must not disturb any of it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -36,7 +37,7 @@ class NotifyListener:
         while not self._stop:
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -146,7 +147,7 @@ def test_daemon_notifies_systemd_through_its_life(cache_dir, builtin_model, tmp_
         assert listener.messages[healthy][1]["STATUS"] == "healthy: neurond-builtin, tp_size=1, incidents=0"
         healthy = max(healthy, ready)
         pings = [t for t, m in listener.messages if "WATCHDOG" in m]
-        assert len(pings) >= 2 and all(0.1 < b - a < 1.0 for a, b in zip(pings, pings[1:]))
+        assert len(pings) >= 2 and all(0.1 < b - a < 1.0 for a, b in itertools.pairwise(pings))
 
         workers = d.worker_pids()
         t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -175,7 +176,8 @@ def test_a_repair_state_outliving_every_deadline_means_unresponsive():
     from neurond.config import Config
     from neurond.server import Server
 
-    server = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1))  # bound: 4+6+2+2+30 = 44 s
+    # bound: 4+6+2+2+30 = 44 s
+    server = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1))
     assert server._unresponsive() is None  # no supervisor yet: starting
     server.supervisor = SimpleNamespace(state="reloading")
     server.status.since = time.monotonic() - 40

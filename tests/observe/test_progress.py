@@ -4,6 +4,8 @@ pool's progress only while a load is under way, and the texts say the same every
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from neurond.observe import journal
@@ -95,7 +97,7 @@ def test_load_shard_reports_as_bytes_arrive_and_only_then(tmp_path_factory, monk
     for interval in (0.0, 3600.0):
         reports = load(interval)
         assert reports[0] == (0, total, 0, len(files)) and reports[-1] == (total, total, len(files), len(files))
-        assert all(a != b for a, b in zip(reports, reports[1:])), "a report that repeats the last one"
+        assert all(a != b for a, b in itertools.pairwise(reports)), "a report that repeats the last one"
         assert [c[0] for c in reports] == sorted(c[0] for c in reports)
         assert [c[2] for c in reports] == sorted(c[2] for c in reports)
         assert all(c[0] <= total for c in reports)

@@ -21,7 +21,6 @@ its spares and the zygote. (tests/pool/test_spares.py covers spares started from
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -21,8 +21,8 @@ def test_a_repair_spawns_ranks_that_capture_lazily():
 
 def test_every_rank_is_told_the_kv_cache_layout():
     """0: the static slot cache, no block tables; N: a paged cache of exactly the N blocks the leader hands out."""
-    sup = Supervisor(Config(max_batch_size=4, max_model_len=100, kv_block_size=16, kv_cache_blocks=0), "/nonexistent-model",
-                     64)
+    sup = Supervisor(Config(max_batch_size=4, max_model_len=100, kv_block_size=16, kv_cache_blocks=0),
+                     "/nonexistent-model", 64)
     assert [(s.kv_blocks, s.kv_block_size, s.max_len) for s in sup._specs()] == [(0, 16, 64)]
     sup = Supervisor(Config(kv_cache_blocks=123, kv_block_size=32), "/nonexistent-model", 4096)
     assert sup._specs()[0].kv_blocks == 123 and sup._specs()[0].kv_block_size == 32

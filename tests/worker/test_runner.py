@@ -82,7 +82,7 @@ def test_batched_decode_matches_each_alone(shard):
         if step == 3:  # a third sequence joins mid-way
             got[3] = [prefill(runner, 3, tuple(PROMPTS[2]), 0, True, GREEDY, 0)]
         active = tuple(s for s in got if len(got[s]) < 10)
-        for slot, tok in zip(active, runner.decode(active)):
+        for slot, tok in zip(active, runner.decode(active), strict=True):
             got[slot].append(tok)
     got[3] += runner.decode((3,)) + runner.decode((3,)) + runner.decode((3,))
     assert [got[0], got[2], got[3]] == alone
@@ -139,7 +139,7 @@ def test_prefill_of_several_sequences_in_one_step(shard):
     second = prefill(runner, 1, PROMPTS[1][2:], 2, True, GREEDY, 0)
     got = {0: [first[0]], 1: [second], 3: [first[2]]}
     for _ in range(5):
-        for slot, tok in zip((0, 1, 3), runner.decode((0, 1, 3))):
+        for slot, tok in zip((0, 1, 3), runner.decode((0, 1, 3)), strict=True):
             got[slot].append(tok)
     assert [got[0], got[1], got[3]] == alone
 

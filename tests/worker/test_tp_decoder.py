@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
-from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.loader import load_shard  # noqa: E402
+from neurond.worker.runner import ModelRunner  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
