@@ -146,6 +146,13 @@ class Config:
     breaker_max_failures: int = 5
     #: The breaker's window, in seconds.
     breaker_window_s: float = 600.0
+    #: Seconds to wait after a failed recovery attempt before the next one, doubled after every further
+    #: failure up to recovery_backoff_max_s. A cause that outlives one attempt (GPU memory still held by a
+    #: dying process, a checkpoint's filesystem coming back) gets time to pass, and a rank that dies at every
+    #: start does not spin through the breaker's attempts in seconds. 0: no wait.
+    recovery_backoff_s: float = 1.0
+    #: The longest wait between two recovery attempts, in seconds.
+    recovery_backoff_max_s: float = 30.0
     #: In `unloaded` after the breaker gave up: serve 503 with the reason for this many seconds, then exit with
     #: code 4 so systemd's Restart= starts a fresh daemon (its StartLimit ends a crash loop). 0: never exit.
     unloaded_exit_s: float = 30.0
@@ -188,6 +195,8 @@ class Config:
             raise ConfigError("admin_socket needs admin_token_file (the admin API always requires a token)")
         if self.fault_injection and not self.admin_socket:
             raise ConfigError("fault_injection needs admin_socket: faults are injected only through the admin API")
+        if not 0 <= self.recovery_backoff_s <= self.recovery_backoff_max_s:
+            raise ConfigError("need 0 <= recovery_backoff_s <= recovery_backoff_max_s")
         if self.max_batch_size < 1 or self.max_model_len == 1 or self.max_model_len < 0 \
                 or self.prefill_chunk_tokens < 1:
             raise ConfigError("need max_batch_size >= 1, max_model_len >= 2 (or 0: the model's window) and "

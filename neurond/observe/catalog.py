@@ -98,6 +98,17 @@ cheapest rung (comm_rebuild: no rank had to be replaced, weights kept); within r
 replacement ranks with the survivors, which keep their weights.
 
 Nothing to do."""),
+    Message(Event.RECOVERY_BACKOFF, "c609200d577d432f9d51e529d07cd4d7", NOTICE,
+            "neurond waits @NEUROND_DURATION_MS@ ms before recovery attempt @NEUROND_ATTEMPT@",
+            """A recovery attempt of incident @NEUROND_INCIDENT@ failed (the fault on the entry before this one:
+@NEUROND_CAUSE@), and neurond waits @NEUROND_DURATION_MS@ ms before attempt @NEUROND_ATTEMPT@, a full reload.
+The wait is recovery_backoff_s after the first failed attempt and doubles after each further one, up to
+recovery_backoff_max_s, so that a cause that outlives one attempt (memory still held by a dying process, a
+checkpoint's filesystem coming back) can pass. The model serves 503 with Retry-After meanwhile. Failed
+attempts count towards the crash-loop breaker (breaker_max_failures within breaker_window_s).
+
+What to do: nothing for one wait. Several in one incident mean every reload fails the same way: read the
+incident's fault_detected entries and the ranks' own log lines, which say why."""),
     Message(Event.RECOVERY_FINISHED, "3e00fbab0cd245b9a899a1fffc06fcab", NOTICE,
             "neurond recovered in @NEUROND_DURATION_MS@ ms via @NEUROND_RUNG@ (@NEUROND_OUTCOME@)",
             """The pool is healthy again and serving, @NEUROND_DURATION_MS@ ms after the fault was detected, by

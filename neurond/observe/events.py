@@ -27,6 +27,7 @@ class Event(str, enum.Enum):
     RANK_KILLED = "rank_killed"
     RANK_SPAWNED = "rank_spawned"
     COMM_REBUILT = "comm_rebuilt"
+    RECOVERY_BACKOFF = "recovery_backoff"  # waiting duration_ms before recovery attempt `attempt`
     RECOVERY_FINISHED = "recovery_finished"
     GAVE_UP = "gave_up"
     REQUEST_FAILED = "request_failed"  # a request ended by a rank fault

@@ -164,6 +164,8 @@ def message_text(o: Observation) -> str:
         Event.RANK_KILLED: lambda: f"rank {s(o.rank)} killed with SIGKILL",
         Event.RANK_SPAWNED: lambda: f"rank {s(o.rank)} started as pid {s(o.pid)}",
         Event.COMM_REBUILT: lambda: f"new communicator in {s(o.duration_ms)} ms, weights kept",
+        Event.RECOVERY_BACKOFF: lambda: f"waiting {s(o.duration_ms)} ms before attempt {s(o.attempt)}, after "
+                                        f"{s(o.cause)}" + (f" on rank {o.rank}" if o.rank is not None else ""),
         Event.RECOVERY_FINISHED: lambda: f"healthy after {s(o.duration_ms)} ms via {s(o.rung)}, attempt "
                                          f"{s(o.attempt, 1)}, {s(o.outcome)}"
                                          + (f" ({o.outcome_why})" if o.outcome_why else ""),

@@ -96,11 +96,20 @@ REPAIR_SLACK_S = 30.0
 
 
 def worst_case_s(config: Config) -> float:
-    """The longest one repair may take with every step at its deadline: a load, two communicators (the
-    abort's and the new one's), two aborts and two kill graces (a failed rung's, then the full reload's). A
-    repair state that outlives this means the supervisor itself is stuck (the systemd watchdog's test)."""
+    """The longest one repair state may last with every step at its deadline: a load, two communicators (the
+    abort's and the new one's), two aborts and two kill graces (a failed rung's, then the full reload's), and
+    the longest wait before an attempt. A repair state that outlives this means the supervisor itself is stuck
+    (the systemd watchdog's test)."""
     return (config.load_timeout_s + 2 * config.comm_timeout_s + 2 * config.abort_timeout_s
-            + 2 * config.kill_grace_s + REPAIR_SLACK_S)
+            + 2 * config.kill_grace_s + config.recovery_backoff_max_s + REPAIR_SLACK_S)
+
+
+def backoff_s(config: Config, attempt: int) -> float:
+    """The wait before recovery attempt `attempt` of one incident: none before the first, recovery_backoff_s
+    before the second, doubled before each later one, never more than recovery_backoff_max_s."""
+    if attempt < 2 or config.recovery_backoff_s <= 0:
+        return 0.0
+    return min(config.recovery_backoff_s * 2.0 ** min(attempt - 2, 32), config.recovery_backoff_max_s)
 
 
 @dataclass(slots=True)

@@ -5,7 +5,8 @@ A fault opens an incident (healthy -> poisoned); recovery then runs attempts (ab
 repairs the pool or the crash-loop breaker gives up (`breaker_max_failures` failed attempts within
 `breaker_window_s`: -> unloaded). The mechanics of an attempt, making every rank idle or dead and running the
 cheapest rung (comm_rebuild, replace_ranks, full_reload), are the repair ladder's: pool/ladder.py. The first
-attempt of an incident takes the cheapest rung that fits; any later one is a full reload.
+attempt of an incident takes the cheapest rung that fits; any later one is a full reload, after a wait that
+doubles with every failed attempt (`recovery_backoff_s`, up to `recovery_backoff_max_s`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from neurond.config import Config
 from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
-from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder
+from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, backoff_s
 from neurond.pool.launcher import Launcher, zygote_wanted
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
@@ -340,6 +341,11 @@ class Supervisor:
                 for callback in self.on_gave_up:
                     callback(self.lifecycle.last_cause)
                 return
+            if pause := backoff_s(self.config, attempt):
+                # In `poisoned`, between a failed attempt and the next: the journal says how long, and stop()
+                # cancels the wait like any other step.
+                self._emit(Event.RECOVERY_BACKOFF, cause.with_(attempt=attempt), duration_ms=round(pause * 1000))
+                await asyncio.sleep(pause)
             self._send("abort", cause.with_(attempt=attempt))
             rung: Rung = FULL_RELOAD
             victims: set[int] = set()

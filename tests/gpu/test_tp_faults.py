@@ -112,4 +112,5 @@ def test_replacement_dies_while_loading(daemon):
     events = [t[0] for t in daemon.admin.status()["transitions"][seen:]]
     assert events[:3] == ["fault", "abort", "repair"] and "fault" in events[3:], events
     assert events[-1] == "recovered"
+    assert "neurond recovery_backoff: waiting 1000 ms before attempt 2" in daemon.log()  # then a full reload
     assert daemon.admin.status()["pids"]["1"] != before["1"]

@@ -176,8 +176,9 @@ def test_a_repair_state_outliving_every_deadline_means_unresponsive():
     from neurond.config import Config
     from neurond.server import Server
 
-    # bound: 4+6+2+2+30 = 44 s
-    server = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1))
+    # bound: 4+6+2+2+0+30 = 44 s
+    server = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1,
+                           recovery_backoff_s=0, recovery_backoff_max_s=0))
     assert server._unresponsive() is None  # no supervisor yet: starting
     server.supervisor = SimpleNamespace(state="reloading")
     server.status.since = time.monotonic() - 40
@@ -186,3 +187,11 @@ def test_a_repair_state_outliving_every_deadline_means_unresponsive():
     assert server._unresponsive().startswith("reloading for 50 s (bound 44 s)")
     server.supervisor.state = "unloaded"  # waiting for an operator is not being stuck
     assert server._unresponsive() is None
+    # the longest wait between two recovery attempts is part of the bound: 44 + 10 = 54 s
+    waits = Server(Config(load_timeout_s=4, comm_timeout_s=3, abort_timeout_s=1, kill_grace_s=1,
+                          recovery_backoff_s=1, recovery_backoff_max_s=10))
+    waits.supervisor = SimpleNamespace(state="poisoned")
+    waits.status.since = time.monotonic() - 50
+    assert waits._unresponsive() is None
+    waits.status.since = time.monotonic() - 60
+    assert waits._unresponsive().startswith("poisoned for 60 s (bound 54 s)")

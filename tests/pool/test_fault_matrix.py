@@ -122,6 +122,8 @@ def test_fault_during_reload_is_recovered_by_the_next_attempt(daemon, kind, rank
     assert events[:3] == ["fault", "abort", "repair"]
     assert events[3] == "fault"  # the load fault, during reloading
     assert events[-1] == "recovered"
+    # and the next attempt came after the first wait of the backoff (recovery_backoff_s, 1 s by default)
+    assert "neurond recovery_backoff: waiting 1000 ms before attempt 2" in daemon.log()
     if kind == "wedge":  # found by the load's stall deadline (8 s here), not its 20 s load deadline
         assert "load shard (no progress) did not finish within 8.00s" in daemon.log()
 

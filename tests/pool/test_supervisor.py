@@ -1,14 +1,18 @@
 """Supervisor.call: which faults are this call's own (journaled with its request, blamed on its requests) and
-which only interrupt it. No processes: the pool is a stand-in."""
+which only interrupt it; how recovery attempts follow each other. No processes: the pool is a stand-in."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 import pytest
 
 from neurond.config import Config
+from neurond.observe.events import Event, EventSink
 from neurond.pool.faults import PoolUnavailable, RankDied, StepTimeout
+from neurond.pool.ladder import backoff_s
 from neurond.pool.supervisor import Supervisor
 
 
@@ -98,3 +102,57 @@ def test_a_start_that_failed_is_repaired_by_a_full_reload_even_with_every_rank_a
 
     asyncio.run(scenario())
     assert rungs == ["full_reload"] and sup.state == "healthy"
+
+
+def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(monkeypatch):
+    """Every attempt of an incident fails: the supervisor waits recovery_backoff_s before the second, twice
+    that before the third, never more than recovery_backoff_max_s, journals each wait, and gives up at the
+    breaker without waiting again."""
+    config = Config(recovery_backoff_s=0.2, recovery_backoff_max_s=0.3, breaker_max_failures=3)
+    seen = []
+
+    class Recorder(EventSink):
+        def observe(self, o):
+            seen.append(o)
+
+    sup = Supervisor(config, "/nonexistent-model", 4096, events=Recorder())
+    sup.lifecycle.send("loaded")
+
+    class Loaded(Pool):
+        kv_blocks, loaded = 0, True
+
+        async def stop(self, grace):
+            pass
+
+    sup.pool = Loaded(None)
+    attempts = []
+
+    async def unblock(pool, fault, cause):
+        return set()
+
+    async def repair(pool, rung, victims, cause):
+        attempts.append((time.monotonic(), cause.attempt, rung))
+        raise RankDied(1, -9)  # e.g. the new rank dies while loading, every time
+
+    monkeypatch.setattr(sup.ladder, "unblock", unblock)
+    monkeypatch.setattr(sup.ladder, "repair", repair)
+
+    async def scenario():
+        sup._on_pool_fault(RankDied(1, -9))
+        await sup._recovery
+        return time.monotonic()
+
+    gave_up_at = asyncio.run(scenario())
+    assert [(a, r) for _, a, r in attempts] == [(1, "comm_rebuild"), (2, "full_reload"), (3, "full_reload")]
+    waits = [(o.attempt, o.duration_ms) for o in seen if o.event is Event.RECOVERY_BACKOFF]
+    assert waits == [(2, 200), (3, 300)]  # 0.2 s, then 0.4 s capped at 0.3 s
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.3, gaps
+    assert gave_up_at - attempts[-1][0] < 0.2  # the give-up does not wait
+    assert sup.state == "unloaded" and [o.event for o in seen].count(Event.GAVE_UP) == 1
+
+
+@pytest.mark.parametrize("attempt, want", [(1, 0.0), (2, 1.0), (3, 2.0), (4, 4.0), (6, 16.0), (7, 30.0), (500, 30.0)])
+def test_backoff_doubles_up_to_its_cap(attempt, want):
+    assert backoff_s(Config(), attempt) == want
+    assert backoff_s(Config(recovery_backoff_s=0), attempt) == 0.0
