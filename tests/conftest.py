@@ -96,17 +96,29 @@ class Daemon:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def get(self, path: str, timeout: float = 10):
-        return http("GET", self.url(path), timeout=timeout)
+    def get(self, path: str, timeout: float = 10, headers: dict | None = None):
+        return http("GET", self.url(path), headers=headers, timeout=timeout)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, auth: dict | None = None) -> dict[str, float]:
         """GET /metrics as {sample as written, name and labels: value}, e.g.
-        'neurond_requests_total{outcome="completed"}': 3.0."""
-        status, headers, text = self.get("/metrics")
+        'neurond_requests_total{outcome="completed"}': 3.0. `auth`: the headers a daemon with a token needs."""
+        status, headers, text = self.get("/metrics", headers=auth)
         assert status == 200 and headers["content-type"].startswith("text/plain"), (status, text)
         text = text.decode() if isinstance(text, bytes) else str(text)
         return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
+
+    def steps(self, kind: str = "decode", auth: dict | None = None) -> float:
+        """Calls of this kind (prefill, decode) the daemon made so far: its step latency histogram's count."""
+        return self.metrics(auth).get(f'neurond_step_seconds_count{{kind="{kind}"}}', 0.0)
+
+    def wait_steps(self, since: float, kind: str = "decode", timeout: float = 30.0, auth: dict | None = None) -> None:
+        """Wait until the daemon made a call of `kind` after `since` was read from steps(): a request sent
+        meanwhile is then on the ranks (instead of sleeping a time that a slow box may not honour)."""
+        t0 = time.monotonic()
+        while self.steps(kind, auth) <= since:
+            assert time.monotonic() - t0 < timeout, f"no {kind} call within {timeout} s"
+            time.sleep(0.05)
 
     def chat(self, body: dict, headers: dict | None = None, timeout: float = 120):
         return http("POST", self.url("/v1/chat/completions"), json.dumps(body).encode(),

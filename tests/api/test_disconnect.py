@@ -58,16 +58,6 @@ def _wait(predicate, timeout: float = 30.0, what: str = ""):
     return value
 
 
-def _decode_calls(d) -> float:
-    """Decode calls the daemon made so far (its metrics' step latency count)."""
-    return d.metrics()['neurond_step_seconds_count{kind="decode"}']
-
-
-def _generating(d, since: float) -> None:
-    """Wait until the daemon decodes again after `since` was read: the request just sent holds the slot."""
-    _wait(lambda: _decode_calls(d) > since, what="a request to start decoding")
-
-
 def _hang_up_mid_stream(d) -> None:
     conn = _send(d, dict(LONG, stream=True))
     resp = conn.getresponse()
@@ -98,11 +88,11 @@ def test_hang_up_before_the_first_token_generates_nothing(daemon):
     """Streaming or not, a request whose client hangs up while it waits in the queue is skipped: it never
     reaches a rank. (Before, a queued non-streaming request was generated in full for nobody.)"""
     d = daemon
-    before, calls = _requests(d), _decode_calls(d)
+    before, calls = _requests(d), d.steps()
     long_answer = {}
     first = threading.Thread(target=lambda: long_answer.setdefault("r", d.chat(LONG)))
     first.start()
-    _generating(d, calls)  # the first request holds the one slot; the next two queue behind it
+    d.wait_steps(calls)  # the first request holds the one slot; the next two queue behind it
     queued = [_send(d, LONG), _send(d, dict(LONG, stream=True))]
     time.sleep(0.2)
     for conn in queued:
@@ -118,9 +108,9 @@ def test_hang_up_before_the_first_token_generates_nothing(daemon):
 
 def test_non_streaming_hang_up_mid_generation_stops_it(daemon):
     d = daemon
-    before, calls = _requests(d), _decode_calls(d)
+    before, calls = _requests(d), d.steps()
     conn = _send(d, LONG)
-    _generating(d, calls)
+    d.wait_steps(calls)
     _hang_up(conn)
     after = _wait(lambda: (r := _requests(d))["cancelled"] + r["completed"] > before["cancelled"] + before["completed"]
                   and r, what="the generation to end")

@@ -195,9 +195,10 @@ def test_requests_beyond_the_queue_get_503_with_retry_after(locked):
     """max_queued_requests = 1: one request generating, one waiting; the others are refused at once."""
     long_body = chat_body("a long answer please", max_tokens=1500, temperature=1.0, seed=8)
     results: list = []
+    calls = locked.steps(auth=BEARER)
     first = threading.Thread(target=lambda: results.append(_chat(locked, long_body)))
     first.start()
-    time.sleep(0.3)  # generating
+    locked.wait_steps(calls, auth=BEARER)  # generating: it holds the engine; the next one queues, the rest find it full
     more = [threading.Thread(target=lambda: results.append(_chat(locked, chat_body(max_tokens=2))))
             for _ in range(4)]
     for t in more:

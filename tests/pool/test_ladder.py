@@ -120,9 +120,10 @@ def test_interrupted_and_queued_requests_complete_after_the_repair(start_daemon,
     def send(name, content):
         results[name] = d.chat(chat_body(content, max_tokens=8, temperature=0))
 
+    prefills = d.steps("prefill")
     first = threading.Thread(target=send, args=("faulted", "first"))
     first.start()
-    time.sleep(0.3)  # the first request is now stuck in its wedged decode step
+    d.wait_steps(prefills, "prefill")  # its prefill is done: the first request is now in its wedged decode step
     second = threading.Thread(target=send, args=("queued", "second"))
     second.start()
     first.join(60)

@@ -66,9 +66,10 @@ def test_rank_killed_mid_request_is_replayed_and_completes(d):
         result["response"] = d.chat(request)
         result["answered_at"] = time.monotonic()
 
+    calls = d.steps()
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)  # inside the generation (364 tokens, about 3 s at TP=2 on an idle 2-core box)
+    d.wait_steps(calls)  # inside the generation (364 tokens, about 3 s at TP=2 on an idle 2-core box)
     killed_at = time.monotonic()
     os.kill(sorted(d.worker_pids())[1], signal.SIGKILL)
     t.join(60)
