@@ -56,6 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = ""):
+    """Poll `predicate` until it returns something true, and return that; fail the test after `timeout` s."""
+    t0 = time.monotonic()
+    while not (value := predicate()):
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60):
     """(status, headers with lowercase names, parsed JSON or raw bytes) — also for error statuses."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
@@ -115,10 +124,7 @@ class Daemon:
     def wait_steps(self, since: float, kind: str = "decode", timeout: float = 30.0, auth: dict | None = None) -> None:
         """Wait until the daemon made a call of `kind` after `since` was read from steps(): a request sent
         meanwhile is then on the ranks (instead of sleeping a time that a slow box may not honour)."""
-        t0 = time.monotonic()
-        while self.steps(kind, auth) <= since:
-            assert time.monotonic() - t0 < timeout, f"no {kind} call within {timeout} s"
-            time.sleep(0.05)
+        wait_until(lambda: self.steps(kind, auth) > since, timeout, what=f"a {kind} call")
 
     def chat(self, body: dict, headers: dict | None = None, timeout: float = 120):
         return http("POST", self.url("/v1/chat/completions"), json.dumps(body).encode(),

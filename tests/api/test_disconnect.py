@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.chaos import probes
-from tests.conftest import chat_body
+from tests.conftest import chat_body, wait_until
 from tests.faults import fault_daemon
 
 # On the built-in model at TP=1 this seeded answer runs over 1,000 tokens (the fixture measures how many): 3-5 s on
@@ -50,14 +50,6 @@ def _hang_up(conn: http.client.HTTPConnection) -> None:
     conn.close()
 
 
-def _wait(predicate, timeout: float = 30.0, what: str = ""):
-    t0 = time.monotonic()
-    while not (value := predicate()):
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
 def _hang_up_mid_stream(d) -> None:
     conn = _send(d, dict(LONG, stream=True))
     resp = conn.getresponse()
@@ -70,16 +62,16 @@ def _hang_up_mid_stream(d) -> None:
 def test_many_hang_ups_mid_stream_stop_each_generation_and_leak_nothing(daemon):
     d, leader = daemon, daemon.proc.pid
     _hang_up_mid_stream(d)  # warm the path once before the baseline
-    _wait(lambda: _requests(d)["cancelled"] >= 1, what="the first cancel")
+    wait_until(lambda: _requests(d)["cancelled"] >= 1, what="the first cancel")
     before, fds, rss = _requests(d), probes.fd_count(leader), probes.rss_bytes(leader)
     n = 30
     for _ in range(n):
         _hang_up_mid_stream(d)
-    _wait(lambda: _requests(d)["cancelled"] >= before["cancelled"] + n, what=f"{n} cancelled generations")
+    wait_until(lambda: _requests(d)["cancelled"] >= before["cancelled"] + n, what=f"{n} cancelled generations")
     after = _requests(d)
     assert after["completed"] == before["completed"], "a hung-up stream was generated to its end"
     assert after["last_cancelled_tokens"] < d.long_tokens // 2
-    _wait(lambda: probes.fd_count(leader) <= fds + FD_SLACK, timeout=5, what="the leader's fds to settle")
+    wait_until(lambda: probes.fd_count(leader) <= fds + FD_SLACK, timeout=5, what="the leader's fds to settle")
     assert probes.rss_bytes(leader) <= rss + RSS_SLACK_BYTES
     assert d.chat(chat_body(max_tokens=4))[0] == 200
 
@@ -112,7 +104,8 @@ def test_non_streaming_hang_up_mid_generation_stops_it(daemon):
     conn = _send(d, LONG)
     d.wait_steps(calls)
     _hang_up(conn)
-    after = _wait(lambda: (r := _requests(d))["cancelled"] + r["completed"] > before["cancelled"] + before["completed"]
-                  and r, what="the generation to end")
+    ended = before["cancelled"] + before["completed"]
+    after = wait_until(lambda: (r := _requests(d))["cancelled"] + r["completed"] > ended and r,
+                       what="the generation to end")
     assert after["cancelled"] == before["cancelled"] + 1, (before, after)  # stopped, not run to its end
     assert 0 < after["last_cancelled_tokens"] < d.long_tokens
