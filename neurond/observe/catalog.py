@@ -147,6 +147,21 @@ between; `systemctl status neurond` (STATUS=) and `neurond status` show the late
 Nothing to do. A load that stops making progress ends after load_timeout_s with a rank_timeout fault. A
 slow one points at the disk or the filesystem the checkpoint is on (a cold page cache, a network mount):
 compare the time between the first and the last entry of a rank with the checkpoint's size."""),  # noqa: E501 - the catalog entry's own wrapping
+    Message(Event.STARTUP_FAILED, "598b58ceff134ed396bdcbf73ffd1d21", CRIT,
+            "neurond cannot start: @NEUROND_PATH@: @NEUROND_DETAIL@",
+            """neurond did not start: its configuration or its model cannot be served (@NEUROND_CAUSE@).
+@NEUROND_PATH@: @NEUROND_DETAIL@
+
+It exits with code 2 at once, before any rank starts, and the unit's RestartPreventExitStatus=2 keeps
+systemd from restarting it: a restart cannot fix a file. NEUROND_CAUSE says what is wrong:
+config: the TOML file or a setting; token_file: api_token_file or admin_token_file; fd_limit: the hard
+open-file limit is below what max_connections needs; model_dir: the model directory is missing or is not
+a checkpoint; model_config: its config.json or generation_config.json; weights: a *.safetensors file or
+the index that names them; tokenizer: tokenizer.json, tokenizer_config.json or the chat template;
+builtin_model: the built-in model could not be written to cache_dir.
+
+What to do: fix the file NEUROND_PATH names (or the setting), make sure the neurond user can read it, then
+`systemctl reset-failed neurond && systemctl start neurond`."""),
 )}
 
 BY_ID: dict[str, Message] = {m.message_id: m for m in MESSAGES.values()}

@@ -32,6 +32,7 @@ class Event(str, enum.Enum):
     GAVE_UP = "gave_up"
     REQUEST_FAILED = "request_failed"  # a request ended by a rank fault
     LOAD_PROGRESS = "load_progress"  # a rank read more of its checkpoint (rank, done/total bytes and files)
+    STARTUP_FAILED = "startup_failed"  # the configuration or the model cannot be served: exit code 2 (cause, path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class Observation:
     rung: str | None = None
     attempt: int | None = None
     detail: str | None = None
+    path: str | None = None  # startup_failed: the file or directory at fault
     duration_ms: int | None = None
     detect_ms: int | None = None  # fault_detected: from the step's start to its fault
     lifecycle_event: str | None = None  # transition: the lifecycle's event, its states before and after

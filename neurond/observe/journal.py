@@ -118,8 +118,8 @@ _SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,)
                             if _STATEMACHINE and _STATEMACHINE.origin else ())
 _SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
 # Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
-# the on_spawn callback): CODE_* should name the code that decided, not the relay.
-_RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn"})
+# the on_spawn callback, the server's startup_failed): CODE_* should name the code that decided, not the relay.
+_RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn", "startup_failed"})
 
 
 def call_site() -> tuple[str, int, str]:
@@ -174,6 +174,7 @@ def message_text(o: Observation) -> str:
                                       + (f" (rank {o.rank})" if o.rank is not None else ""),
         Event.LOAD_PROGRESS: lambda: f"rank {s(o.rank)} loaded "
                                      + rank_text(o.done_bytes, o.total_bytes, o.files_done, o.files_total),
+        Event.STARTUP_FAILED: lambda: f"{s(o.cause)}: " + (f"{o.path}: " if o.path else "") + f"{s(o.detail, '')}",
     }[o.event]()
     return f"{MESSAGES[o.event].prefix} {text}{inc}"
 

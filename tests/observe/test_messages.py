@@ -13,7 +13,7 @@ SITE = ("x.py", 1, "f")
 FULL = dict(model="m", tp_size=2, incident="inc1", cause="rank_died", rank=1, request_id="req-1", rung="replace_ranks",
             attempt=2, detail="exit 9", duration_ms=1234, detect_ms=56, lifecycle_event="fault", state_from="healthy",
             state_to="poisoned", pid=4242, status=503, prompt_tokens=7, completion_tokens=3, faults=1,
-            done_bytes=3 << 30, total_bytes=4 << 30, files_done=3, files_total=4)
+            done_bytes=3 << 30, total_bytes=4 << 30, files_done=3, files_total=4, path="/m/config.json")
 CASES = {e.value + "/full": Observation(e, **FULL) for e in E} | {e.value + "/bare": Observation(e) for e in E} | {
     "transition/blank": Observation(E.TRANSITION, cause="", detail="", incident="", rank=0),
     "transition/healthy": Observation(E.TRANSITION, cause="startup", lifecycle_event="loaded", state_from="loading",
@@ -34,6 +34,7 @@ CASES = {e.value + "/full": Observation(e, **FULL) for e in E} | {e.value + "/ba
     "abort_started/attempt0": Observation(E.ABORT_STARTED, attempt=0),
     "abort_failed/blank": Observation(E.ABORT_FAILED, duration_ms=5, detail=""),
     "load_progress/partial": Observation(E.LOAD_PROGRESS, rank=0, done_bytes=0, files_done=0),
+    "startup_failed/no_path": Observation(E.STARTUP_FAILED, cause="fd_limit", detail="hard limit 512"),
 }
 EXPECTED = [  # (case, MESSAGE, PRIORITY)
     ('transition/full',
@@ -55,6 +56,7 @@ EXPECTED = [  # (case, MESSAGE, PRIORITY)
      'neurond request_failed: request req-1 failed with 503 rank_died (rank 1) (incident inc1)', 4),
     ('load_progress/full',
      'neurond load_progress: rank 1 loaded 3.0 GiB of 4.0 GiB (75%), 3/4 files (incident inc1)', 6),
+    ('startup_failed/full', 'neurond startup_failed: rank_died: /m/config.json: exit 9 (incident inc1)', 2),
     ('transition/bare', 'neurond transition: ? -> ? on ?, cause ?', 6),
     ('fault_detected/bare', 'neurond fault_detected: ? on rank ?', 3),
     ('abort_started/bare', 'neurond abort_started: aborting the communicator, attempt 1', 5),
@@ -68,6 +70,7 @@ EXPECTED = [  # (case, MESSAGE, PRIORITY)
     ('gave_up/bare', 'neurond gave_up: recovery gave up (); model unloaded', 2),
     ('request_failed/bare', 'neurond request_failed: request ? failed with ? ?', 4),
     ('load_progress/bare', 'neurond load_progress: rank ? loaded ? of ? (?), ?/? files', 6),
+    ('startup_failed/bare', 'neurond startup_failed: ?: ', 2),
     ('transition/blank', 'neurond transition: ? -> ? on ?, cause ?, rank 0', 6),
     ('transition/healthy', 'neurond transition: loading -> healthy on loaded, cause startup', 6),
     ('transition/reloading', 'neurond transition: healthy -> reloading on reload, cause sighup, rung full_reload', 6),
@@ -83,6 +86,7 @@ EXPECTED = [  # (case, MESSAGE, PRIORITY)
     ('abort_started/attempt0', 'neurond abort_started: aborting the communicator, attempt 0', 5),
     ('abort_failed/blank', 'neurond abort_failed: abort not confirmed after 5 ms: ', 4),
     ('load_progress/partial', 'neurond load_progress: rank 0 loaded 0 B of ? (?), 0/? files', 6),
+    ('startup_failed/no_path', 'neurond startup_failed: fd_limit: hard limit 512', 2),
 ]
 
 
