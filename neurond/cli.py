@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
-from neurond.config import DEFAULT_CONFIG_PATH, ConfigError, describe_settings, load_config
+from neurond.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, ConfigError, describe_settings, load_config
 
 DESCRIPTION = f"""\
 neurond serves a chat model with tensor parallelism (one worker process per GPU rank) behind an
@@ -114,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:
-        print(f"neurond: configuration error: {exc}", file=sys.stderr)
-        return 2
+        if args.command != "serve":
+            print(f"neurond: configuration error: {exc}", file=sys.stderr)
+            return 2
+        from neurond.server import named_file, startup_failed
+
+        files = (args.config, os.environ.get(ENV_PREFIX + "CONFIG"), str(DEFAULT_CONFIG_PATH))
+        return startup_failed("config", str(exc), named_file(str(exc), *(f for f in files if f)))
     from neurond.observe.journal import setup_logging
 
     setup_logging(config.log_level)  # journald entries (with CODE_* of the caller) and/or stderr lines
@@ -126,13 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_builtin_model(Path(config.cache_dir)))
         return 0
-    from neurond.server import EXIT_CONFIG, serve
+    from neurond.server import serve
 
-    try:
-        return serve(config)
-    except FileNotFoundError as exc:
-        logging.getLogger("neurond").error("%s", exc)
-        return EXIT_CONFIG
+    return serve(config)  # start-up errors about the configuration or the model: EXIT_CONFIG (2), journaled
 
 
 if __name__ == "__main__":

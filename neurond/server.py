@@ -32,13 +32,13 @@ from neurond.engine.deadline import StepDeadline
 from neurond.engine.engine import Engine
 from neurond.engine.request import RETRY_AFTER_S
 from neurond.lifecycle import LifecycleState
-from neurond.observe.events import TeeSink
+from neurond.observe.events import Event, TeeSink, emit
 from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
 from neurond.observe.notify import LifecycleStatus, Notifier, watchdog
 from neurond.pool.ladder import worst_case_s
 from neurond.pool.supervisor import Supervisor
-from neurond.served_model import load_served_model, resolve_model_dir
+from neurond.served_model import ModelError, load_served_model, resolve_model_dir
 
 log = logging.getLogger("neurond")
 
@@ -108,8 +108,11 @@ class Server:
 
     async def _serve(self, loop) -> int:
         c = self.config
-        model_dir = await asyncio.to_thread(resolve_model_dir, c)
-        model = await asyncio.to_thread(load_served_model, model_dir, c.model_name(), c.max_model_len)
+        try:  # before any rank starts: a checkpoint that cannot be served must not go through the breaker
+            model_dir = await asyncio.to_thread(resolve_model_dir, c)
+            model = await asyncio.to_thread(load_served_model, model_dir, c.model_name(), c.max_model_len)
+        except ModelError as exc:
+            return startup_failed(exc.cause, exc.problem, exc.path, c)
         try:
             listener = bind_http(c.host, c.port)
         except OSError as exc:
@@ -270,11 +273,29 @@ async def http_answers(host: str, port: int, timeout: float = 2.0) -> bool:
         writer.close()
 
 
+def startup_failed(cause: str, problem: str, path: str | None = None, config: Config | None = None) -> int:
+    """The configuration or the model cannot be served: one startup_failed journal entry naming the file and the
+    problem (docs/journal.md), and EXIT_CONFIG for the caller to exit with (systemd does not restart it)."""
+    emit(JournalSink(), Event.STARTUP_FAILED, cause=cause, path=path, detail=problem,
+         model=config.model_name() if config else None, tp_size=config.tp_size if config else None)
+    return EXIT_CONFIG
+
+
+def named_file(text: str, *paths: str) -> str | None:
+    """The first of `paths` that `text` (an error message) names, or None."""
+    return next((p for p in paths if p and p in text), None)
+
+
 def serve(config: Config) -> int:
     try:
         tokens = read_tokens(config)  # OSError, ValueError: missing, unreadable, empty or shared token file
+    except OSError as exc:
+        return startup_failed("token_file", exc.strerror or str(exc), exc.filename, config)
+    except ValueError as exc:
+        return startup_failed("token_file", str(exc),
+                              named_file(str(exc), config.api_token_file, config.admin_token_file), config)
+    try:
         connections.ensure_fd_limit(config.max_connections, config.tp_size)  # ConfigError: hard limit too low
-    except (OSError, ValueError) as exc:  # (ConfigError is a ValueError)
-        log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
+    except ValueError as exc:  # (ConfigError is a ValueError)
+        return startup_failed("fd_limit", str(exc), None, config)
     return asyncio.run(Server(config, tokens).run())
