@@ -116,6 +116,15 @@ class Config:
     #: and is closed. More than max_concurrent_requests (probes and scrapes still get in); the leader raises its
     #: open-file limit to fit, or refuses to start.
     max_connections: int = 1024
+    #: Of max_connections, the places one client address may hold (an IPv6 client: its /64), so that one
+    #: client can never lock the others out (api/connections.py). Half of max_connections, as many as
+    #: max_concurrent_requests: a load balancer or proxy in front, whose few addresses carry every request,
+    #: can still use every request slot. Raise it for a proxy that keeps more connections open than that.
+    max_connections_per_peer: int = 512
+    #: Of max_connections, the places kept for this host's own peers (loopback addresses, or the machine's own
+    #: address): once the others are taken, a health probe, a metrics scrape or `curl localhost` from the host
+    #: still gets in. Not limited per peer. 32: probes and scrapes hold a connection for a moment each.
+    connection_reserve: int = 32
     #: Seconds a client gets to send its whole request body (408 beyond).
     body_timeout_s: float = 30.0
     #: Largest request head (request line + headers), in bytes.
@@ -222,6 +231,11 @@ class Config:
             raise ConfigError(f"max_connections ({self.max_connections}) must exceed max_concurrent_requests "
                               f"({self.max_concurrent_requests}): with every request slot taken, health probes and "
                               f"metrics scrapes still need a connection")
+        if self.max_connections_per_peer < 1:
+            raise ConfigError("max_connections_per_peer must be >= 1")
+        if not 0 <= self.connection_reserve < self.max_connections:
+            raise ConfigError(f"connection_reserve ({self.connection_reserve}) must be >= 0 and below "
+                              f"max_connections ({self.max_connections}): clients from other hosts need places too")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self

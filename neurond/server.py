@@ -137,7 +137,8 @@ class Server:
                   max_header_bytes=c.max_header_bytes, metrics=self.metrics)
 
         # Bound here, so READY can never be about someone else's port; accepted through the cap.
-        cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics)
+        cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics,
+                                        per_peer=c.max_connections_per_peer, reserve=c.connection_reserve)
         listener = cap.listener(listener)
         hc = HypercornConfig()
         hc.errorlog = logging.getLogger("neurond.http")

@@ -1,4 +1,4 @@
-"""A cap on the open connections to the API port, held where connections are accepted.
+"""Who may hold the API port's connections, decided where connections are accepted; and HTTP/1.1 only.
 
 hypercorn 0.18 accepts every connection the kernel queues, and an idle keep-alive connection or a request head
 sent a byte at a time holds a descriptor until keep_alive_timeout. A flood of them was bounded only by the
@@ -6,22 +6,60 @@ leader's open-file limit, which the rank pool needs too (pipes and pidfds) to re
 ASGI app cannot help: the app never hears of a connection that has not sent a whole request head.
 
 So neurond hands hypercorn a listening socket of its own class. asyncio's event loop accepts through the
-listening socket's accept(); ours counts each connection until its socket is closed, whatever it is doing, and
-answers one beyond the cap itself (503 `too_many_connections`, Retry-After, Connection: close), so neither
-hypercorn nor the app ever runs for it. `ensure_fd_limit` makes sure the cap fits the open-file limit with room
-to spare for the rank pool.
+listening socket's accept(); ours gives each connection a place, held until its socket is closed whatever it is
+doing, and answers one that gets none itself (503 `too_many_connections`, Retry-After, Connection: close), so
+neither hypercorn nor the app ever runs for it. `ensure_fd_limit` makes sure the cap fits the open-file limit
+with room to spare for the rank pool.
+
+The places, and why (issue 30: one unauthenticated client took all 1,024 in 3.1 s, and `GET /health` then
+answered 503). The check comes before authentication and before any byte is read: all accept() knows is the
+peer's address (and the connection's own), never the path or the token. So the rules are about addresses:
+
+- `max_connections` places in all, idle keep-alive connections and half-sent heads included.
+- Per peer: one peer address holds at most `max_connections_per_peer` of the shared places, so one client can
+  never lock the others out. A peer is an IPv4 address, or an IPv6 /64 (one host of IPv6 commonly has a whole
+  /64 to pick source addresses from; counting single addresses would let it pose as millions of peers). Each
+  loopback address (all of 127.0.0.0/8) is a peer of its own. Behind a load balancer or a proxy every request
+  comes from its few addresses: the default (half of max_connections, as many as max_concurrent_requests) lets
+  one of them use every request slot; a bigger connection pool needs the setting raised.
+- The reserve: the last `connection_reserve` places are for peers on this host only: loopback addresses, and a
+  peer whose address is the connection's own local address (a probe pointed at the machine's own public
+  address; a remote peer cannot complete a TCP handshake from an address of this host, the replies never leave
+  it). That is where systemd, a local haproxy or Prometheus agent, `curl localhost` and neurond's own readiness
+  check run: those are the health probes the reserve is for. A probe from another machine (a remote load
+  balancer; kubelet, which probes a pod from the node's address) is an ordinary peer: it gets a shared place,
+  or none while they are all taken. A local peer takes a shared place while one is free and it is under its
+  per-peer limit, else a reserved one, so a local proxy at its per-peer limit does not lock out a probe from
+  the same loopback address. Reserved places are not limited per peer: a local user can do worse than open
+  connections.
+
+A connection refused for its peer's limit is told so (another message, the same 503 and code); both kinds are
+counted in neurond_http_connections_refused_total, and `refused_per_peer` here.
+
+HTTP/2 is not served (`http11_only`): the API sits behind load balancers that speak HTTP/1.1 to backends, and
+the cap above, the request-head limit (h11_max_incomplete_size, api/guard.py) and the slow-head protections
+were built and tested for hypercorn's h11 protocol only; its h2 protocol has limits of its own (100 streams per
+connection, 64 KiB header lists) that nothing here checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import ipaddress
 import logging
 import resource
 import socket
 import time
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 
 import orjson
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 
 from neurond.api.errors import APIError
 from neurond.config import ConfigError
@@ -42,16 +80,67 @@ FD_PER_RANK = 16
 _WARN_EVERY_S = 60.0
 
 
-class ConnectionCap:
-    """Counts the API's open connections and refuses those beyond `limit`. Runs on the event loop's thread."""
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A connection's place: shared (counted against its peer) or reserved (for a peer on this host)."""
 
-    def __init__(self, limit: int, retry_after_s: float, metrics=None) -> None:
+    peer: str  # the peer's key (peer_key)
+    reserved: bool
+
+
+class Refused(enum.Enum):
+    FULL = "full"  # every place this peer may take is taken
+    PER_PEER = "per_peer"  # this peer holds max_connections_per_peer places
+
+
+def peer_key(address: str) -> tuple[str, bool]:
+    """(what the per-peer limit counts, whether the peer is a loopback address) for a peer's IP address: an IPv4
+    address (also when it arrives IPv4-mapped on a dual-stack socket), an IPv6 loopback address itself, any
+    other IPv6 address as its /64."""
+    ip = _ip(address)
+    if ip is None:
+        return address, False  # not an IP address: a peer of its own, not a local one
+    if isinstance(ip, ipaddress.IPv4Address) or ip.is_loopback:
+        return str(ip), ip.is_loopback
+    return str(ipaddress.IPv6Network((ip, 64), strict=False)), False
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 link-local address may carry its %zone
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _same_host(peer: str, local: str | None) -> bool:
+    """The peer's address is the one the connection arrived at: the peer runs on this host."""
+    ip = _ip(peer)
+    return ip is not None and local is not None and ip == _ip(local)
+
+
+class ConnectionCap:
+    """Gives the API's connections their places (the module's docstring has the rules) and refuses those that
+    get none. Runs on the event loop's thread."""
+
+    def __init__(self, limit: int, retry_after_s: float, metrics=None, *, per_peer: int | None = None,
+                 reserve: int = 0) -> None:
+        if not 0 <= reserve < limit:
+            raise ValueError(f"need 0 <= reserve < limit, got {reserve} and {limit}")
         self.limit = limit
-        self.open = 0
+        self.per_peer = limit if per_peer is None else per_peer
+        self.reserve = reserve
+        self.open = 0  # every admitted connection not yet closed
+        self.reserved = 0  # of them, those in a reserved place
+        self.peers: dict[str, int] = {}  # peer key -> shared places it holds (no entry: none)
         self.refused = 0
+        self.refused_per_peer = 0
         self.lingering = 0
         self._metrics = metrics
-        self._response = refusal(limit, retry_after_s)
+        self._responses = {Refused.FULL: refusal(limit, retry_after_s, reserve=reserve),
+                           Refused.PER_PEER: refusal(limit, retry_after_s, per_peer=self.per_peer)}
         self._tasks: set[asyncio.Task] = set()
         self._warned_at = -_WARN_EVERY_S
         if metrics is not None:
@@ -63,31 +152,62 @@ class ConnectionCap:
         capped.cap = self
         return capped
 
-    def _admit(self, family, kind, proto, fd: int) -> socket.socket | None:
-        if self.open >= self.limit:
+    def take(self, peer: str, local: Callable[[], str | None] = lambda: None) -> Place | Refused:
+        """A place for a connection from `peer` (an IP address), or why there is none. `local()`: the address
+        the connection arrived at, asked only when a reserved place is the peer's last chance."""
+        key, loopback = peer_key(peer)
+        held = self.peers.get(key, 0)
+        if self.open - self.reserved < self.limit - self.reserve and held < self.per_peer:
+            self.peers[key] = held + 1
+            self.open += 1
+            return Place(key, reserved=False)
+        if self.reserved < self.reserve and (loopback or _same_host(peer, local())):
+            self.reserved += 1
+            self.open += 1
+            return Place(key, reserved=True)
+        return Refused.PER_PEER if held >= self.per_peer else Refused.FULL
+
+    def give_back(self, place: Place) -> None:
+        self.open -= 1
+        if place.reserved:
+            self.reserved -= 1
+            return
+        left = self.peers[place.peer] - 1
+        if left:
+            self.peers[place.peer] = left
+        else:
+            del self.peers[place.peer]  # a peer that holds nothing costs nothing
+
+    def _admit(self, family, kind, proto, fd: int, addr) -> socket.socket | None:
+        peer = addr[0] if isinstance(addr, tuple) else str(addr)
+        place = self.take(peer, lambda: _local_address(family, kind, proto, fd))
+        if isinstance(place, Refused):
+            self._refuse(socket.socket(family, kind, proto, fileno=fd), place, peer)
             return None
         conn = _Counted(family, kind, proto, fileno=fd)
-        self.open += 1
         # Exactly once: when asyncio closes the socket, or, should a socket ever be dropped unclosed, when it is
         # collected. A place that is never given back would shrink the cap for good.
-        conn.release = weakref.finalize(conn, self._release)
+        conn.release = weakref.finalize(conn, self.give_back, place)
         return conn
 
-    def _release(self) -> None:
-        self.open -= 1
-
-    def _refuse(self, conn: socket.socket) -> None:
+    def _refuse(self, conn: socket.socket, why: Refused, peer: str) -> None:
         self.refused += 1
+        self.refused_per_peer += why is Refused.PER_PEER
         if self._metrics is not None:
             self._metrics.http_connections_refused.inc()
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now
-            log.warning("refusing connections: %d open, max_connections = %d (%d refused so far)", self.open,
-                        self.limit, self.refused)
+            if why is Refused.PER_PEER:
+                log.warning("refusing connections from %s: it holds %d, max_connections_per_peer = %d (%d open, "
+                            "%d refused so far)", peer, self.peers.get(peer_key(peer)[0], 0), self.per_peer,
+                            self.open, self.refused)
+            else:
+                log.warning("refusing connections: %d open, max_connections = %d, of them %d reserved for this "
+                            "host (%d refused so far)", self.open, self.limit, self.reserve, self.refused)
         conn.setblocking(False)
         try:
-            conn.send(self._response)  # a few hundred bytes into an empty socket buffer: never blocks
+            conn.send(self._responses[why])  # a few hundred bytes into an empty socket buffer: never blocks
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
@@ -113,9 +233,21 @@ class ConnectionCap:
             self.lingering -= 1
 
 
+def _local_address(family, kind, proto, fd: int) -> str | None:
+    """The address a connection arrived at (getsockname of its descriptor, which stays open)."""
+    sock = socket.socket(family, kind, proto, fileno=fd)
+    try:
+        name = sock.getsockname()
+        return name[0] if isinstance(name, tuple) else None
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
 class CappedListener(socket.socket):
-    """A listening socket whose accept() admits at most `cap.limit` open connections. asyncio's selector
-    event loop accepts through it (BaseSelectorEventLoop._accept_connection calls `sock.accept()`);
+    """A listening socket whose accept() admits only connections that get a place (ConnectionCap). asyncio's
+    selector event loop accepts through it (BaseSelectorEventLoop._accept_connection calls `sock.accept()`);
     tests/api/test_connections.py fails if that stops being so."""
 
     cap: ConnectionCap
@@ -123,10 +255,9 @@ class CappedListener(socket.socket):
     def accept(self):
         while True:
             fd, addr = self._accept()  # BlockingIOError once none is waiting: asyncio's cue to stop
-            conn = self.cap._admit(self.family, self.type, self.proto, fd)
+            conn = self.cap._admit(self.family, self.type, self.proto, fd, addr)
             if conn is not None:
                 return conn, addr
-            self.cap._refuse(socket.socket(self.family, self.type, self.proto, fileno=fd))
 
 
 class _Counted(socket.socket):
@@ -139,23 +270,92 @@ class _Counted(socket.socket):
         self.release()
 
 
-def refusal(limit: int, retry_after_s: float) -> bytes:
-    """The whole HTTP response a connection beyond the cap gets."""
-    body = orjson.dumps(APIError(503, f"the server has {limit} open connections, its limit (max_connections); "
-                                 "try again later", code="too_many_connections").body())
-    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"retry-after: {max(1, round(retry_after_s))}\r\nconnection: close\r\n\r\n")
+def refusal(limit: int, retry_after_s: float, *, reserve: int = 0, per_peer: int | None = None) -> bytes:
+    """The whole HTTP response a connection that gets no place is sent: for its peer's limit when `per_peer`
+    is given, else for the server's."""
+    if per_peer is not None:
+        message = (f"this client address holds as many open connections as one address may (max_connections_per_peer "
+                   f"= {per_peer}); close idle ones or try again later")
+    else:
+        local = f"; the last {reserve} only for this host's own clients, connection_reserve" if reserve else ""
+        message = f"the server holds all the connections it takes (max_connections = {limit}{local}); try again later"
+    return http_error(APIError(503, message, code="too_many_connections"), retry_after_s)
+
+
+def http_error(error: APIError, retry_after_s: float | None = None) -> bytes:
+    """`error` as a whole HTTP/1.1 response that closes the connection."""
+    body = orjson.dumps(error.body())
+    retry = f"retry-after: {max(1, round(retry_after_s))}\r\n" if retry_after_s is not None else ""
+    head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n")
     return head.encode() + body
 
 
+# ---------------------------------------------------------------------------------------------- HTTP/1.1 only
+def _prior_knowledge(request) -> bool:
+    """An HTTP/2 connection preface ("PRI * HTTP/2.0", RFC 9113 3.4), as h11 parses it: a request."""
+    return request.method == b"PRI" and request.target == b"*" and request.http_version == b"2.0"
+
+
+_HTTP2_REFUSAL = http_error(APIError(505, "HTTP/2 is not served here: send HTTP/1.1",
+                                     code="http_version_not_supported"))
+
+
+def http11_only() -> None:
+    """Make hypercorn serve HTTP/1.1 only, in this process (the API port and the admin socket alike).
+
+    hypercorn has no setting for that on plain TCP (`alpn_protocols` is TLS's): its per-connection
+    ProtocolWrapper switches a connection to its H2 protocol when the first request is the HTTP/2 preface
+    (prior knowledge) or carries `Upgrade: h2c` (after answering 101 itself, inside H11Protocol). So the
+    connection handler uses a wrapper of ours that never makes an H2 protocol: an `Upgrade: h2c` is ignored
+    (RFC 9110 7.8 lets a server ignore Upgrade; the request is answered in HTTP/1.1) and a preface gets a 505
+    and a closed connection. Should a hypercorn upgrade bypass the override below, its h2 switch still reaches
+    only our wrapper, which refuses it: HTTP/2 cannot come back silently (tests/api/test_connections.py)."""
+    from hypercorn.asyncio import tcp_server
+
+    tcp_server.ProtocolWrapper = _HTTP11Only  # type: ignore[misc]  # TCPServer.run looks it up per connection
+
+
+class _H11Only(H11Protocol):
+    async def _check_protocol(self, event) -> None:
+        # hypercorn's own check answers `Upgrade: h2c` with 101 and switches; this one only spots the preface.
+        if _prior_knowledge(event):
+            raise H2ProtocolAssumedError(b"")
+
+
+class _HTTP11Only(ProtocolWrapper):
+    """hypercorn's ProtocolWrapper (one per connection) without its switch to HTTP/2."""
+
+    def __init__(self, app, config, context, task_group, state, ssl, client, server, send,
+                 alpn_protocol=None) -> None:
+        # Not ProtocolWrapper's own __init__: it would make an H2 protocol for ALPN "h2" (TLS, not served here).
+        self.send = send
+        self.refused = False
+        self.protocol = _H11Only(app, config, context, task_group, state, ssl, client, server, send)
+
+    async def initiate(self) -> None:
+        await self.protocol.initiate()
+
+    async def handle(self, event) -> None:
+        if self.refused:
+            return  # what a refused client still sends, until the connection is closed
+        try:
+            await self.protocol.handle(event)
+        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+            self.refused = True
+            await self.send(RawData(data=_HTTP2_REFUSAL))
+            await self.send(Closed())
+
+
 async def serve(app, config, listener: CappedListener, shutdown_trigger) -> None:
-    """hypercorn's serve() on our own listening socket. hypercorn.asyncio.serve takes its sockets only from
-    config.bind (and would make a plain socket of an fd:// bind), so this calls what it calls, worker_serve,
-    with the `sockets` argument hypercorn's own worker processes use."""
+    """hypercorn's serve() on our own listening socket, HTTP/1.1 only (http11_only). hypercorn.asyncio.serve
+    takes its sockets only from config.bind (and would make a plain socket of an fd:// bind), so this calls what
+    it calls, worker_serve, with the `sockets` argument hypercorn's own worker processes use."""
     from hypercorn.asyncio.run import worker_serve
     from hypercorn.config import Sockets
     from hypercorn.utils import wrap_app
 
+    http11_only()
     await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config,
                        sockets=Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[]),
                        shutdown_trigger=shutdown_trigger)
