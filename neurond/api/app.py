@@ -88,8 +88,9 @@ class API:
         cause = self.supervisor.lifecycle.last_cause
         name = cause.name if cause else None
         # `cause`, the word used everywhere else for it; `reason` stays for load balancers that read it already.
-        return _json({"status": "unavailable", "state": state, "cause": name, "reason": name,
-                      "detail": cause.detail if cause else None},
+        # Never the cause's detail: /ready needs no token, and the detail is a rank's own words (an exception's
+        # text, paths, the checkpoint). It is in the journal (NEUROND_DETAIL) and the admin status (last_cause).
+        return _json({"status": "unavailable", "state": state, "cause": name, "reason": name},
                      503, {"Retry-After": str(round(RETRY_AFTER_S))})
 
     async def prometheus(self, request: Request) -> Response:

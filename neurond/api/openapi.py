@@ -81,9 +81,10 @@ def openapi_spec(model_name: str, with_auth: bool) -> dict:
                                 "responses": {"200": simple('{"status": "ok"} while the leader is alive')}}},
             "/ready": {"get": {"operationId": "ready", "summary": "Readiness: the model can serve now",
                                "responses": {"200": simple("ready: state healthy and the model's name"),
-                                             "503": simple("not ready: the lifecycle `state`, its `cause` and "
-                                                           "`detail` (`reason`: the cause again, kept for clients "
-                                                           "that read it), with Retry-After")}}},
+                                             "503": simple("not ready: the lifecycle `state` and its `cause` "
+                                                           "(`reason`: the cause again, kept for clients that "
+                                                           "read it), with Retry-After; the cause's detail only "
+                                                           "in the journal and the admin status")}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
                                  "responses": {"200": {"description": "every metric (docs/operator-guide.md)",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -103,6 +103,28 @@ def test_api_token_guards_the_metrics_and_the_openapi_description(locked):
     assert http("GET", locked.url("/no/such/path"))[0] == 404  # an unknown path stays a 404
 
 
+def test_ready_says_the_state_and_cause_never_the_detail():
+    """/ready needs no token: its 503 names the lifecycle state and the cause, never the cause's detail (a rank's
+    exception text, paths): that is for the journal and the admin status (AdminAPI.status: last_cause.detail)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from neurond.api.app import API
+    from neurond.lifecycle import Cause
+
+    detail = "RuntimeError: /srv/models/secret-project/model-00002.safetensors: CUDA error at 0x7f3a"
+    cause = Cause("rank_failed", incident="i-1", rank=1, detail=detail)
+    supervisor = SimpleNamespace(state="reloading", serving=False, lifecycle=SimpleNamespace(last_cause=cause))
+    api = API(SimpleNamespace(name=MODEL), None, supervisor, max_body_bytes=1000, default_max_tokens=8)
+    with TestClient(api.app()) as client:
+        reply = client.get("/ready")
+    assert reply.status_code == 503 and reply.headers["retry-after"]
+    assert reply.json() == {"status": "unavailable", "state": "reloading", "cause": "rank_failed",
+                            "reason": "rank_failed"}
+    assert "secret-project" not in reply.text
+
+
 # ---------------------------------------------------------------------------------------------- admin API
 def _listening(pid: int) -> tuple[set[int], set[str]]:
     """(TCP ports, unix socket paths) the process listens on, from /proc/net: nothing else is bound."""
