@@ -109,6 +109,8 @@ class Config:
     #: Largest request body accepted, in bytes (413 beyond).
     max_body_bytes: int = 1_048_576
     #: File holding the API bearer token; empty: no authentication. (A file, never a flag: flags show in ps.)
+    #: Refused at start when others may read it or anyone but its owner may write it: mode 0600 (0640 with
+    #: owner root, for the service's group), owned by root or by the user neurond runs as.
     api_token_file: str = ""
     #: Concurrent /v1 requests at most; beyond this, 429 with Retry-After.
     max_concurrent_requests: int = 512

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -49,14 +50,46 @@ EXIT_SERVE_FAILED = 3  # the HTTP server could not start (port in use, ...)
 EXIT_GAVE_UP = 4  # recovery gave up (crash-loop breaker); systemd's Restart= may start a fresh daemon
 
 
-def _read_token(path: str) -> str | None:
-    """A token from a file (never from the command line, where `ps` shows it); None when not configured."""
+def _read_token(path: str, setting: str = "token file") -> str | None:
+    """A token from a file (never from the command line, where `ps` shows it); None when not configured.
+    ValueError for a file others could read or change (token_file_problem), OSError for one that cannot be read."""
     if not path:
         return None
-    token = Path(path).read_text().strip()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)  # of the file read, not of whatever the path names a moment later
+        problem = token_file_problem(st.st_mode, st.st_uid, os.geteuid())
+        if problem:
+            raise ValueError(f"{setting} {path}: {problem}")
+        token = f.read().decode().strip()
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
+
+
+def token_file_problem(mode: int, owner: int, euid: int) -> str | None:
+    """Why a token file with this mode and owner would let someone else read or replace the token, or None.
+
+    Nobody but its owner may write it, and nobody outside its owner and group may read it. Its owner is root or
+    the user neurond runs as (another user could read it, or replace it). Its group may read it only when root
+    owns it: 0640 root:neurond is how the package installs the admin token, so the service user reads it through
+    its group (PostgreSQL treats its key files the same way); a file the service user owns itself needs no
+    group at all (0600)."""
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    perm = stat.S_IMODE(mode)
+    if owner not in (0, euid):
+        return (f"owned by uid {owner}, who could read or replace it: it must belong to root or to the user "
+                f"neurond runs as (uid {euid})")
+    if perm & 0o022:
+        who = "its group and others" if perm & 0o022 == 0o022 else "its group" if perm & 0o020 else "others"
+        return f"mode {perm:04o} lets {who} write it: chmod 0600 it"
+    if perm & 0o004:
+        return f"mode {perm:04o} lets every user read it: chmod 0600 it (0640 with owner root for the service's group)"
+    if perm & 0o040 and owner != 0:
+        return (f"mode {perm:04o} lets its group read it, and it is not root's: chmod 0600 it (or chown it to "
+                f"root and keep 0640, as the package does, for the service's group)")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +101,8 @@ class Tokens:
 def read_tokens(config: Config) -> Tokens:
     """Both tokens, read before anything starts. The admin token must not also open the public API: whoever
     holds the API token must never be able to reload the model or inject faults."""
-    admin = _read_token(config.admin_token_file) if config.admin_socket else None
-    tokens = Tokens(_read_token(config.api_token_file), admin)
+    admin = _read_token(config.admin_token_file, "admin_token_file") if config.admin_socket else None
+    tokens = Tokens(_read_token(config.api_token_file, "api_token_file"), admin)
     if tokens.admin is not None and tokens.admin == tokens.api:
         raise ValueError("the admin token must differ from the API token (admin_token_file, api_token_file)")
     return tokens

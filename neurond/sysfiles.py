@@ -11,7 +11,8 @@ install (into `/` or a chosen root and prefix), so both get the same files:
   /etc/neurond/neurond.toml                    the commented default configuration (never overwritten)
 
 Installed into the live system (root `/`), it also activates them, as the package's postinst does: creates the
-user and the directories, rebuilds the catalog database, writes a random admin token (once) and tells systemd.
+user and the directories, rebuilds the catalog database, writes a random admin token (once; one kept from before
+gets the owner and mode neurond accepts) and tells systemd.
 The static files come from the checkout this module runs from, or from `share/neurond` of the environment
 neurond is installed in (the wheel carries them there as data files).
 """
@@ -126,16 +127,22 @@ def activate(layout: Layout) -> list[list[str]]:
     return commands
 
 
-def write_token(path: Path) -> bool:
-    """A random admin token readable by root and the neurond group, unless one exists. True when written."""
+def write_token(path: Path, group: str = "neurond") -> bool:
+    """A random admin token readable by root and the neurond group, unless one exists; one kept from before gets
+    the same owner and mode (root:neurond 0640: neurond refuses a token file others can read or write), as
+    packaging/debian/postinst does, unless it is a symlink (the operator's own arrangement). True when written."""
+    if path.is_symlink():
+        return False
     if path.exists():
+        path.chmod(0o640)
+        shutil.chown(path, "root", group)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.fchmod(fd, 0o640)  # whatever the umask
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
-    shutil.chown(path, "root", "neurond")
+    shutil.chown(path, "root", group)
     return True
 
 

@@ -15,6 +15,7 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
                  **settings):
     token = tmp_path / "admin.token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)  # neurond refuses a token file others may read
     values = {
         "admin_socket": str(tmp_path / "admin.sock"),
         "admin_token_file": str(token),

@@ -34,6 +34,7 @@ def daemon(start_daemon, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("status")
     listener = NotifyListener(str(tmp / "notify.sock"))
     (tmp / "admin.token").write_text(TOKEN + "\n")
+    (tmp / "admin.token").chmod(0o600)  # neurond refuses a token file others may read
     conf = tmp / "neurond.toml"
     conf.write_text(f'admin_socket = "{tmp / "admin.sock"}"\nadmin_token_file = "{tmp / "admin.token"}"\n'
                     "fault_injection = true\n")

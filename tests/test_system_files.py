@@ -115,3 +115,37 @@ def test_unit_user_and_directories_match_sysusers_and_tmpfiles():
     assert made[f"/var/lib/{setting('StateDirectory')}"] == [user, user]
     assert made[f"/var/cache/{setting('CacheDirectory')}"] == [user, user]
     assert Config().cache_dir == f"/var/cache/{setting('CacheDirectory')}"
+
+
+def test_the_admin_token_is_written_once_and_its_mode_repaired(tmp_path):
+    """write_token (install-system-files on a live root, like postinst): a new token is 0640 root:<group>; one
+    kept from before keeps its text and gets that owner and mode back, for neurond refuses a token file others
+    can read (server.token_file_problem accepts the result); a symlink is the operator's and left alone."""
+    import grp
+    import stat as st
+
+    from neurond.server import token_file_problem
+    from neurond.sysfiles import write_token
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to root needs root")
+    group = grp.getgrgid(0).gr_name  # the neurond group may not exist here: the mechanism is the same
+    token = tmp_path / "etc/neurond/admin.token"
+    assert write_token(token, group) is True
+    text = token.read_text()
+    assert len(text) == 65 and text.endswith("\n")
+    info = token.stat()
+    assert (st.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 0, 0)
+    token.chmod(0o666)  # an operator's slip, or an older installation
+    assert write_token(token, group) is False
+    info = token.stat()
+    assert token.read_text() == text and st.S_IMODE(info.st_mode) == 0o640
+    assert token_file_problem(info.st_mode, info.st_uid, 1000) is None  # the service user reads it via its group
+    elsewhere = tmp_path / "elsewhere.token"
+    elsewhere.write_text("mine\n")
+    elsewhere.chmod(0o600)
+    link = tmp_path / "link.token"
+    link.symlink_to(elsewhere)
+    assert write_token(link, group) is False
+    assert st.S_IMODE(elsewhere.stat().st_mode) == 0o600 and elsewhere.read_text() == "mine\n"
+

@@ -215,6 +215,7 @@ def test_slow_client_that_dribbles_bytes_is_cut_off(impatient):
 def test_api_token_and_concurrency_limit(start_daemon, tmp_path):
     token = tmp_path / "api.token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)  # neurond refuses a token file others may read
     conf = tmp_path / "neurond.toml"
     # A call per token keeps the long request below running for seconds (8 steps per call finished it in
     # under the 0.5 s this test waits).

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from neurond.config import Config, ConfigError, load_config
+from neurond.server import Tokens
 from tests.conftest import MODEL, REPO, chat_body, http
 from tests.faults import Admin, wait_ready
 
@@ -33,8 +34,9 @@ def locked(start_daemon, tmp_path_factory):
     """A daemon with every lock on: API token, admin socket with its own token, fault injection (for the
     log test), and room for one queued request only."""
     tmp = tmp_path_factory.mktemp("locked")
-    (tmp / "api.token").write_text(API_TOKEN + "\n")
-    (tmp / "admin.token").write_text(ADMIN_TOKEN + "\n")
+    for name, token in (("api.token", API_TOKEN), ("admin.token", ADMIN_TOKEN)):
+        (tmp / name).write_text(token + "\n")
+        (tmp / name).chmod(0o600)  # neurond refuses a token file others may read
     settings = {"api_token_file": str(tmp / "api.token"), "admin_socket": str(tmp / "admin.sock"),
                 "admin_token_file": str(tmp / "admin.token"), "fault_injection": "true", "max_queued_requests": "1",
                 "step_deadline_floor_s": "1.0", "kill_grace_s": "2.0", "unloaded_exit_s": "0"}
@@ -101,6 +103,58 @@ def test_api_token_guards_the_metrics_and_the_openapi_description(locked):
     for path in ("/health", "/ready"):
         assert all("security" not in op for op in spec["paths"][path].values()), path
     assert http("GET", locked.url("/no/such/path"))[0] == 404  # an unknown path stays a 404
+
+
+@pytest.mark.parametrize(("mode", "owner", "euid", "says"), [
+    (0o600, 1000, 1000, None),  # the service user's own, nobody else's
+    (0o400, 1000, 1000, None),
+    (0o640, 0, 1000, None),  # root's, the service's group reads it: the package's admin token
+    (0o600, 0, 0, None),
+    (0o644, 0, 1000, "lets every user read it"),
+    (0o604, 1000, 1000, "lets every user read it"),
+    (0o640, 1000, 1000, "lets its group read it, and it is not root's"),
+    (0o660, 0, 1000, "lets its group write it"),
+    (0o602, 1000, 1000, "lets others write it"),
+    (0o666, 0, 0, "lets its group and others write it"),
+    (0o600, 1234, 1000, "owned by uid 1234"),  # another user's: it could read or replace it
+    (0o600, 1234, 0, "owned by uid 1234"),
+])
+def test_token_file_modes(mode, owner, euid, says):
+    from neurond.server import token_file_problem
+
+    problem = token_file_problem(stat.S_IFREG | mode, owner, euid)
+    assert (problem is None) if says is None else (problem is not None and says in problem), (oct(mode), problem)
+    assert token_file_problem(stat.S_IFDIR | 0o700, euid, euid) == "not a regular file"
+
+
+def test_token_files_others_could_read_or_change_are_refused(tmp_path):
+    """Exit code 2 before anything loads, naming the file and what is wrong with it: an API token at 0644 (the
+    umask's default), an admin token another user owns; the same files at 0600 and owned by the user the
+    daemon runs as are read."""
+    from neurond.server import read_tokens
+
+    api, admin = tmp_path / "api.token", tmp_path / "admin.token"
+    api.write_text("api-secret\n")
+    admin.write_text("admin-secret\n")
+    api.chmod(0o644)
+    admin.chmod(0o600)
+    settings = {"api_token_file": str(api), "admin_socket": str(tmp_path / "a.sock"), "admin_token_file": str(admin)}
+    config = Config(**settings)
+    with pytest.raises(ValueError, match=f"api_token_file {api}: mode 0644 lets every user read it"):
+        read_tokens(config)
+    api.chmod(0o600)
+    assert read_tokens(config) == Tokens("api-secret", "admin-secret")
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(admin, 65534, -1)
+        with pytest.raises(ValueError, match=f"admin_token_file {admin}: owned by uid 65534"):
+            read_tokens(config)
+        os.chown(admin, 0, -1)
+    api.chmod(0o644)
+    t0 = time.monotonic()
+    proc = _serve_exit(tmp_path, settings)
+    assert proc.returncode == 2 and f"{api}: mode 0644 lets every user read it" in proc.stderr, \
+        (proc.returncode, proc.stderr[-2000:])
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "a.sock").exists()
 
 
 def test_ready_says_the_state_and_cause_never_the_detail():
@@ -201,6 +255,8 @@ def test_unsafe_admin_setups_are_refused_at_start(tmp_path):
     shared.write_text("same\n")
     empty = tmp_path / "empty.token"
     empty.write_text("\n")
+    for token in (shared, empty):
+        token.chmod(0o600)
     admin = {"admin_socket": str(tmp_path / "a.sock"), "fault_injection": True}
     for settings, says in (({**admin, "admin_token_file": str(shared), "api_token_file": str(shared)},
                             "must differ"),
