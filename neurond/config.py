@@ -8,6 +8,7 @@ Nothing else in neurond reads the environment for settings.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -112,6 +113,10 @@ class Config:
     #: Refused at start when others may read it or anyone but its owner may write it: mode 0600 (0640 with
     #: owner root, for the service's group), owned by root or by the user neurond runs as.
     api_token_file: str = ""
+    #: Serve the API on a host other than a loopback address without api_token_file: anyone who reaches the
+    #: port may then generate. Off: such a configuration is refused at start (exit code 2); on: a warning at
+    #: every start. (For a port kept private by other means: a firewall, a proxy that authenticates.)
+    allow_unauthenticated: bool = False
     #: Concurrent /v1 requests at most; beyond this, 429 with Retry-After.
     max_concurrent_requests: int = 512
     #: Open connections to the API port at most, idle keep-alive and half-sent ones included; one more gets 503
@@ -238,9 +243,25 @@ class Config:
         if not 0 <= self.connection_reserve < self.max_connections:
             raise ConfigError(f"connection_reserve ({self.connection_reserve}) must be >= 0 and below "
                               f"max_connections ({self.max_connections}): clients from other hosts need places too")
+        if not self.api_token_file and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ConfigError(f"host = {self.host!r} serves the API beyond this machine, and no api_token_file is set: "
+                              f"anyone who reaches port {self.port} could use the model. Set api_token_file (a file "
+                              f"holding the bearer token, mode 0600), or allow_unauthenticated = true if the port is "
+                              f"kept private by other means (a firewall, an authenticating proxy)")
         if not 0 < self.step_deadline_floor_s <= self.step_deadline_ceiling_s:
             raise ConfigError("need 0 < step_deadline_floor_s <= step_deadline_ceiling_s")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """The API's `host` is reachable from this machine only: a loopback address, or `localhost`. Anything else
+    (0.0.0.0, ::, an interface's address, a name that may resolve to one) counts as reachable from outside."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _fields() -> dict[str, dataclasses.Field]:

@@ -28,7 +28,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from neurond.api import connections
 from neurond.api.app import API
-from neurond.config import Config
+from neurond.config import Config, is_loopback
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.engine import Engine
 from neurond.engine.request import RETRY_AFTER_S
@@ -105,6 +105,9 @@ def read_tokens(config: Config) -> Tokens:
     tokens = Tokens(_read_token(config.api_token_file, "api_token_file"), admin)
     if tokens.admin is not None and tokens.admin == tokens.api:
         raise ValueError("the admin token must differ from the API token (admin_token_file, api_token_file)")
+    if tokens.api is None and not is_loopback(config.host):  # allowed by allow_unauthenticated (Config.validate)
+        log.warning("the API on %s:%d needs no token (allow_unauthenticated = true, no api_token_file): anyone who "
+                    "reaches the port can use the model", config.host, config.port)
     return tokens
 
 

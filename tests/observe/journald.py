@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Daemon, is_zygote
+from tests.conftest import REPO, Daemon, is_zygote, need_root
 
 WRAPPER = Path(__file__).with_name("private-journal.sh")
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -25,8 +25,7 @@ HOSTNAME = socket.gethostname()
 
 def need_private_journald() -> None:
     """Skip (with the reason) where a private journald cannot run; it must run on CI (Debian 12, root)."""
-    if os.geteuid() != 0:
-        pytest.skip("a private journald needs root (mount namespace)")
+    need_root("a private journald needs root (mount namespace)")
     for tool in ("unshare", "journalctl"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")

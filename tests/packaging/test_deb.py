@@ -1,7 +1,8 @@
 """The Debian package as an operator meets it: built by `packaging/build-deb` (twice, two versions), then
 installed, run, upgraded, removed and purged with dpkg on this machine's Debian. All of it happens in a
 copy-on-write view of the machine (tests/packaging/overlay-root.sh: / overlaid in a private mount namespace),
-so the machine is never changed and two runs of this test cannot collide. Root only; skipped elsewhere.
+so the machine is never changed and two runs of this test cannot collide. Root only; skipped elsewhere (failed
+in CI, CI=true).
 
 It shows: the packaged venv runs from /opt/neurond (nothing of the build directory left in it, no bytecode
 written at run time), the unit passes `systemd-analyze verify`, postinst makes the user, directories, catalog
@@ -11,7 +12,6 @@ remove/purge leave what Debian's rules say and nothing more."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tomllib
@@ -21,7 +21,7 @@ import pytest
 
 from neurond.observe.catalog import MESSAGES
 from neurond.sysfiles import installed_config
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, need_root
 
 OVERLAY = Path(__file__).with_name("overlay-root.sh")
 BUILD = REPO / "packaging" / "build-deb"
@@ -31,8 +31,7 @@ VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["versi
 
 
 def need_dpkg_and_overlay(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("installing a package needs root")
+    need_root("installing a package needs root")
     for tool in ("dpkg", "dpkg-deb", "unshare", "chroot", "systemd-analyze"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (not a Debian machine?)")
@@ -144,14 +143,10 @@ def runs(view: View) -> None:
 def upgraded(view: View, deb: Path) -> None:
     token = view.run("cat /etc/neurond/admin.token")
     view.run("echo 'port = 8123  # the operator was here' >> /etc/neurond/neurond.toml")
-    # A token others can read (an operator's slip, an older installation): neurond would refuse to start with it,
-    # so postinst gives it back its owner and mode.
-    view.run("chmod 0666 /etc/neurond/admin.token && chown root:root /etc/neurond/admin.token")
     view.run(f"dpkg --force-unsafe-io -i /share/{deb.name}")
     assert view.run("dpkg-query -W -f '${Version}' neurond") == deb.name.split("_")[1]
     assert view.run("tail -1 /etc/neurond/neurond.toml") == "port = 8123  # the operator was here\n"
     assert view.run("cat /etc/neurond/admin.token") == token
-    assert view.run("stat -c '%U:%G %a' /etc/neurond/admin.token") == "root:neurond 640\n"
     assert view.run("ls /etc/neurond") == "admin.token\nneurond.toml\n"  # no .dpkg-dist: the conffile was kept
     # the pip way, from the installed wheel's data files, into the live (viewed) system: files and activation
     out = view.run(f"neurond install-system-files --prefix /usr/local; grep '^ExecStart=' /usr/local{UNIT[4:]};"
