@@ -5,12 +5,23 @@ One communicator per `comm_id`. Each is formed on a fresh TCPStore that rank 0 o
 
 Abort is called from the control thread while the compute thread may be stuck inside a collective. On NCCL
 this unblocks the stuck call, which then returns *without an exception* (measured on 2xH200, torch 2.11, NCCL
-2.28.9): the compute loop checks `aborted_during()` after every call and treats the step as failed. On gloo
-abort does not unblock a peer; the leader kills the wedged rank instead.
+2.28.9): the compute loop checks `aborted_during()` after every call and treats the step as failed.
+
+On gloo, torch's abort (ProcessGroupGloo.abort, .shutdown) closes nothing: the group's TCP pairs close only when
+the last reference to its context goes, so whether a peer stuck in a collective was released depended on who
+still held one (measured with torch 2.13: released at once with no other reference, and only when the aborting
+process exited with one). So on gloo the abort also shuts down, by hand, the TCP connections this rank opened
+while forming the group (`_GlooConnections`): a collective waiting on them here fails at once, and so does the
+peer's at the other end ("Connection closed by peer"). A rank that raised and its peer stuck in the collective it
+never joined are then both idle after the abort: the pool repairs with a new communicator (comm_rebuild) instead of
+killing the peer. shutdown() leaves the descriptors open (gloo still owns and closes them), so none is reused
+under gloo's feet.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from datetime import timedelta
 
@@ -28,6 +39,7 @@ class Communicator:
         self._lock = threading.Lock()
         self.comm_id: int | None = None
         self._aborts = 0  # bumped by abort(); the compute loop compares before/after each call
+        self._gloo: _GlooConnections | None = None  # the current group's TCP connections (gloo only)
 
     # ------------------------------------------------------------------ rendezvous
     def open_store(self, timeout_s: float = 60.0) -> int:
@@ -45,6 +57,7 @@ class Communicator:
         else:
             store = dist.TCPStore(host, port, self.world_size, False, timeout=timedelta(seconds=timeout_s))
         kwargs = {}
+        before = _GlooConnections.snapshot() if self.backend == "gloo" else None
         if self.backend == "nccl":
             # Binding the device makes NCCL create its communicator eagerly, so a broken peer shows now
             # rather than at the first step, and lets abort reach it.
@@ -63,6 +76,8 @@ class Communicator:
         dist.all_reduce(torch.zeros(1, device=self.device))
         with self._lock:
             self.comm_id = comm_id
+            if before is not None:  # gloo's pairs, all connected by the collective above
+                self._gloo = _GlooConnections(_GlooConnections.snapshot() - before)
 
     # ------------------------------------------------------------------ abort (control thread)
     def abort(self) -> tuple[bool, str]:
@@ -83,6 +98,9 @@ class Communicator:
                             pass
                 c10d._abort_process_group()
                 self.comm_id = None
+                if self._gloo is not None:
+                    self._gloo.shut_down()
+                    self._gloo = None
                 return True, ""
             except Exception as exc:  # noqa: BLE001
                 return False, f"{type(exc).__name__}: {exc}"
@@ -92,3 +110,46 @@ class Communicator:
 
     def aborted_since(self, mark: int) -> bool:
         return self._aborts != mark
+
+
+class _GlooConnections:
+    """The stream sockets a gloo group opened (those that appeared while it formed), to shut down at abort.
+
+    Each is known by descriptor and inode together: shut_down() touches a descriptor only while it is still the
+    same socket, so one closed meanwhile and reused for something else is left alone."""
+
+    def __init__(self, sockets: set[tuple[int, str]]) -> None:
+        self.sockets = sockets
+
+    @staticmethod
+    def snapshot() -> set[tuple[int, str]]:
+        """(descriptor, "socket:[inode]") of every socket this process has open."""
+        found = set()
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # closed since listed
+                continue
+            if target.startswith("socket:"):
+                found.add((int(name), target))
+        return found
+
+    def shut_down(self) -> int:
+        """shutdown(SHUT_RDWR) every connected stream socket of the group that is still open; returns how many.
+        (Listening sockets are skipped: gloo's own, and rank 0's store, which a new communicator never reuses.)"""
+        current = self.snapshot()
+        done = 0
+        for fd, _ in sorted(self.sockets & current):  # still open as the same socket
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    sock.shutdown(socket.SHUT_RDWR)
+                    done += 1
+            except OSError:  # not connected (any more)
+                pass
+            finally:
+                sock.close()  # the duplicate only; the group's descriptor stays gloo's
+        return done
