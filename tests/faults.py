@@ -11,6 +11,20 @@ from tests.conftest import chat_body
 TOKEN = "test-admin-token"
 
 
+# Fault daemons' settings (short deadlines, a breaker that never opens), unless a test overrides them.
+FAULT_SETTINGS = {
+    "fault_injection": True,
+    "step_deadline_floor_s": 1.0,
+    "step_deadline_ceiling_s": 20.0,
+    "abort_timeout_s": 2.0,
+    "kill_grace_s": 2.0,
+    "breaker_max_failures": 1000,
+    "unloaded_exit_s": 0.0,
+    "load_timeout_s": 20.0,
+    "load_stall_timeout_s": 8.0,
+}
+
+
 def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, extra: list[str] | None = None,
                  **settings):
     token = tmp_path / "admin.token"
@@ -19,15 +33,7 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
     values = {
         "admin_socket": str(tmp_path / "admin.sock"),
         "admin_token_file": str(token),
-        "fault_injection": True,
-        "step_deadline_floor_s": 1.0,
-        "step_deadline_ceiling_s": 20.0,
-        "abort_timeout_s": 2.0,
-        "kill_grace_s": 2.0,
-        "breaker_max_failures": 1000,
-        "unloaded_exit_s": 0.0,
-        "load_timeout_s": 20.0,
-        "load_stall_timeout_s": 8.0,
+        **FAULT_SETTINGS,
         **settings,
     }
     conf = tmp_path / "neurond.toml"
@@ -38,6 +44,15 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
     status, _, body = d.chat(chat_body(max_tokens=8, temperature=0))
     assert status == 200, f"warm-up request: {status} {body}\n{d.log()[-3000:]}"
     return d
+
+
+def journal(d, event: str) -> list[dict[str, str]]:
+    """The daemon's journal entries of `event` so far, oldest first, as fields (read from its stderr log, where
+    it writes each entry as one line of the same fields)."""
+    from neurond.observe.journal import parse_structured_line
+
+    marker = f"NEUROND_EVENT={event} "
+    return [parse_structured_line(line) for line in d.log().splitlines() if marker in line + " "]
 
 
 def _toml(v) -> str:

@@ -30,6 +30,8 @@ class FakeRank:
     state: str = "idle"
     confirms_abort: bool = True  # answers AbortComm in time
     released_by_abort: bool = True  # a rank in a collective comes free once aborted
+    # ...or only this many pings after the abort (a peer's closed connections reach it a moment later)
+    released_after_pings: int = 0
     # for a replacement: "ok", "dies_starting", "dies_loading", "hangs_loading"
     replacement: str = "ok"
 
@@ -62,10 +64,14 @@ class FakePool:
             if rank.state == "mute" or (isinstance(cmd, p.AbortComm) and not rank.confirms_abort):
                 missing.append(r)
             elif isinstance(cmd, p.AbortComm):
-                if rank.state == "collective" and rank.released_by_abort:
+                if rank.state == "collective" and rank.released_by_abort and not rank.released_after_pings:
                     rank.state = "idle"
                 replies[r] = p.Aborted(0, r, True, 0.0)
             else:
+                if rank.state == "collective" and rank.released_after_pings and "abort" in self.steps():
+                    rank.released_after_pings -= 1
+                    if not rank.released_after_pings:
+                        rank.state = "idle"
                 replies[r] = {
                     "idle": p.Pong(0, r, 0.0),
                     "collective": p.Pong(0, r, 3.0, in_collective=True, outside_s=0.0),
@@ -213,6 +219,17 @@ def test_a_rank_still_in_a_collective_after_the_grace_is_killed():
     elapsed = time.monotonic() - t0
     assert victims == {0} and h.pool.killed == [0] and h.names()[:2] == ["abort_started", "abort_finished"]
     assert DEADLINES.release_grace_s <= elapsed < DEADLINES.release_grace_s + SLACK_S
+
+
+def test_a_rank_released_during_the_grace_is_kept():
+    """Released a few polls after the abort (its peer's connections close a moment later): nobody is killed,
+    and the pool repairs by the cheapest rung. The grace exists for exactly this rank."""
+    h = Harness(pool_of(FakeRank(state="collective", released_after_pings=4), FakeRank()))
+    victims, rung = recover(h, RankFailed(1, FaultKind.EXCEPTION, "boom"))
+    assert (victims, rung) == (set(), "comm_rebuild")
+    assert h.pool.killed == [] and h.killed_events() == []
+    assert h.pool.ranks[0].state == "idle"
+    assert h.pool.steps().count("ping") >= 5  # before the abort, after it, and during the grace
 
 
 def test_a_rank_whose_control_thread_does_not_answer_is_killed_at_the_ping_deadline():
