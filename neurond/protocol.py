@@ -217,6 +217,7 @@ class InjectFault:
     kind: str
     phase: str
     count: int = 1
+    after: int = 0  # let this many calls of the phase pass first (a fault deep into a request)
 
 
 ControlCommand = Ping | AbortComm | InjectFault

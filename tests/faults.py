@@ -69,8 +69,9 @@ class Admin:
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://admin",
                                    headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
-    def inject(self, rank: int, kind: str, phase: str, count: int = 1) -> httpx.Response:
-        return self.client.post("/admin/faults", json={"rank": rank, "kind": kind, "phase": phase, "count": count})
+    def inject(self, rank: int, kind: str, phase: str, count: int = 1, after: int = 0) -> httpx.Response:
+        return self.client.post("/admin/faults", json={"rank": rank, "kind": kind, "phase": phase, "count": count,
+                                                       "after": after})
 
     def status(self) -> dict:
         return self.client.get("/admin/status").json()

@@ -93,18 +93,19 @@ class AdminAPI:
         try:
             body = orjson.loads(await request.body())
             rank, kind, phase = int(body["rank"]), str(body["kind"]), str(body["phase"])
-            count = int(body.get("count", 1))
+            count, after = int(body.get("count", 1)), int(body.get("after", 0))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise APIError(400, f"need JSON {{rank, kind, phase, count?}}: {exc}", code="invalid_request") from None
+            raise APIError(400, f"need JSON {{rank, kind, phase, count?, after?}}: {exc}",
+                           code="invalid_request") from None
         try:
-            await self.supervisor.inject(rank, kind, phase, count)
+            await self.supervisor.inject(rank, kind, phase, count, after)
         except PermissionError as exc:
             raise APIError(403, str(exc), code="fault_injection_disabled") from None
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
         except PoolFault as exc:
             raise APIError(503, exc.message, code=exc.cause, retry_after_s=2) from None
-        return _json({"armed": {"rank": rank, "kind": kind, "phase": phase, "count": count}})
+        return _json({"armed": {"rank": rank, "kind": kind, "phase": phase, "count": count, "after": after}})
 
     def _background(self, coro) -> None:
         import asyncio

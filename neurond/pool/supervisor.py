@@ -238,21 +238,25 @@ class Supervisor:
         self._emit(Event.RANK_SPAWNED, Cause("spawn", self._incident or "", rank), pid=pid)
 
     # ------------------------------------------------------------------ fault injection (admin only)
-    async def inject(self, rank: int, kind: str, phase: str, count: int = 1) -> None:
-        """Arm a fault on a rank. Load-phase faults arm the next `count` spawns of that rank."""
+    async def inject(self, rank: int, kind: str, phase: str, count: int = 1, after: int = 0) -> None:
+        """Arm a fault on a rank, to fire at its next `count` calls of `phase` once `after` of them passed.
+        Load-phase faults arm the next `count` spawns of that rank."""
         if not self.config.fault_injection:
             raise PermissionError("fault injection is disabled (set fault_injection = true)")
         if not 0 <= rank < self.config.tp_size:
             raise ValueError(f"rank must be 0..{self.config.tp_size - 1}")
-        if kind not in p.FAULT_KINDS or phase not in p.FAULT_PHASES or count < 1:
-            raise ValueError(f"kind must be one of {p.FAULT_KINDS}, phase one of {p.FAULT_PHASES}, count >= 1")
+        if kind not in p.FAULT_KINDS or phase not in p.FAULT_PHASES or count < 1 or after < 0:
+            raise ValueError(f"kind must be one of {p.FAULT_KINDS}, phase one of {p.FAULT_PHASES}, count >= 1, "
+                             f"after >= 0")
+        if phase == "load" and after:
+            raise ValueError("after is for step phases (a load fault fires at the next spawns)")
         if phase == "load":
             self._load_faults.setdefault(rank, []).extend([kind] * count)
             return
         pool = self.pool
         if pool is None or not self.serving:
             raise PoolUnavailable(None, f"model is {self.state}")
-        await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count), 5.0, "inject fault")
+        await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count, after), 5.0, "inject fault")
 
     def _at_spawn(self, spec: p.WorkerSpec) -> p.WorkerSpec:
         """The last word on a rank's spec as it is spawned: armed load faults; and a rank started by a repair

@@ -35,6 +35,7 @@ class ArmedFault:
     kind: str
     phase: str
     count: int = 1
+    after: int = 0  # calls of the phase that pass before it fires
 
 
 class FaultPlan:
@@ -43,14 +44,14 @@ class FaultPlan:
         self._armed: list[ArmedFault] = []
         self._lock = threading.Lock()  # armed from the control thread, fired on the compute thread
 
-    def arm(self, kind: str, phase: str, count: int = 1, acknowledge=None) -> None:
+    def arm(self, kind: str, phase: str, count: int = 1, acknowledge=None, after: int = 0) -> None:
         """`acknowledge()` runs before the fault can fire. A fault that ends the process (exit, sigkill,
         segfault) could otherwise fire on a step that starts that very moment and kill the rank before it said
         it armed it: the leader would report the arming as failed (rank died) for a fault that did fire."""
-        if kind not in KINDS or phase not in PHASES or count < 1:
-            raise ValueError(f"bad fault {kind}/{phase}/{count}")
+        if kind not in KINDS or phase not in PHASES or count < 1 or after < 0:
+            raise ValueError(f"bad fault {kind}/{phase}/{count} after {after}")
         with self._lock:  # fire() waits for it
-            self._armed.append(ArmedFault(kind, phase, count))
+            self._armed.append(ArmedFault(kind, phase, count, after))
             if acknowledge is not None:
                 acknowledge()
 
@@ -61,6 +62,9 @@ class FaultPlan:
         with self._lock:
             fault = next((f for f in self._armed if f.phase == phase), None)
             if fault is None:
+                return
+            if fault.after > 0:
+                fault.after -= 1
                 return
             fault.count -= 1
             if fault.count <= 0:

@@ -141,7 +141,7 @@ class Worker:
                                                  "fault injection is disabled"))
                     continue
                 try:
-                    self.faults.arm(cmd.kind, cmd.phase, cmd.count,
+                    self.faults.arm(cmd.kind, cmd.phase, cmd.count, after=cmd.after,
                                     acknowledge=lambda call_id=cmd.call_id: self._send_ctrl(p.Done(call_id, self.rank)))
                 except ValueError as exc:
                     self._send_ctrl(p.StepFailed(cmd.call_id, self.rank, p.FaultKind.EXCEPTION, str(exc)))

@@ -171,12 +171,32 @@ def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path,
     clean = client.completions.create(**kw)
     assert len(clean.choices[0].logprobs.tokens) == clean.usage.completion_tokens
     replayed_before = d.admin.status()["requests"].get("replayed", 0)
-    assert d.admin.inject(1, "sigkill", "decode").status_code == 200
+    # Deep into the answer (three decode calls of 8 steps pass first: 25 tokens drawn), so the penalty counts the
+    # replay must rebuild are many, not the one token drawn by the prefill.
+    assert d.admin.inject(1, "sigkill", "decode", after=3).status_code == 200
     faulted = client.completions.create(**kw)
     assert faulted.choices[0].text == clean.choices[0].text and faulted.usage == clean.usage
     assert faulted.choices[0].logprobs.tokens == clean.choices[0].logprobs.tokens
     assert faulted.choices[0].logprobs.token_logprobs == pytest.approx(clean.choices[0].logprobs.token_logprobs,
                                                                        abs=1e-3)
+    wait_ready(d)
+    # Sampled from a random model, tokens seldom repeat, so penalties seldom change a draw; greedy, they do.
+    # Where the penalized greedy answer first leaves the unpenalized one (token `split`), the unpenalized choice is
+    # a token the answer drew before (token j): the penalty steered away from it. A fault after token j and before
+    # `split`, then, is caught only by the penalty counts the replay rebuilds from the tokens so far: forget them,
+    # and the replay draws the unpenalized token at `split`.
+    greedy = dict(kw, temperature=0.0, presence_penalty=1.5, frequency_penalty=1.5, echo=False, logprobs=1)
+    penalized = client.completions.create(**greedy).choices[0]
+    raw = client.completions.create(**dict(greedy, presence_penalty=0, frequency_penalty=0)).choices[0]
+    pen_tokens, raw_tokens = penalized.logprobs.tokens, raw.logprobs.tokens
+    split = next(i for i, (a, b) in enumerate(zip(pen_tokens, raw_tokens, strict=False)) if a != b)
+    j = max(i for i in range(split) if pen_tokens[i] == raw_tokens[split])
+    # The prefill draws token 0, each decode call of 8 steps the next 8: a fault in decode call k (after=k) is
+    # replayed with tokens 0 .. 8k as its history.
+    k = next((k for k in range(1, 6) if j < 1 + 8 * k <= split), None)
+    assert k is not None, f"no decode call between tokens {j} and {split}: choose another prompt"
+    assert d.admin.inject(0, "sigkill", "decode", after=k).status_code == 200
+    assert client.completions.create(**greedy).choices[0].text == penalized.text
     wait_ready(d)
     assert d.admin.inject(0, "sigkill", "decode").status_code == 200
     text, _, usage = _stream(client, **{k: v for k, v in kw.items() if k != "model"})
@@ -193,7 +213,7 @@ def test_rank_fault_mid_completion_is_replayed_like_chat(start_daemon, tmp_path,
     assert d.admin.inject(1, "sigkill", "decode").status_code == 200
     assert client.chat.completions.create(**chat).choices[0].message.content == clean_chat.choices[0].message.content
     wait_ready(d)
-    assert d.admin.status()["requests"].get("replayed", 0) >= replayed_before + 3
+    assert d.admin.status()["requests"].get("replayed", 0) >= replayed_before + 4
     assert d.admin.inject(0, "raise", "decode").status_code == 200
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(**kw)

@@ -243,6 +243,35 @@ def test_a_death_replays_every_request_and_streams_continue_exactly():
     assert replays, "replays prefill prompt + tokens so far, continuing the draw count"
 
 
+def test_a_replay_tells_the_ranks_what_each_sequence_generated_if_its_sampling_needs_it():
+    """Penalties and grammars are part of a sequence's sampling state: a replay's last prefill chunk carries the
+    tokens generated so far (`history`), from which the ranks rebuild the penalty counts or the matcher. Here the
+    fault comes after several decode calls, so the history is many tokens long, and only the penalized request
+    sends one."""
+    sup = FakeSupervisor({8: RankDied(1, -9)})  # the fifth decode call: "a" has drawn 6 tokens
+    penalized = GenerationRequest("a", PROMPTS["a"], 12, p.SamplingParams(temperature=0.0, frequency_penalty=0.5))
+    plain = request("c", PROMPTS["c"], 12)
+    engine, out = asyncio.run(run(sup, [penalized, plain], decode_steps=2))
+    assert engine.stats["replayed"] == 2
+    replays = {}  # slot -> the prompt it replays (its first chunk) and its last chunk
+    for call in sup.calls[8:]:
+        for c in call.chunks if isinstance(call, p.Prefill) else ():
+            if c.start == 0:
+                replays[c.slot] = [c.token_ids[0], None]
+            if c.last and c.slot in replays:
+                replays[c.slot][1] = c
+    histories = {}
+    for first, last in replays.values():
+        name = next(k for k, v in PROMPTS.items() if v[0] == first)
+        histories[name] = (last.drawn, last.history)
+    drawn_a, history_a = histories["a"]
+    assert drawn_a >= 4, "the fault came after several decode calls"
+    assert history_a == tuple(expected(PROMPTS["a"], drawn_a)), "a replay must send the tokens so far"
+    assert histories["c"][1] == (), "a sequence whose sampling needs no history sends none"
+    for k in ("a", "c"):
+        assert out[k][1] == text_of(expected(PROMPTS[k], 12))
+
+
 def test_an_error_in_a_single_request_step_fails_that_request_only():
     # Call 1 is "a"'s first prefill chunk: the rank raised about it. "b" and "c" are not involved.
     sup = FakeSupervisor({1: RankFailed(0, p.FaultKind.OUT_OF_MEMORY, "CUDA out of memory")})

@@ -73,3 +73,19 @@ def test_a_bad_fault_is_refused_and_nothing_is_armed():
         else:
             raise AssertionError(f"{kind}/{phase}/{count} was armed")
     assert not acks and not plan.armed("decode")
+
+
+def test_a_fault_armed_after_n_calls_lets_them_pass_then_fires_count_times():
+    plan = FaultPlan()
+    plan.arm("raise", "decode", count=2, after=3)
+    for _ in range(3):
+        plan.fire("decode")  # passes
+        plan.fire("prefill")  # another phase never counts
+    for _ in range(2):
+        try:
+            plan.fire("decode")
+        except InjectedFault:
+            continue
+        raise AssertionError("the armed fault did not fire")
+    plan.fire("decode")  # spent
+    assert not plan.armed("decode")
