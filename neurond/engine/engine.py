@@ -99,6 +99,8 @@ class Engine:
                                    "repair_wait_expired": 0, "preempted": 0, "last_cancelled_tokens": None,
                                    "max_batch_seen": 0}
         self._drawn = 0  # tokens accepted in the current step, not yet counted in the metrics
+        if metrics is not None:
+            metrics.queued_requests.set_function(lambda: len(self.scheduler.waiting))
 
     # ------------------------------------------------------------------ public
     @property

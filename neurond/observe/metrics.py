@@ -65,6 +65,9 @@ class MetricsSink(EventSink):
             "neurond_prefix_cache_tokens", "Context tokens of admitted requests (replays included) with a paged "
             "KV cache: `hit` found in the prefix cache (not prefilled again), `miss` prefilled. The hit rate is "
             "hit / (hit + miss)", ["result"], registry=r)
+        self.queued_requests = Gauge("neurond_queued_requests", "Admitted requests waiting for a KV cache slot: "
+                                     "new ones, preempted ones and those a fault interrupted, waiting to be "
+                                     "replayed (at most max_queued_requests new ones)", registry=r)
         self.http_connections = Gauge("neurond_http_connections", "Open connections to the API port, idle and "
                                       "half-sent ones included (at most max_connections)", registry=r)
         self.http_connections_refused = Counter("neurond_http_connections_refused_total", "Connections refused "

@@ -228,10 +228,12 @@ def test_api_token_and_concurrency_limit(start_daemon, tmp_path):
     # One long request holds the only slot: the next gets 429 with Retry-After.
     import threading
 
+    auth = {"Authorization": "Bearer s3cret"}
+    calls = d.steps(auth=auth)
     slow = threading.Thread(target=d.chat, args=(chat_body(max_tokens=1500, temperature=0),),
-                            kwargs={"headers": {"Authorization": "Bearer s3cret"}})
+                            kwargs={"headers": auth})
     slow.start()
-    time.sleep(0.5)
+    d.wait_steps(calls, auth=auth)  # it is generating: it holds the only place
     status, headers, body = d.chat(chat_body(max_tokens=2), headers={"Authorization": "Bearer s3cret"})
     slow.join(60)
     assert status == 429 and "retry-after" in headers, body

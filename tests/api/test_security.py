@@ -21,7 +21,7 @@ import pytest
 
 from neurond.config import Config, ConfigError, load_config
 from neurond.server import Tokens
-from tests.conftest import MODEL, REPO, chat_body, http
+from tests.conftest import MODEL, REPO, chat_body, http, wait_until
 from tests.faults import Admin, wait_ready
 
 API_TOKEN = "api-token-7f3c"
@@ -324,12 +324,15 @@ def test_no_prompt_text_or_token_ids_in_the_logs_even_on_faults(locked):
     assert _chat(locked, dict(body, messages=[{"role": "wizard", "content": prompt}]))[0] == 400
     assert _chat(locked, chat_body(prompt * 300))[0] == 400  # over the context window
     # (a segfault interrupts the request, which is replayed after the repair: 200)
+    recovered = locked.log().count("NEUROND_EVENT=recovery_finished")
     for kind, phase, want in (("raise", "prefill", 500), ("oom", "decode", 503), ("segfault", "decode", 200)):
         assert locked.admin.inject(0, kind, phase).status_code == 200
         assert _chat(locked, body)[0] == want
         wait_ready(locked)
     assert _chat(locked, body)[0] == 200
-    time.sleep(0.5)  # let the last lines reach the log
+    # Every line of the three incidents is written: each ends with its recovery_finished entry.
+    wait_until(lambda: locked.log().count("NEUROND_EVENT=recovery_finished") >= recovered + 3, 30,
+               "the three recoveries in the log")
 
     log = locked.log()
     assert log.count("NEUROND_EVENT=fault_detected") >= 3  # the faults were journaled
