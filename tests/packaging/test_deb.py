@@ -143,10 +143,14 @@ def runs(view: View) -> None:
 def upgraded(view: View, deb: Path) -> None:
     token = view.run("cat /etc/neurond/admin.token")
     view.run("echo 'port = 8123  # the operator was here' >> /etc/neurond/neurond.toml")
+    # A token others can read (an operator's slip, an older installation): neurond would refuse to start with it,
+    # so postinst gives it back its owner and mode.
+    view.run("chmod 0666 /etc/neurond/admin.token && chown root:root /etc/neurond/admin.token")
     view.run(f"dpkg --force-unsafe-io -i /share/{deb.name}")
     assert view.run("dpkg-query -W -f '${Version}' neurond") == deb.name.split("_")[1]
     assert view.run("tail -1 /etc/neurond/neurond.toml") == "port = 8123  # the operator was here\n"
     assert view.run("cat /etc/neurond/admin.token") == token
+    assert view.run("stat -c '%U:%G %a' /etc/neurond/admin.token") == "root:neurond 640\n"
     assert view.run("ls /etc/neurond") == "admin.token\nneurond.toml\n"  # no .dpkg-dist: the conffile was kept
     # the pip way, from the installed wheel's data files, into the live (viewed) system: files and activation
     out = view.run(f"neurond install-system-files --prefix /usr/local; grep '^ExecStart=' /usr/local{UNIT[4:]};"
