@@ -14,7 +14,7 @@ This module must not import torch: the leader imports it and never touches CUDA.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class FaultKind(str, enum.Enum):
@@ -251,14 +251,36 @@ class StoreOpened:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a rank made of its LoadShard: the leader agrees on the KV cache's size from `kv_cache_blocks`; the
+    rest is for the journal, the admin status and the benchmarks."""
+
+    kv_cache_blocks: int  # blocks its paged KV cache holds (0: the static cache)
+    kv_block_size: int
+    kv_cache_bytes: int
+    kv_layout: str  # "paged" | "slots"
+    kv_reads: str  # "in_place" | "gathered" | "view"
+    dtype: str  # of the weights, as torch names it
+    cuda_graphs: bool  # decode graphs are used (captured at load or on first use)
+    own_layers: bool  # neurond's decoder layers run (else transformers')
+    compiled_kernels: bool
+    load_s: float  # reading the shard
+    graph_capture_s: float  # the warm-up after it
+    free_bytes: int | None = None  # device memory (host memory on a CPU) free once loaded
+    total_bytes: int | None = None
+    allocated_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
-    """A call finished. `tokens`: the tokens drawn by a Prefill's last chunk or a Decode, on rank 0."""
+    """A call finished. `tokens`: the tokens drawn by a Prefill's last chunk or a Decode, on rank 0. `loaded`:
+    a LoadShard's report."""
 
     call_id: int
     rank: int
     tokens: tuple[int, ...] = ()
     duration_s: float = 0.0
-    info: dict = field(default_factory=dict)
+    loaded: LoadReport | None = None
     #: One entry per token in `tokens`: its TokenLogprob where the sequence asked for them, else None.
     logprobs: tuple[TokenLogprob | None, ...] = ()
 
@@ -314,12 +336,15 @@ Reply = Started | StoreOpened | Done | StepFailed | Pong | Aborted | LoadProgres
 
 # ---------------------------------------------------------------- what the leader gives each worker at spawn
 
-#: WorkerSpec.kv_blocks (config kv_cache_blocks) that asks each rank to make as many blocks as fit its GPU.
+#: WorkerSpec.kv_cache_blocks that asks each rank to make as many blocks as fit its GPU.
 KV_BLOCKS_FROM_MEMORY = -1
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
+    """Everything a rank is told at spawn (pool/specs.py makes them). Settings keep their configuration's names,
+    but `context_len`: the served context window, resolved from the model and max_model_len."""
+
     rank: int
     world_size: int
     model_dir: str
@@ -333,15 +358,16 @@ class WorkerSpec:
     #: Faults armed before the process starts (kind, phase, count): how a load-phase fault is injected.
     faults: tuple[tuple[str, str, int], ...] = ()
     fault_injection: bool = False
-    max_batch: int = 8  # KV cache slots: sequences decoded together at most
-    max_len: int = 2048  # tokens per sequence at most (prompt + completion)
+    max_batch_size: int = 8  # KV cache slots: sequences decoded together at most
+    context_len: int = 2048  # tokens per sequence at most (prompt + completion)
     kv_block_size: int = 16  # positions per block of the paged KV cache
-    #: Blocks in the paged KV cache. 0: the static cache, every slot max_len positions of its own. -1: as many as
-    #: fit in `gpu_memory_utilization` of the GPU (measured at load: worker/kv_budget.py; on a CPU the static
-    #: cache's memory); the rank's load info says how many it made.
-    kv_blocks: int = 0
+    #: Blocks in the paged KV cache. 0: the static cache, every slot context_len positions of its own. -1: as many
+    #: as fit in `gpu_memory_utilization` of the GPU (measured at load: worker/kv_budget.py; on a CPU the static
+    #: cache's memory); its LoadReport says how many it made.
+    kv_cache_blocks: int = 0
     gpu_memory_utilization: float = 0.9
-    prefill_tokens: int = 512  # tokens per prefill call at most (what kv_blocks = -1 measures a step with)
+    #: Tokens per prefill call at most (what kv_cache_blocks = -1 measures a step with).
+    prefill_chunk_tokens: int = 512
     cuda_graphs: bool = True  # capture the decode step (CUDA devices only)
     #: Capture every decode graph at load (a first start), or each on its first use (a rank started by a repair:
     #: ready ~4 s sooner, the first step of each shape ~0.1 s slower).

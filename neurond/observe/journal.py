@@ -118,8 +118,8 @@ _SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,)
                             if _STATEMACHINE and _STATEMACHINE.origin else ())
 _SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
 # Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
-# the on_spawn callback, the server's startup_failed): CODE_* should name the code that decided, not the relay.
-_RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn", "startup_failed"})
+# the pool listener's spawned, the server's startup_failed): CODE_* should name the code that decided, not the relay.
+_RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "spawned", "startup_failed"})
 
 
 def call_site() -> tuple[str, int, str]:

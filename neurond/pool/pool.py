@@ -2,25 +2,25 @@
 
 The pool starts its ranks, forms their communicator on a fresh store, loads the shards, and runs calls on all
 ranks at once with a deadline. It reports, never repairs: a failure reply, a death or a missed deadline
-becomes a PoolFault raised to the caller (and, for a death outside any call, passed to `on_fault`). The
-supervisor decides what to do about it. Nothing here waits without a deadline.
+becomes a PoolFault raised to the caller (and, for a death outside any call, told to its `PoolListener`). The
+supervisor, its listener, decides what to do about it. Nothing here waits without a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from neurond import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
 from neurond.pool.launcher import Launcher
 from neurond.pool.ranks import RankProcess
+from neurond.pool.specs import RankSpecs
 
 log = logging.getLogger("neurond.pool")
 
@@ -56,47 +56,74 @@ class _Call:
     progress_at: dict[int, float] | None = None
 
 
+class PoolListener(Protocol):
+    """What a pool tells its owner (the supervisor) as it happens, and the one thing it asks of it."""
+
+    def spawning(self, spec: p.WorkerSpec) -> p.WorkerSpec:
+        """The last word on a rank's spec as it is spawned (armed load faults, how it captures its graphs)."""
+        ...
+
+    def spawned(self, rank: int, pid: int | None) -> None: ...
+
+    def progress(self, progress: p.LoadProgress) -> None:
+        """A loading rank's progress, as it arrives."""
+        ...
+
+    def died(self, fault: RankDied) -> None:
+        """A rank died outside any call (inside one, the call raises it)."""
+        ...
+
+
+class Unheard:
+    """A listener that takes every spec as it is and hears nothing (tools and tests that run a pool alone)."""
+
+    def spawning(self, spec: p.WorkerSpec) -> p.WorkerSpec:
+        return spec
+
+    def spawned(self, rank: int, pid: int | None) -> None:
+        pass
+
+    def progress(self, progress: p.LoadProgress) -> None:
+        pass
+
+    def died(self, fault: RankDied) -> None:
+        pass
+
+
 class RankPool:
     def __init__(
         self,
-        specs: list[p.WorkerSpec],
+        specs: RankSpecs,
+        listener: PoolListener | None = None,
         *,
-        on_fault: Callable[[PoolFault], None] | None = None,
         load_timeout_s: float = 600.0,
         load_stall_timeout_s: float = 60.0,
         comm_timeout_s: float = 30.0,
-        spec_hook: Callable[[p.WorkerSpec], p.WorkerSpec] | None = None,
-        on_spawn: Callable[[int, int | None], None] | None = None,
-        on_progress: Callable[[p.LoadProgress], None] | None = None,
         spares=None,
         launcher: Launcher | None = None,
     ) -> None:
         self.launcher = launcher or Launcher()  # starts worker processes: forked by a zygote, or from scratch
         self.spares = spares  # SpareWorkers: processes with their imports done, taken before starting fresh ones
-        self.on_spawn = on_spawn
-        self.on_progress = on_progress  # a rank's load progress, passed on as it arrives
-        self.specs = specs
-        self.world_size = len(specs)
+        self.listener: PoolListener = listener if listener is not None else Unheard()
+        self.specs = specs  # shared with the pools before and after this one: they agree on the KV cache's size
+        self.world_size = specs.world_size
         self.ranks: dict[int, RankProcess] = {}
-        self.on_fault = on_fault
         self.load_timeout_s = load_timeout_s
         self.load_stall_timeout_s = load_stall_timeout_s
         self.comm_timeout_s = comm_timeout_s
-        self.spec_hook = spec_hook  # last word on a rank's spec at each spawn (arms load-phase faults)
         self._ids = itertools.count(1)
         self._comm_ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
         self._started: dict[int, asyncio.Future] = {}
         self.info: dict[int, p.Started] = {}
-        self.load_info: dict[int, dict] = {}
+        self.reports: dict[int, p.LoadReport] = {}  # rank -> what its last load made
         self.loaded = False  # start() finished: every rank has its shard (until then, no weights to keep)
         self._closing = False
 
     # ------------------------------------------------------------------ lifecycle of the processes
     def spawn(self, rank: int) -> RankProcess:
         loop = asyncio.get_running_loop()
-        spec = self.specs[rank]
-        spec = self.spec_hook(spec) if self.spec_hook else spec
+        spec = self.listener.spawning(self.specs.for_rank(rank))
         proc = self.spares.take(spec.env) if self.spares is not None else None
         if proc is not None:
             proc.assign(spec)
@@ -112,8 +139,7 @@ class RankPool:
         self._started[rank] = loop.create_future()
         self.ranks[rank] = proc
         log.info("rank %d: spawned pid %s", rank, proc.pid)
-        if self.on_spawn is not None:
-            self.on_spawn(rank, proc.pid)
+        self.listener.spawned(rank, proc.pid)
         return proc
 
     async def start(self) -> None:
@@ -160,19 +186,13 @@ class RankPool:
         timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
         replies = await self._call(list(ranks), lambda cid: p.LoadShard(cid), timeout_s, "load shard",
                                    control=False, stall_s=self.load_stall_timeout_s)
+        loaded = {}
         for rank, reply in replies.items():
-            assert isinstance(reply, p.Done)  # a LoadShard's answer
-            self.load_info[rank] = reply.info
-        if self.specs[0].kv_blocks == p.KV_BLOCKS_FROM_MEMORY:
-            # Each rank made as many blocks as fit its GPU; the leader hands out only those every rank has, and
-            # a rank started later (replace_ranks) makes exactly that many.
-            agreed = min(int(self.load_info[r]["kv_blocks"]) for r in replies)
-            self.specs = [dataclasses.replace(spec, kv_blocks=agreed) for spec in self.specs]
-
-    @property
-    def kv_blocks(self) -> int:
-        """Blocks in every rank's paged KV cache (0: static; -1: sized from memory, before the first load)."""
-        return self.specs[0].kv_blocks
+            assert isinstance(reply, p.Done) and reply.loaded is not None  # a LoadShard's answer
+            loaded[rank] = self.reports[rank] = reply.loaded
+        # Sized from memory: each rank made as many blocks as fit its GPU; the leader hands out only those every
+        # rank has, and a rank started later (replace_ranks, a new pool) makes exactly that many.
+        self.specs.agree(loaded)
 
     # ------------------------------------------------------------------ calls
     async def call_all(self, make, deadline_s: float, what: str) -> dict[int, object]:
@@ -252,8 +272,7 @@ class RankPool:
             for watched in self._calls.values():
                 if watched.progress_at is not None and reply.rank in watched.progress_at:
                     watched.progress_at[reply.rank] = time.monotonic()
-            if self.on_progress is not None:
-                self.on_progress(reply)
+            self.listener.progress(reply)
             return
         call = self._calls.get(getattr(reply, "call_id", -1))
         if call is None or call.future.done():
@@ -297,8 +316,8 @@ class RankPool:
                     call.settle.cancel()
                 call.future.set_exception(fault)  # a death is the root cause: final at once
                 involved = True
-        if not involved and not self._closing and self.on_fault is not None:
-            self.on_fault(fault)
+        if not involved and not self._closing:
+            self.listener.died(fault)
 
     # ------------------------------------------------------------------ inspection
     def pids(self) -> dict[int, int | None]:

@@ -24,11 +24,12 @@ from neurond import protocol as p
 from neurond.config import Config
 from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
-from neurond.pool.faults import PoolFault, PoolUnavailable
+from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, backoff_s
 from neurond.pool.launcher import Launcher, zygote_wanted
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
+from neurond.pool.specs import RankSpecs
 
 log = logging.getLogger("neurond.supervisor")
 
@@ -105,6 +106,8 @@ def _ms_since(t0: float) -> int:
 
 
 class Supervisor:
+    """The rank pool's owner (its PoolListener) and the lifecycle's one listener."""
+
     def __init__(self, config: Config, model_dir: str, context_len: int, events: EventSink | None = None) -> None:
         #: Tokens per sequence the ranks' KV caches hold: the served context window (ServedModel.context_len,
         #: resolved there from the model and max_model_len).
@@ -119,8 +122,6 @@ class Supervisor:
         # The supervisor is the lifecycle's one listener; every other observer gets transitions as events.
         self.lifecycle = Lifecycle(listeners=[self])
         self.pool: RankPool | None = None
-        #: Blocks in every rank's paged KV cache (0: static); -1 (sized from memory) until the first load.
-        self.kv_blocks = config.kv_cache_blocks
         self.incidents = 0
         #: Times the state left `healthy` (a fault, a reload, an unload): ranks may have been replaced since,
         #: with empty KV caches, so the engine drops its prefix cache when this changes.
@@ -136,7 +137,13 @@ class Supervisor:
         env = RANK_ENV + _compile_env(config)
         self.launcher = Launcher(env, zygote=zygote_wanted(config.worker_zygote, config.device))
         self.spares = SpareWorkers(config.spare_workers, env, self.launcher)
+        self.specs = RankSpecs(config, model_dir, context_len, env)  # every pool's, kept for the daemon's life
         self.ladder = RepairLadder.from_config(config, self._emit, self._restart_pool)
+
+    @property
+    def kv_blocks(self) -> int:
+        """Blocks in every rank's paged KV cache (0: static; -1, sized from memory, until the first load)."""
+        return self.specs.kv_cache_blocks
 
     # ------------------------------------------------------------------ state for readers
     @property
@@ -152,7 +159,7 @@ class Supervisor:
             zygote_pid=self.launcher.zygote_pid,
             spares_ready=self.spares.ready(), load_progress=dict(self.load_progress),
             last_cause=self.lifecycle.last_cause, transitions=tuple(self.history), kv_blocks=self.kv_blocks,
-            rank_kv_blocks={} if pool is None else {r: int(i.get("kv_blocks", 0)) for r, i in pool.load_info.items()})
+            rank_kv_blocks={} if pool is None else {r: i.kv_cache_blocks for r, i in pool.reports.items()})
 
     @property
     def current_incident(self) -> str | None:
@@ -187,44 +194,14 @@ class Supervisor:
             fields = base
         emit(self.events, name, model=self.config.model_name(), tp_size=self.config.tp_size, **fields)
 
-    # ------------------------------------------------------------------ loading
-    def _specs(self) -> list[p.WorkerSpec]:
-        c = self.config
-        return [
-            p.WorkerSpec(
-                rank=r,
-                world_size=c.tp_size,
-                model_dir=self.model_dir,
-                dtype=c.dtype,
-                device=c.device,
-                backend=c.backend,
-                env=self.spares.env,
-                log_level=c.log_level,
-                fault_injection=c.fault_injection,
-                max_batch=c.max_batch_size,
-                max_len=self.context_len,
-                kv_block_size=c.kv_block_size,
-                # 0: the static slot cache (every slot its own max_len positions); N: a paged cache of N blocks
-                # whose table rows the engine sends (engine/blocks.py); -1 until a load measured how many fit.
-                kv_blocks=self.kv_blocks,
-                gpu_memory_utilization=c.gpu_memory_utilization,
-                prefill_tokens=c.prefill_chunk_tokens,
-                cuda_graphs=c.cuda_graphs,
-                torch_compile=c.torch_compile,
-                cpu_threads=c.cpu_threads,
-            )
-            for r in range(c.tp_size)
-        ]
-
+    # ------------------------------------------------------------------ loading (and the pool's listener)
     def _new_pool(self) -> RankPool:
         self.load_progress = {}
-        return RankPool(self._specs(), on_fault=self._on_pool_fault, load_timeout_s=self.config.load_timeout_s,
+        return RankPool(self.specs, self, load_timeout_s=self.config.load_timeout_s,
                         load_stall_timeout_s=self.config.load_stall_timeout_s,
-                        comm_timeout_s=self.config.comm_timeout_s,
-                        spec_hook=self._at_spawn, on_spawn=self._on_spawn, on_progress=self._on_load_progress,
-                        spares=self.spares, launcher=self.launcher)
+                        comm_timeout_s=self.config.comm_timeout_s, spares=self.spares, launcher=self.launcher)
 
-    def _on_load_progress(self, progress: p.LoadProgress) -> None:
+    def progress(self, progress: p.LoadProgress) -> None:
         previous = self.load_progress.get(progress.rank)
         self.load_progress[progress.rank] = progress
         # Journalled at its start, as files finish and at its end; the reports in between (bytes within a file,
@@ -234,8 +211,20 @@ class Supervisor:
         self._emit(Event.LOAD_PROGRESS, incident=self._incident, rank=progress.rank, done_bytes=progress.done_bytes,
                    total_bytes=progress.total_bytes, files_done=progress.files_done, files_total=progress.files_total)
 
-    def _on_spawn(self, rank: int, pid: int | None) -> None:
+    def spawned(self, rank: int, pid: int | None) -> None:
         self._emit(Event.RANK_SPAWNED, Cause("spawn", self._incident or "", rank), pid=pid)
+
+    def spawning(self, spec: p.WorkerSpec) -> p.WorkerSpec:
+        """The last word on a rank's spec as it is spawned: armed load faults; and a rank started by a repair
+        captures its decode graphs as they are first used, not all before it says it is loaded."""
+        if self._incident is not None:
+            spec = dataclasses.replace(spec, capture_at_load=False)
+        return self._arm_load_faults(spec)
+
+    def died(self, fault: RankDied) -> None:
+        """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""
+        if self.state == LifecycleState.HEALTHY and not self._stopping:
+            self._fault(fault, None)
 
     # ------------------------------------------------------------------ fault injection (admin only)
     async def inject(self, rank: int, kind: str, phase: str, count: int = 1, after: int = 0) -> None:
@@ -257,13 +246,6 @@ class Supervisor:
         if pool is None or not self.serving:
             raise PoolUnavailable(None, f"model is {self.state}")
         await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count, after), 5.0, "inject fault")
-
-    def _at_spawn(self, spec: p.WorkerSpec) -> p.WorkerSpec:
-        """The last word on a rank's spec as it is spawned: armed load faults; and a rank started by a repair
-        captures its decode graphs as they are first used, not all before it says it is loaded."""
-        if self._incident is not None:
-            spec = dataclasses.replace(spec, capture_at_load=False)
-        return self._arm_load_faults(spec)
 
     def _arm_load_faults(self, spec: p.WorkerSpec) -> p.WorkerSpec:
         pending = self._load_faults.get(spec.rank)
@@ -300,11 +282,6 @@ class Supervisor:
             # journal named no request): this step only ran into that incident's repair. Its requests are
             # replayed, with no strike: an innocent one struck twice so was failed as quarantined (chaos soak).
             raise PoolUnavailable(fault.rank, f"model is {self.state}: {fault.message}") from fault
-
-    def _on_pool_fault(self, fault: PoolFault) -> None:
-        """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""
-        if self.state == LifecycleState.HEALTHY and not self._stopping:
-            self._fault(fault, None)
 
     # ------------------------------------------------------------------ faults and recovery
     def _fault(self, fault: PoolFault, request_id: str | None, detect_ms: int | None = None) -> None:
@@ -392,10 +369,7 @@ class Supervisor:
         await self._start_pool(pool)
 
     async def _start_pool(self, pool: RankPool) -> None:
-        await pool.start()
-        # With kv_cache_blocks = -1 the first load measured how many blocks fit: every later pool and rank makes
-        # that many (the engine's block pool was sized by it; engine.Engine reads kv_blocks).
-        self.kv_blocks = pool.kv_blocks
+        await pool.start()  # (with kv_cache_blocks = -1 the first load agrees on the size: pool/specs.py)
 
     async def _stop_pool(self) -> None:
         pool, self.pool = self.pool, None

@@ -46,7 +46,9 @@ def attend(query, key, value, mask, scale: float):
         folded = mask.view(batch, 1, 1, tokens, -1).expand(batch, 1, group, tokens, mask.shape[-1])
         out = torch.nn.functional.scaled_dot_product_attention(
             q, key, value, attn_mask=folded.reshape(batch, 1, group * tokens, -1), scale=scale)
-        return out.view(batch, q_heads, tokens, dim)
+        # reshape, not view: the output's layout is the backend's (on an H200, torch 2.11, not contiguous for the
+        # own layers' compiled prefill, and view raised: tests/gpu/test_runner_cuda.py, session 15).
+        return out.reshape(batch, q_heads, tokens, dim)
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 

@@ -243,15 +243,15 @@ class Worker:
             return failed
         if isinstance(result, p.StoreOpened):
             return result
-        tokens, info = result
+        tokens, loaded = result
         if self.rank != 0:  # every rank draws the same tokens; rank 0 reports them
-            return p.Done(cmd.call_id, self.rank, (), duration, info)
+            return p.Done(cmd.call_id, self.rank, (), duration, loaded)
         logprobs: tuple[p.TokenLogprob | None, ...] = ()
         if isinstance(cmd, (p.Prefill, p.Decode)):
             assert self.runner is not None  # the step just ran on it
             if any(e is not None for e in self.runner.last_logprobs):
                 logprobs = tuple(self.runner.last_logprobs)
-        return p.Done(cmd.call_id, self.rank, tuple(tokens), duration, info, logprobs)
+        return p.Done(cmd.call_id, self.rank, tuple(tokens), duration, loaded, logprobs)
 
     def _dispatch(self, cmd):
         runner, comm = self.runner, self.comm
@@ -261,30 +261,30 @@ class Worker:
             # The rows first, even if this step then fails: every rank's table stays the leader's.
             runner.apply_tables(cmd.tables)
             self.faults.fire("decode")
-            return runner.decode(cmd.slots, cmd.steps), {}
+            return runner.decode(cmd.slots, cmd.steps), None
         if isinstance(cmd, p.Prefill):
             assert runner is not None, "prefill before a shard was loaded"
             runner.apply_tables(cmd.tables)
             self.faults.fire("prefill")
-            return runner.prefill(cmd.chunks), {}
+            return runner.prefill(cmd.chunks), None
         if isinstance(cmd, p.CopyPrefix):
             assert runner is not None, "copy before a shard was loaded"
             runner.apply_tables(cmd.tables)
             runner.copy_prefix(cmd.src, cmd.dsts, cmd.length)
-            return (), {}
+            return (), None
         if isinstance(cmd, p.OpenStore):
             return p.StoreOpened(cmd.call_id, self.rank, comm.open_store())
         if isinstance(cmd, p.JoinComm):
             if runner is not None:
                 runner.reset()
             comm.join(cmd.comm_id, cmd.host, cmd.port, cmd.timeout_s)
-            return (), {}
+            return (), None
         if isinstance(cmd, p.LoadShard):
             self.faults.fire("load")
             return (), self._load()
         raise TypeError(f"unknown step command {type(cmd).__name__}")
 
-    def _load(self) -> dict:
+    def _load(self) -> p.LoadReport:
         from neurond.worker.runner import ModelRunner
 
         # Progress goes out on the step pipe from this (the compute) thread, the pipe's only writer. The leader
@@ -303,20 +303,20 @@ class Worker:
         shard = self.shard
         assert shard is not None  # made by start()
         t0 = time.monotonic()
-        info = shard.load(progress=report)
-        info["load_s"] = round(time.monotonic() - t0, 3)
+        memory = shard.load(progress=report)
+        load_s = round(time.monotonic() - t0, 3)
         spec = self.spec
         self.runner = ModelRunner(
-            shard.model, slots=spec.max_batch, max_len=spec.max_len + 1, device=self.device, guard=self.guard,
-            world_size=spec.world_size, use_graphs=spec.cuda_graphs,
-            kv_block_size=spec.kv_block_size, kv_blocks=spec.kv_blocks,
-            memory_utilization=spec.gpu_memory_utilization, prefill_tokens=spec.prefill_tokens,
+            # max_len: the runner's positions per slot, the context window and the trash position past it.
+            shard.model, slots=spec.max_batch_size, max_len=spec.context_len + 1, device=self.device,
+            guard=self.guard, world_size=spec.world_size, use_graphs=spec.cuda_graphs,
+            kv_block_size=spec.kv_block_size, kv_blocks=spec.kv_cache_blocks,
+            memory_utilization=spec.gpu_memory_utilization, prefill_tokens=spec.prefill_chunk_tokens,
             # Not on CPU: 8.7 s of compile per start (built-in model).
             compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),
             # A step with a collective-phase fault armed runs eagerly: a graph replay would not reach the hook.
             eager_only=lambda: self.faults.armed("collective"))
-        info.update(self.runner.info())
         if self._prewarm is not None:  # its compiles are the runner's (shared wrappers): let it finish
             # Saying so as it goes: on a cold compile cache the pre-warm outlasted a short load stall deadline
             # (8.3 s of compiles, the leader's 8 s, on an H200 with forked ranks) and cost a full reload.
@@ -324,13 +324,13 @@ class Worker:
             while self._prewarm.is_alive() and time.monotonic() < end:
                 self._prewarm.join(PROGRESS_EVERY_S)
                 still_warming_up()
-        info["graph_capture_s"] = round(self.runner.warm_up(capture_graphs=spec.capture_at_load,
-                                                            progress=still_warming_up), 3)
+        graph_capture_s = round(self.runner.warm_up(capture_graphs=spec.capture_at_load,
+                                                     progress=still_warming_up), 3)
         # Where a (re)load's time goes: the largest part of replacing a rank after its weights (session 4).
         log.info("rank %d: shard loaded in %.2f s, warm-up (compiled kernels %s, graphs %s) %.2f s", self.rank,
-                 info["load_s"], "on" if self.runner.compiled_kernels else "off",
-                 "captured" if spec.capture_at_load else "on first use", info["graph_capture_s"])
-        return info
+                 load_s, "on" if self.runner.compiled_kernels else "off",
+                 "captured" if spec.capture_at_load else "on first use", graph_capture_s)
+        return self.runner.load_report(memory, load_s, graph_capture_s)
 
     def _failure(self, cmd, exc: BaseException) -> p.StepFailed:
         kind, context_ok = classify(exc, self.device)

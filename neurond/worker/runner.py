@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from neurond.protocol import KV_BLOCKS_FROM_MEMORY, BlockRow, SamplingParams, TokenLogprob
+from neurond.protocol import KV_BLOCKS_FROM_MEMORY, BlockRow, LoadReport, SamplingParams, TokenLogprob
 from neurond.worker import attention, decoder, kv_budget
 from neurond.worker.grammar import Constraints
 from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
@@ -416,3 +416,14 @@ class ModelRunner:
                 "kv_reads": "in_place" if self.cache.in_place else "gathered" if self.cache.paged else "view",
                 "cuda_graphs": self.graphs is not None, "own_layers": self.own is not None,
                 "compiled_kernels": self.compiled_kernels}
+
+    def load_report(self, memory: dict, load_s: float, graph_capture_s: float) -> LoadReport:
+        """The LoadShard reply's report: this runner's cache and kernels, with the shard's `memory` figures."""
+        info = self.info()
+        return LoadReport(
+            kv_cache_blocks=info["kv_blocks"], kv_block_size=info["kv_block_size"],
+            kv_cache_bytes=info["kv_cache_bytes"], kv_layout=info["kv_layout"], kv_reads=info["kv_reads"],
+            dtype=str(memory.get("dtype", "")), cuda_graphs=info["cuda_graphs"], own_layers=info["own_layers"],
+            compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
+            free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
+            allocated_bytes=memory.get("allocated_bytes"))

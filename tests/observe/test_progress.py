@@ -126,7 +126,7 @@ def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_re
         for counts in [(0, 2 * GIB, 0, 2), (GIB // 2, 2 * GIB, 0, 2), (GIB, 2 * GIB, 1, 2), (GIB + 1, 2 * GIB, 1, 2),
                        (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2),
                        (0, 2 * GIB, 0, 2)]:  # ... bytes within files, the warm-up's repeats, then a new load
-            sup._on_load_progress(LoadProgress(0, *counts))
+            sup.progress(LoadProgress(0, *counts))
         return sink.seen
 
     assert asyncio.run(scenario()) == [(0, 0), (GIB, 1), (2 * GIB, 2), (0, 0)]

@@ -141,10 +141,12 @@ def test_empty_control_call_returns_at_once():
     """Found on the GPU: aborting 'every live rank' when the only rank had died waited out abort_timeout_s."""
     import asyncio
 
+    from neurond.config import Config
     from neurond.pool.pool import RankPool
+    from neurond.pool.specs import RankSpecs
 
     async def run():
-        pool = RankPool([])
+        pool = RankPool(RankSpecs(Config(), "", 16, ()))
         t0 = time.monotonic()
         assert await pool.control([], lambda cid: None, 5.0, "abort") == {}
         return time.monotonic() - t0
