@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from neurond.api import answers
 from neurond.api.errors import APIError
@@ -88,7 +89,7 @@ class API:
                                   api_token=api_token.encode() if api_token else None, retry_after_s=RETRY_AFTER_S)
         self.body_timeout_s = body_timeout_s
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -225,8 +226,6 @@ class API:
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise APIError(400, f"messages rejected by the chat template: {exc}", param="messages",
                            code="invalid_messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
         return list(ids)
 
     def _check_ids(self, ids: list[int], param: str) -> None:

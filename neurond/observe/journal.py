@@ -98,7 +98,7 @@ def structured_line(entry: dict) -> str:
     return " ".join(f"{k}={_quote(v)}" for k, v in entry.items())
 
 
-def _quote(v) -> str:
+def _quote(v: object) -> str:
     s = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
     return s if s and re.fullmatch(r"[^\s\"=\\]+", s) else json.dumps(s, ensure_ascii=False)
 
