@@ -237,7 +237,7 @@ class Server:
                 await supervisor.reload("sighup")
             except TransitionNotAllowed:
                 log.warning("SIGHUP: cannot reload while the model is %s; ignored", supervisor.state)
-            except Exception:  # noqa: BLE001 - a failed reload must not end the reload loop
+            except Exception:  # a failed reload must not end the reload loop
                 log.exception("SIGHUP: reload failed")
             self.notifier.ready(self.status.line())
 

@@ -223,7 +223,7 @@ class API:
         try:
             ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            tools=tools)
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
+        except Exception as exc:  # a template that rejects the conversation is the client's error
             raise APIError(400, f"messages rejected by the chat template: {exc}", param="messages",
                            code="invalid_messages") from None
         return list(ids)

@@ -187,7 +187,7 @@ class Engine:
                 self.scheduler.admit(self._start)
                 self._count_prefix()
                 await self._turn()
-            except Exception as exc:  # noqa: BLE001 - a bug must fail the requests involved, not the engine
+            except Exception as exc:  # a bug must fail the requests involved, not the engine
                 log.exception("engine error")
                 for req in list(self.scheduler.running):
                     self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))

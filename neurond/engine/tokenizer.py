@@ -66,7 +66,7 @@ class ChatTokenizer:
                                          tools=tools or None, documents=None)
         except TemplateError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any template failure is a rejected conversation
+        except Exception as exc:  # any template failure is a rejected conversation
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
 
     @overload

@@ -280,7 +280,7 @@ class JournalLogHandler(logging.Handler):
             if self.rank is not None:
                 entry["NEUROND_RANK"] = self.rank
             write(entry, line)
-        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+        except Exception:  # logging must never raise into the caller
             self.handleError(record)
 
 
