@@ -45,7 +45,7 @@ from neurond.served_model import ModelError, load_served_model, resolve_model_di
 
 log = logging.getLogger("neurond")
 
-# Exit codes: a documented contract with systemd and scripts (see docs/operations.md).
+# Exit codes: a documented contract with systemd and scripts (docs/operator-guide.md, "Exit codes").
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or model directory
 EXIT_SERVE_FAILED = 3  # the HTTP server could not start (port in use, ...)

@@ -116,7 +116,7 @@ _OBSERVE = str(Path(__file__).resolve().parent) + os.sep
 _STATEMACHINE = importlib.util.find_spec("statemachine")
 _SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,)
                             if _STATEMACHINE and _STATEMACHINE.origin else ())
-_SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
+_SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "lifecycle.py"),)  # neurond/lifecycle.py, the machine
 # Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
 # the on_spawn callback, the server's startup_failed): CODE_* should name the code that decided, not the relay.
 _RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "_on_spawn", "startup_failed"})
