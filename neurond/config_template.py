@@ -23,7 +23,7 @@ HEADER = f"""\
 """
 
 
-def toml_value(value) -> str:
+def toml_value(value: object) -> str:
     """A TOML literal for a default: booleans, integers, floats and strings are all Config holds."""
     if isinstance(value, bool):
         return "true" if value else "false"

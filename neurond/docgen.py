@@ -28,7 +28,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 PRIORITY_NAMES = {2: "crit", 3: "err", 4: "warning", 5: "notice", 6: "info", 7: "debug"}
 
 
-def _code(value) -> str:
+def _code(value: object) -> str:
     from neurond.config_template import toml_value
 
     return f"`{toml_value(value)}`"

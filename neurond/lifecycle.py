@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 from statemachine import State, StateMachine
 
@@ -55,7 +56,7 @@ class Cause:
     attempt: int = 0
     detail: str = ""
 
-    def with_(self, **changes) -> Cause:
+    def with_(self, **changes: Any) -> Cause:
         return replace(self, **changes)
 
 

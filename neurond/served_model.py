@@ -208,7 +208,7 @@ def _load_tokenizer(model_dir: Path) -> ChatTokenizer:
         raise ModelError("tokenizer", where, f"the chat template does not compile: {exc}") from None
     except OSError as exc:
         raise ModelError("tokenizer", exc.filename or path, f"cannot be read: {exc.strerror or exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for a bad file
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for a bad file
         raise ModelError("tokenizer", path, f"cannot be loaded: {exc}") from None
 
 

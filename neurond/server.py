@@ -20,7 +20,9 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -32,7 +34,7 @@ from neurond.config import Config, is_loopback
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.engine import Engine
 from neurond.engine.request import RETRY_AFTER_S
-from neurond.lifecycle import LifecycleState
+from neurond.lifecycle import Cause, LifecycleState
 from neurond.observe.events import Event, TeeSink, emit
 from neurond.observe.journal import JournalSink
 from neurond.observe.metrics import MetricsSink
@@ -43,7 +45,7 @@ from neurond.served_model import ModelError, load_served_model, resolve_model_di
 
 log = logging.getLogger("neurond")
 
-# Exit codes: a documented contract with systemd and scripts (see docs/operations.md).
+# Exit codes: a documented contract with systemd and scripts (docs/operator-guide.md, "Exit codes").
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or model directory
 EXIT_SERVE_FAILED = 3  # the HTTP server could not start (port in use, ...)
@@ -142,7 +144,7 @@ class Server:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _serve(self, loop) -> int:
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         c = self.config
         try:  # before any rank starts: a checkpoint that cannot be served must not go through the breaker
             model_dir = await asyncio.to_thread(resolve_model_dir, c)
@@ -208,7 +210,7 @@ class Server:
             log.info("stopped; all ranks reaped")
         return self.exit_code
 
-    def _spawn(self, coro, name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
 
     async def _announce_ready(self, host: str, port: int) -> None:
@@ -235,7 +237,7 @@ class Server:
                 await supervisor.reload("sighup")
             except TransitionNotAllowed:
                 log.warning("SIGHUP: cannot reload while the model is %s; ignored", supervisor.state)
-            except Exception:  # noqa: BLE001 - a failed reload must not end the reload loop
+            except Exception:  # a failed reload must not end the reload loop
                 log.exception("SIGHUP: reload failed")
             self.notifier.ready(self.status.line())
 
@@ -248,10 +250,12 @@ class Server:
         stuck = time.monotonic() - self.status.since
         return f"{sup.state} for {stuck:.0f} s (bound {bound:.0f} s)" if stuck > bound else None
 
-    def _admin_server(self):
+    def _admin_server(self) -> Coroutine[Any, Any, None]:
         from neurond.api.admin import AdminAPI
 
         c = self.config
+        # _serve made the supervisor before the servers; read_tokens read the admin token, as admin_socket is set
+        assert self.supervisor is not None and self.tokens.admin is not None
         admin = AdminAPI(self.supervisor, self.tokens.admin, engine=self.engine, started_at=self.started_at)
         hc = HypercornConfig()
         hc.bind = [f"unix:{c.admin_socket}"]
@@ -261,7 +265,7 @@ class Server:
         log.info("admin API on unix:%s (fault injection %s)", c.admin_socket, "ON" if c.fault_injection else "off")
         return hypercorn_serve(admin.app(), hc, shutdown_trigger=self.shutdown.wait)
 
-    def _gave_up(self, cause) -> None:
+    def _gave_up(self, cause: Cause | None) -> None:
         delay = self.config.unloaded_exit_s
         if delay <= 0:
             log.error("recovery gave up (%s); serving 503 until an operator reloads", cause.name if cause else "?")

@@ -19,6 +19,7 @@ neurond is installed in (the wheel carries them there as data files).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import secrets
@@ -147,7 +148,7 @@ def write_token(path: Path, group: str = "neurond") -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="/", help="install under this directory instead of / (a staging root: "
                         "nothing is activated)")
     parser.add_argument("--prefix", default="/usr/local", help="where unit, catalog, sysusers.d, tmpfiles.d and "
@@ -156,7 +157,7 @@ def add_arguments(parser) -> None:
                         "of this installation)")
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     layout = Layout(Path(args.root), args.prefix)
     try:
         exec_path = args.exec_path or default_exec()

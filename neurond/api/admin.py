@@ -6,9 +6,12 @@ needs the admin bearer token, read from a file. Fault injection additionally nee
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -19,20 +22,42 @@ from starlette.routing import Route
 from neurond import version
 from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
+from neurond.engine.engine import EngineStats
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
-from neurond.pool.supervisor import Transition
+from neurond.pool.supervisor import Snapshot, Transition
+
+
+class AdminPool(Protocol):
+    """What the admin API needs of the supervisor (Supervisor, or the tests' FakePool in tests/api/fakes.py):
+    its snapshot, its state, fault injection and the operator's actions."""
+
+    @property
+    def state(self) -> str: ...
+    def snapshot(self) -> Snapshot: ...
+    async def inject(self, rank: int, kind: str, phase: str, count: int, after: int) -> None: ...
+    async def reload(self) -> None: ...
+    async def unload(self) -> None: ...
+    async def load(self) -> None: ...
+
+
+class EngineCounts(Protocol):
+    """What the admin API needs of the engine (engine.Engine, or the tests' FakeEngine): its request outcomes."""
+
+    @property
+    def stats(self) -> EngineStats: ...
 
 
 class AdminAPI:
-    def __init__(self, supervisor, token: str, engine=None, started_at: float | None = None) -> None:
+    def __init__(self, supervisor: AdminPool, token: str, engine: EngineCounts | None = None,
+                 started_at: float | None = None) -> None:
         self.engine = engine
         self.started_at = time.time() if started_at is None else started_at
         if not token:
             raise ValueError("the admin token must not be empty")
         self.supervisor = supervisor
         self._token = token.encode()
-        self._tasks: set = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> Starlette:
         routes = [
@@ -43,7 +68,7 @@ class AdminAPI:
             Route("/admin/load", self.load, methods=["POST"]),
         ]
 
-        async def api_error(request, exc: Exception):
+        async def api_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             return exc.response()
 
@@ -107,14 +132,13 @@ class AdminAPI:
             raise APIError(503, exc.message, code=exc.cause, retry_after_s=2) from None
         return _json({"armed": {"rank": rank, "kind": kind, "phase": phase, "count": count, "after": after}})
 
-    def _background(self, coro) -> None:
-        import asyncio
-
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _operator(self, request: Request, action: str, allowed: tuple[str, ...], coro_factory) -> Response:
+    async def _operator(self, request: Request, action: str, allowed: tuple[str, ...],
+                        coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> Response:
         self._auth(request)
         state = self.supervisor.state
         if state not in allowed:

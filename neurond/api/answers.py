@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -18,7 +18,7 @@ from neurond.api import logprobs as logprobs_format
 from neurond.api.errors import REQUEST_ID_HEADER, APIError
 from neurond.api.http import json_response as _json
 from neurond.api.tools import ToolCall, ToolCalling
-from neurond.engine.request import Failed, Finished, GenerationRequest, TextDelta
+from neurond.engine.request import Failed, Finished, GenerationRequest, LogprobEntry, TextDelta
 from neurond.served_model import ServedModel
 
 # SSE splits lines at CR and LF only, but a client reading lines with Python's str.splitlines (httpx's
@@ -37,7 +37,8 @@ def sse_data(body: dict) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-def _logprobs(model: ServedModel, choices: Choices, shape: Shape, entries, offset: int) -> dict | None:
+def _logprobs(model: ServedModel, choices: Choices, shape: Shape, entries: Iterable[LogprobEntry],
+              offset: int) -> dict | None:
     """A choice's `logprobs` for these entries: null unless the request asked for them."""
     if choices.members[0].sampling.logprobs < 0:
         return None
@@ -47,7 +48,7 @@ async def complete(model: ServedModel, choices: Choices, shape: Shape, request: 
     """The whole answer as one JSON body, once every choice has finished."""
     n = len(choices.members)
     parts: list[list[str]] = [[] for _ in range(n)]
-    entries: list[list] = [[] for _ in range(n)]
+    entries: list[list[LogprobEntry]] = [[] for _ in range(n)]
     finished: dict[int, Finished] = {}
     with _HangUpWatch(request, choices):
         while len(finished) < n:
@@ -267,7 +268,7 @@ class _HangUpWatch:
         self._task = asyncio.get_running_loop().create_task(self._watch())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         # Cancelling a receive() loses no message: a disconnect still queued is read by whoever receives next.
         assert self._task is not None  # __enter__ made it
         self._task.cancel()

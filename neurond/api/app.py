@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import orjson
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from neurond.api import answers
 from neurond.api.errors import APIError
@@ -32,15 +34,51 @@ from neurond.api.structured import response_format_grammar
 from neurond.api.tools import ToolCalling, detect
 from neurond.engine.engine import EngineBusy, RequestTooLarge
 from neurond.engine.request import RETRY_AFTER_S, GenerationRequest
+from neurond.lifecycle import Cause
 from neurond.pool.faults import PoolUnavailable
 from neurond.protocol import Grammar, SamplingParams
 from neurond.served_model import ServedModel
 
+if TYPE_CHECKING:
+    from neurond.observe.metrics import MetricsSink
+
+Parsed = TypeVar("Parsed", ChatCompletionRequest, CompletionRequest)
+
+
+class LastCause(Protocol):
+    @property
+    def last_cause(self) -> Cause | None:
+        """Why the lifecycle took its last transition."""
+
+
+class PoolState(Protocol):
+    """What the API needs of the supervisor (Supervisor, or the tests' FakePool in tests/api/fakes.py): whether
+    the model serves, and if not, its state and why (`/ready`)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def lifecycle(self) -> LastCause: ...
+
+
+class GenerationQueue(Protocol):
+    """What the API needs of the engine (engine.Engine, or the tests' FakeEngine)."""
+
+    @property
+    def kv_positions(self) -> int:
+        """The most tokens one sequence can have in the KV cache."""
+
+    def submit_all(self, reqs: list[GenerationRequest]) -> None:
+        """Queue every request or none; raises PoolUnavailable, RequestTooLarge or EngineBusy."""
+
 
 class API:
-    def __init__(self, model: ServedModel, engine, supervisor, *, max_body_bytes: int, default_max_tokens: int,
-                 api_token: str | None = None, max_concurrent: int = 512, body_timeout_s: float = 30.0,
-                 max_header_bytes: int = 16384, metrics=None) -> None:
+    def __init__(self, model: ServedModel, engine: GenerationQueue, supervisor: PoolState, *, max_body_bytes: int,
+                 default_max_tokens: int, api_token: str | None = None, max_concurrent: int = 512,
+                 body_timeout_s: float = 30.0, max_header_bytes: int = 16384,
+                 metrics: MetricsSink | None = None) -> None:
         self.metrics = metrics
         self.model = model
         self.engine = engine
@@ -51,7 +89,7 @@ class API:
                                   api_token=api_token.encode() if api_token else None, retry_after_s=RETRY_AFTER_S)
         self.body_timeout_s = body_timeout_s
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -63,13 +101,13 @@ class API:
         if self.metrics is not None:
             routes.append(Route("/metrics", self.prometheus, methods=["GET"]))
 
-        async def api_error(request, exc: Exception):
+        async def api_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, APIError)  # the handler of APIError only (starlette types handlers for any)
             if self.metrics is not None and exc.status < 500:
                 self.metrics.request_done(f"rejected_{exc.status}")
             return exc.response()
 
-        async def not_found(request, exc):
+        async def not_found(request: Request, exc: Exception) -> Response:
             status = getattr(exc, "status_code", 404)
             detail = getattr(exc, "detail", "not found")
             return APIError(status, f"{request.method} {request.url.path}: {detail}").response()
@@ -94,6 +132,7 @@ class API:
                      503, {"Retry-After": str(round(RETRY_AFTER_S))})
 
     async def prometheus(self, request: Request) -> Response:
+        assert self.metrics is not None  # the route exists only with metrics
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -134,7 +173,7 @@ class API:
             raise APIError(400, "client disconnected while sending the body") from None
         return b"".join(chunks)
 
-    def _parse(self, body: bytes, schema):
+    def _parse(self, body: bytes, schema: type[Parsed]) -> Parsed:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -184,11 +223,9 @@ class API:
         try:
             ids = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            tools=tools)
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is the client's error
+        except Exception as exc:  # a template that rejects the conversation is the client's error
             raise APIError(400, f"messages rejected by the chat template: {exc}", param="messages",
                            code="invalid_messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
         return list(ids)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
@@ -199,8 +236,9 @@ class API:
             raise APIError(400, f"{param}: token id {bad} is not in the vocabulary (ids 0 to {vocab - 1})",
                            param=param, code="invalid_value")
 
-    async def _generate(self, request: Request, parsed, prompt_ids: list[int], prompt_param: str,
-                        requested: int | None, shape: answers.Shape, grammar: Grammar | None = None) -> Response:
+    async def _generate(self, request: Request, parsed: ChatCompletionRequest | CompletionRequest,
+                        prompt_ids: list[int], prompt_param: str, requested: int | None, shape: answers.Shape,
+                        grammar: Grammar | None = None) -> Response:
         """Check the prompt against the context window, submit it to the engine and answer, as JSON or as an
         event stream, in `shape`. (A fault after this is the engine's to replay: the request is the same kind
         whatever endpoint made it.)"""
@@ -233,7 +271,7 @@ class API:
                                     None if parsed.seed is None else (parsed.seed + i) % 2**64,
                                     parsed.presence_penalty, parsed.frequency_penalty, bias,
                                     parsed.logprobs_count(), grammar),
-            stop=parsed.stop or [],
+            stop=cast(list[str], parsed.stop or []),  # a list: the schema's validator made it one
             stop_token_ids=self.model.stop_token_ids,
         ) for i in range(parsed.n)]
         try:
@@ -281,7 +319,7 @@ class API:
                 raise APIError(400, "the prompt has no tokens", param="prompt", code="invalid_value")
             echo = parsed.prompt
         else:
-            prompt_ids = list(parsed.prompt)
+            prompt_ids = list(cast(list[int], parsed.prompt))  # a batch of one was unwrapped by the schema
             self._check_ids(prompt_ids, "prompt")
             echo = self.model.tokenizer.decode(prompt_ids) if parsed.echo else ""  # as generated text is
         shape = answers.completion_shape(echo if parsed.echo else "")

@@ -52,9 +52,10 @@ import resource
 import socket
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from hypercorn.events import Closed, RawData
@@ -63,6 +64,15 @@ from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedEr
 
 from neurond.api.errors import APIError
 from neurond.config import ConfigError
+
+if TYPE_CHECKING:
+    import h11
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.events import Event as HypercornEvent
+    from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
+    from starlette.types import ASGIApp
+
+    from neurond.observe.metrics import MetricsSink
 
 log = logging.getLogger("neurond.http")
 
@@ -125,8 +135,8 @@ class ConnectionCap:
     """Gives the API's connections their places (the module's docstring has the rules) and refuses those that
     get none. Runs on the event loop's thread."""
 
-    def __init__(self, limit: int, retry_after_s: float, metrics=None, *, per_peer: int | None = None,
-                 reserve: int = 0) -> None:
+    def __init__(self, limit: int, retry_after_s: float, metrics: MetricsSink | None = None, *,
+                 per_peer: int | None = None, reserve: int = 0) -> None:
         if not 0 <= reserve < limit:
             raise ValueError(f"need 0 <= reserve < limit, got {reserve} and {limit}")
         self.limit = limit
@@ -178,7 +188,7 @@ class ConnectionCap:
         else:
             del self.peers[place.peer]  # a peer that holds nothing costs nothing
 
-    def _admit(self, family, kind, proto, fd: int, addr) -> socket.socket | None:
+    def _admit(self, family: int, kind: int, proto: int, fd: int, addr: Any) -> socket.socket | None:
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
         place = self.take(peer, lambda: _local_address(family, kind, proto, fd))
         if isinstance(place, Refused):
@@ -233,7 +243,7 @@ class ConnectionCap:
             self.lingering -= 1
 
 
-def _local_address(family, kind, proto, fd: int) -> str | None:
+def _local_address(family: int, kind: int, proto: int, fd: int) -> str | None:
     """The address a connection arrived at (getsockname of its descriptor, which stays open)."""
     sock = socket.socket(family, kind, proto, fileno=fd)
     try:
@@ -252,9 +262,11 @@ class CappedListener(socket.socket):
 
     cap: ConnectionCap
 
-    def accept(self):
+    def accept(self) -> tuple[socket.socket, Any]:
         while True:
-            fd, addr = self._accept()  # BlockingIOError once none is waiting: asyncio's cue to stop
+            # BlockingIOError once none is waiting: asyncio's cue to stop. (_accept: the C socket's own, which
+            # socket.socket.accept calls too; typeshed does not declare it.)
+            fd, addr = self._accept()  # type: ignore[attr-defined]
             conn = self.cap._admit(self.family, self.type, self.proto, fd, addr)
             if conn is not None:
                 return conn, addr
@@ -292,7 +304,7 @@ def http_error(error: APIError, retry_after_s: float | None = None) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP/1.1 only
-def _prior_knowledge(request) -> bool:
+def _prior_knowledge(request: h11.Request) -> bool:
     """An HTTP/2 connection preface ("PRI * HTTP/2.0", RFC 9113 3.4), as h11 parses it: a request."""
     return request.method == b"PRI" and request.target == b"*" and request.http_version == b"2.0"
 
@@ -317,7 +329,7 @@ def http11_only() -> None:
 
 
 class _H11Only(H11Protocol):
-    async def _check_protocol(self, event) -> None:
+    async def _check_protocol(self, event: h11.Request) -> None:
         # hypercorn's own check answers `Upgrade: h2c` with 101 and switches; this one only spots the preface.
         if _prior_knowledge(event):
             raise H2ProtocolAssumedError(b"")
@@ -326,8 +338,9 @@ class _H11Only(H11Protocol):
 class _HTTP11Only(ProtocolWrapper):
     """hypercorn's ProtocolWrapper (one per connection) without its switch to HTTP/2."""
 
-    def __init__(self, app, config, context, task_group, state, ssl, client, server, send,
-                 alpn_protocol=None) -> None:
+    def __init__(self, app: AppWrapper, config: HypercornConfig, context: WorkerContext, task_group: TaskGroup,
+                 state: ConnectionState, ssl: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
+                 send: Callable[[HypercornEvent], Awaitable[None]], alpn_protocol: str | None = None) -> None:
         # Not ProtocolWrapper's own __init__: it would make an H2 protocol for ALPN "h2" (TLS, not served here).
         self.send = send
         self.refused = False
@@ -336,7 +349,7 @@ class _HTTP11Only(ProtocolWrapper):
     async def initiate(self) -> None:
         await self.protocol.initiate()
 
-    async def handle(self, event) -> None:
+    async def handle(self, event: HypercornEvent) -> None:
         if self.refused:
             return  # what a refused client still sends, until the connection is closed
         try:
@@ -347,7 +360,8 @@ class _HTTP11Only(ProtocolWrapper):
             await self.send(Closed())
 
 
-async def serve(app, config, listener: CappedListener, shutdown_trigger) -> None:
+async def serve(app: ASGIApp, config: HypercornConfig, listener: CappedListener,
+                shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
     """hypercorn's serve() on our own listening socket, HTTP/1.1 only (http11_only). hypercorn.asyncio.serve
     takes its sockets only from config.bind (and would make a plain socket of an fd:// bind), so this calls what
     it calls, worker_serve, with the `sockets` argument hypercorn's own worker processes use."""

@@ -7,6 +7,8 @@ for /v1/* the limit on concurrent requests. A refused request costs no routing a
 
 from __future__ import annotations
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches
 
@@ -23,10 +25,10 @@ class RequestGuard:
         self.retry_after_s = retry_after_s
         self.in_flight = 0  # /v1 requests being served now
 
-    def wrap(self, app):
+    def wrap(self, app: ASGIApp) -> ASGIApp:
         """`app` behind the guard (an ASGI callable)."""
 
-        async def guarded(scope, receive, send):
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             path = scope["path"]
@@ -49,7 +51,7 @@ class RequestGuard:
 
         return guarded
 
-    def _check_head(self, scope) -> APIError | None:
+    def _check_head(self, scope: Scope) -> APIError | None:
         """hypercorn's h11 limit (h11_max_incomplete_size) holds only for a head that arrives in pieces: one
         read of up to 64 KiB is parsed whole. The head's size is checked again here, whatever way it came."""
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
@@ -59,7 +61,7 @@ class RequestGuard:
         return APIError(431, f"request head of about {size} bytes exceeds the limit of {self.max_header_bytes}",
                         code="request_header_fields_too_large")
 
-    def _check_token(self, scope) -> APIError | None:
+    def _check_token(self, scope: Scope) -> APIError | None:
         if self.api_token is None:
             return None
         if bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.api_token):

@@ -8,7 +8,7 @@ import orjson
 from starlette.responses import Response
 
 
-def json_response(data, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from neurond.engine.request import LogprobEntry
+from neurond.engine.tokenizer import ChatTokenizer
 
 
-def chat(entries: Iterable[LogprobEntry], tokenizer) -> dict:
+def chat(entries: Iterable[LogprobEntry], tokenizer: ChatTokenizer) -> dict:
     """`{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`."""
     def one(token_id: int, logprob: float) -> dict:
         raw = tokenizer.token_bytes(token_id)
@@ -19,7 +20,7 @@ def chat(entries: Iterable[LogprobEntry], tokenizer) -> dict:
                         for e in entries]}
 
 
-def completion(entries: Iterable[LogprobEntry], tokenizer, offset: int) -> dict:
+def completion(entries: Iterable[LogprobEntry], tokenizer: ChatTokenizer, offset: int) -> dict:
     """The legacy shape: `tokens`, `token_logprobs`, `top_logprobs` (one {token: logprob} per token) and
     `text_offset` (where each token's text starts in the choice's text, `offset` being the first's)."""
     tokens, logprobs, tops, offsets = [], [], [], []

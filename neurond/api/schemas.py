@@ -8,7 +8,7 @@ silently gets something other than what it asked for.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -27,7 +27,7 @@ def unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_parameter", message)
 
 
-def _stop_list(value):
+def _stop_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
@@ -57,7 +57,7 @@ class FunctionCall(BaseModel):
 
     @field_validator("arguments")
     @classmethod
-    def _json_object(cls, value):
+    def _json_object(cls, value: str) -> str:
         try:
             parsed = json.loads(value)
         except ValueError:
@@ -85,7 +85,7 @@ class Message(BaseModel):
     tool_call_id: str | None = Field(default=None, max_length=256)  # tool messages only: the call answered
 
     @model_validator(mode="after")
-    def _tool_fields(self):
+    def _tool_fields(self) -> Self:
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         if (self.role == "tool") != (self.tool_call_id is not None):
@@ -133,7 +133,7 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _schema_with_its_type(self):
+    def _schema_with_its_type(self) -> Self:
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is required with type json_schema, and only there")
         return self
@@ -190,12 +190,12 @@ class _GenerationRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value):
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         return _stop_list(value)
 
     @field_validator("logit_bias")
     @classmethod
-    def _logit_bias(cls, value):
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if not value:
             return None
         if len(value) > MAX_LOGIT_BIAS_TOKENS:
@@ -226,13 +226,13 @@ class ChatCompletionRequest(_GenerationRequest):
     store: bool | None = None
 
     @model_validator(mode="after")
-    def _messages_have_content(self):
+    def _messages_have_content(self) -> Self:
         if all(not m.text().strip() and not m.tool_calls for m in self.messages):
             raise ValueError("messages contain no text")
         return self
 
     @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self):
+    def _tool_choice_names_a_tool(self) -> Self:
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise ValueError("tools: two functions have the same name")
@@ -254,7 +254,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.tool_choice or ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
+    def _top_logprobs_need_logprobs(self) -> Self:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs = true")
         return self
@@ -289,7 +289,7 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value):
+    def _one_prompt(cls, value: object) -> object:
         """Checked before the union's own validation, so that every wrong prompt gets one clear message."""
         if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
             if len(value) != 1:
@@ -311,14 +311,14 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("suffix")
     @classmethod
-    def _no_suffix(cls, value):
+    def _no_suffix(cls, value: str | None) -> str | None:
         if value:
             raise unsupported("suffix is not supported")
         return value
 
     @field_validator("best_of", mode="before")
     @classmethod
-    def _no_best_of(cls, value):
+    def _no_best_of(cls, value: object) -> object:
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             raise unsupported("best_of > 1 is not supported")
         return value

@@ -9,9 +9,13 @@ close its object, and OpenAI's JSON answers are compact too.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from neurond.api.errors import APIError
 from neurond.protocol import Grammar
+
+if TYPE_CHECKING:
+    from neurond.api.schemas import ResponseFormat
 
 #: llguidance's JSON options for every schema neurond compiles (see the module's docstring).
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -39,12 +43,13 @@ def checked(text: str, end_ids: frozenset[int], param: str) -> Grammar:
     return Grammar(text, tuple(sorted(end_ids)))
 
 
-def response_format_grammar(response_format, end_ids: frozenset[int]) -> Grammar | None:
+def response_format_grammar(response_format: ResponseFormat | None, end_ids: frozenset[int]) -> Grammar | None:
     """The grammar `response_format` asks for (ResponseFormat), or None for plain text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
         return checked(json_schema_grammar({"type": "object"}), end_ids, "response_format")
+    assert response_format.json_schema is not None  # ResponseFormat's validator: it comes with its type
     schema = response_format.json_schema.schema_
     return checked(json_schema_grammar(schema if schema is not None else {}), end_ids,
                    "response_format.json_schema.schema")

@@ -119,7 +119,7 @@ class ToolCalling:
                 at += 1
         return None, calls
 
-    def _one(self, value, key: str) -> ToolCall | None:
+    def _one(self, value: object, key: str) -> ToolCall | None:
         if isinstance(value, str):
             try:
                 value = json.loads(value)

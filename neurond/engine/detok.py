@@ -6,9 +6,17 @@ middle of a multi-byte character (the tokenizer shows those as U+FFFD until the 
 
 from __future__ import annotations
 
+from typing import Protocol
+
+
+class Decoder(Protocol):
+    """What the detokeniser needs of a tokenizer (engine/tokenizer.py's ChatTokenizer)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
 
 class StopStringDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Decoder, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self._holdback = max((len(s) for s in self.stop), default=1) - 1

@@ -22,12 +22,13 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Literal, TypedDict
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Literal, TypedDict, cast
 
 from neurond import protocol as p
 from neurond.engine.blame import blame
 from neurond.engine.deadline import StepDeadline
-from neurond.engine.detok import StopStringDetokenizer
+from neurond.engine.detok import Decoder, StopStringDetokenizer
 from neurond.engine.request import (
     RETRY_AFTER_S,
     ChoiceGroup,
@@ -39,9 +40,13 @@ from neurond.engine.request import (
     TextDelta,
 )
 from neurond.engine.scheduler import Scheduler
+from neurond.engine.step_pool import StepPool
 from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
+
+if TYPE_CHECKING:
+    from neurond.observe.metrics import MetricsSink
 
 log = logging.getLogger("neurond.engine")
 
@@ -74,16 +79,22 @@ def _slot(req: GenerationRequest) -> int:
     return req.slot
 
 
+def _rank0(replies: dict[int, object]) -> p.Done:
+    """Rank 0's reply to a generation step, which carries the drawn tokens: a `Done` (a rank's StepFailed is raised
+    as a PoolFault by the pool, never returned)."""
+    return cast(p.Done, replies[0])
+
+
 class Engine:
-    def __init__(self, supervisor, tokenizer, *, deadline: StepDeadline, max_queued: int, metrics=None,
-                 resume_wait_s: float = 30.0, max_batch: int = 1, prefill_chunk: int = 512,
-                 max_request_faults: int = 2, decode_steps: int = 1, max_len: int = 2048, kv_blocks: int = 0,
-                 kv_block_size: int = 16) -> None:
+    def __init__(self, supervisor: StepPool, tokenizer: Decoder, *, deadline: StepDeadline, max_queued: int,
+                 metrics: MetricsSink | None = None, resume_wait_s: float = 30.0, max_batch: int = 1,
+                 prefill_chunk: int = 512, max_request_faults: int = 2, decode_steps: int = 1, max_len: int = 2048,
+                 kv_blocks: int = 0, kv_block_size: int = 16) -> None:
         self.supervisor = supervisor
         self.tokenizer = tokenizer
         self.deadline = deadline
         self.max_queued = max_queued
-        self.metrics = metrics  # a MetricsSink, or None
+        self.metrics = metrics
         self.resume_wait_s = resume_wait_s
         self.max_request_faults = max_request_faults
         self.decode_steps = decode_steps
@@ -176,7 +187,7 @@ class Engine:
                 self.scheduler.admit(self._start)
                 self._count_prefix()
                 await self._turn()
-            except Exception as exc:  # noqa: BLE001 - a bug must fail the requests involved, not the engine
+            except Exception as exc:  # a bug must fail the requests involved, not the engine
                 log.exception("engine error")
                 for req in list(self.scheduler.running):
                     self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
@@ -204,7 +215,7 @@ class Engine:
             if batch and not await self._step(batch, self._decode(batch, steps)):
                 return
 
-    async def _step(self, members: list[GenerationRequest], step) -> bool:
+    async def _step(self, members: list[GenerationRequest], step: Awaitable[None]) -> bool:
         try:
             await step
             return True
@@ -248,10 +259,11 @@ class Engine:
         self.deadline.observe_prefill(took, tokens)
         if self.metrics is not None:
             self.metrics.step("prefill", took)
-        logprobs = replies[0].logprobs or (None,) * len(chunks)
+        done = _rank0(replies)
+        logprobs = done.logprobs or (None,) * len(chunks)
         # The rank's tokens and logprobs are one per chunk; strict=False keeps zip's behaviour with a reply from
         # another process (a short one is not a ValueError here).
-        for (req, n), chunk, token, logprob in zip(batch, chunks, replies[0].tokens, logprobs, strict=False):
+        for (req, n), chunk, token, logprob in zip(batch, chunks, done.tokens, logprobs, strict=False):
             req.prefilled = chunk.start + n
             if chunk.last:
                 req.decoding = True
@@ -280,8 +292,9 @@ class Engine:
         if self.metrics is not None:
             for _ in range(steps):
                 self.metrics.step("decode", took)
-        tokens = replies[0].tokens
-        logprobs = replies[0].logprobs or (None,) * len(tokens)
+        done = _rank0(replies)
+        tokens = done.tokens
+        logprobs = done.logprobs or (None,) * len(tokens)
         for step in range(steps):
             for i, req in enumerate(batch):
                 if req.slot is not None:  # not finished earlier in this call (a finished request has none)

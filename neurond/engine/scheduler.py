@@ -11,10 +11,11 @@ The KV cache is counted in blocks (`blocks.py`): a request is admitted only when
 its first decode step can be had too, and a decode call first takes the blocks for every position it writes.
 When the pool runs short there, the requests admitted last are preempted: they give back their slot and blocks
 and go back to the front of the queue, to be replayed later like a request interrupted by a fault (the client
-sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks` > 0) the rows of the block
-table that changed wait in `_rows` until the engine sends them with its next command (`take_rows`). With the
-static slot cache (`kv_blocks` = 0, the default) the count is of the same memory (every slot its max_len) and
-can never run short, so nothing waits for blocks or is preempted, and no rows are sent.
+sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks` N > 0, or -1, the default:
+sized by the ranks from their memory at the first load, `resize`) the rows of the block table that changed wait
+in `_rows` until the engine sends them with its next command (`take_rows`). With the static slot cache
+(`kv_blocks` = 0) the count is of the same memory (every slot its max_len) and can never run short, so nothing
+waits for blocks or is preempted, and no rows are sent.
 
 Prefix caching (paged cache only): a request's full blocks are shared with later requests whose context starts
 with the same tokens (`prefix.py` names a block by a hash chain over everything up to its end). A block is

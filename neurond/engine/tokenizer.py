@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NoReturn, overload
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 
 class TemplateError(ValueError):
     """The chat template rejected the conversation (e.g. roles that do not alternate)."""
 
 
-def _token_text(value) -> str | None:
+def _token_text(value: str | dict | None) -> str | None:
     if isinstance(value, dict):  # a serialised AddedToken
         return value.get("content")
     return value
@@ -62,11 +66,20 @@ class ChatTokenizer:
                                          tools=tools or None, documents=None)
         except TemplateError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any template failure is a rejected conversation
+        except Exception as exc:  # any template failure is a rejected conversation
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
 
+    @overload
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = ...,
+                            tokenize: Literal[True] = ..., tools: list[dict] | None = ...) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = ..., tokenize: bool = ...,
+                            tools: list[dict] | None = ...) -> str | list[int]: ...
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
-                            tools: list[dict] | None = None):
+                            tools: list[dict] | None = None) -> str | list[int]:
+        """The conversation as the template writes it: its token ids, or (`tokenize=False`) its text."""
         text = self.render(messages, add_generation_prompt, tools)
         if not tokenize:
             return text
@@ -126,13 +139,14 @@ def _gpt2_byte_alphabet() -> dict[str, int]:
 _BYTE_OF = _gpt2_byte_alphabet()
 
 
-def _compile(source: str):
+def _compile(source: str) -> Template:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
+    def raise_exception(message: str) -> NoReturn:
         raise TemplateError(message)
 
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    def tojson(value: object, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def source_args(args) -> list[str]:
+def source_args(args: argparse.Namespace) -> list[str]:
     if args.directory:
         return [f"--directory={args.directory}"]
     if args.file:
@@ -118,7 +118,7 @@ def _incident_command(source: list[str], inc: Incident) -> str:
     return shlex.join(["journalctl", *where, *host, f"NEUROND_INCIDENT={inc.incident}"])
 
 
-def _ms(v) -> str:
+def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v / 1000:.2f}s"
 
 
@@ -152,7 +152,7 @@ def render(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     source = source_args(args)
     try:
         entries = read_entries(source, args.since, args.until)

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("neurond.events")
 
@@ -82,7 +83,7 @@ class EventSink:
         log.info("%s %s", o.event.value, " ".join(f"{k}={v}" for k, v in o.facts().items()))
 
 
-def emit(sink: EventSink | None, name: Event, **facts) -> None:
+def emit(sink: EventSink | None, name: Event, **facts: Any) -> None:
     if sink is None:
         return
     deliver(sink, Observation(name, **facts))  # outside the guard: an unknown fact is the producer's bug
@@ -91,7 +92,7 @@ def emit(sink: EventSink | None, name: Event, **facts) -> None:
 def deliver(sink: EventSink, o: Observation) -> None:
     try:
         sink.observe(o)
-    except Exception:  # noqa: BLE001 - observing must never break serving
+    except Exception:  # observing must never break serving
         sink.errors = getattr(sink, "errors", 0) + 1
         log.exception("event sink failed on %s", o.event.value)
 

@@ -98,7 +98,7 @@ def structured_line(entry: dict) -> str:
     return " ".join(f"{k}={_quote(v)}" for k, v in entry.items())
 
 
-def _quote(v) -> str:
+def _quote(v: object) -> str:
     s = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
     return s if s and re.fullmatch(r"[^\s\"=\\]+", s) else json.dumps(s, ensure_ascii=False)
 
@@ -116,7 +116,7 @@ _OBSERVE = str(Path(__file__).resolve().parent) + os.sep
 _STATEMACHINE = importlib.util.find_spec("statemachine")
 _SKIP_DIRS = (_OBSERVE,) + ((os.path.dirname(_STATEMACHINE.origin) + os.sep,)
                             if _STATEMACHINE and _STATEMACHINE.origin else ())
-_SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "pool" / "lifecycle.py"),)
+_SKIP_FILES = (str(Path(__file__).resolve().parent.parent / "lifecycle.py"),)  # neurond/lifecycle.py, the machine
 # Functions that only pass an event on (the supervisor's _emit and _send, its after_transition listener,
 # the pool listener's spawned, the server's startup_failed): CODE_* should name the code that decided, not the relay.
 _RELAYS = frozenset({"emit", "_emit", "_send", "after_transition", "spawned", "startup_failed"})
@@ -280,7 +280,7 @@ class JournalLogHandler(logging.Handler):
             if self.rank is not None:
                 entry["NEUROND_RANK"] = self.rank
             write(entry, line)
-        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+        except Exception:  # logging must never raise into the caller
             self.handleError(record)
 
 

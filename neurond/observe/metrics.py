@@ -1,4 +1,12 @@
-"""Prometheus metrics, fed by the same events as the journal (one source of truth), served at GET /metrics.
+"""Prometheus metrics, served at GET /metrics, fed from two places.
+
+Incidents reach them as the events the journal gets (`observe`; from the supervisor, the repair ladder and,
+for a request a fault ended, the engine): the lifecycle state, transitions, faults and their detection time,
+recoveries, aborts, give-ups, load progress and requests failed by a fault, so the journal and the metrics
+cannot disagree about an incident. The rest is fed to them directly, by the methods below `observe` and gauges
+read at scrape time: step latency, generated tokens, request outcomes, preemptions, KV cache blocks, prefix
+cache tokens and queued requests by the engine (and `rejected_NNN` outcomes by the API); open and refused
+connections by api/connections.py. `neurond_info` is set once, at construction.
 
 A private CollectorRegistry per daemon (no process-global default registry), so tests can run several. The
 process collector adds process_start_time_seconds (uptime), CPU and memory of the leader. Tokens per second

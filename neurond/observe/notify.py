@@ -48,7 +48,7 @@ class Notifier:
         """Ping at half the timeout, as sd_watchdog_enabled(3) recommends."""
         return None if self.watchdog_usec is None else self.watchdog_usec / 2e6
 
-    def notify(self, **fields) -> bool:
+    def notify(self, **fields: object) -> bool:
         """notify(READY=1, STATUS="...") sends `READY=1\\nSTATUS=...`. True when the datagram went out."""
         if self.address is None:
             return False
@@ -81,7 +81,7 @@ class Notifier:
         return self.notify(STOPPING=1, STATUS=status)
 
 
-def _one_line(value) -> str:
+def _one_line(value: object) -> str:
     return " ".join(str(value).split("\n"))
 
 

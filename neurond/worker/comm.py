@@ -94,7 +94,7 @@ class Communicator:
                     if group is not c10d.GroupMember.WORLD:
                         try:
                             c10d._abort_process_group(group)
-                        except Exception:  # noqa: BLE001 - best effort on sub-groups; WORLD decides
+                        except Exception:  # best effort on sub-groups; WORLD decides
                             pass
                 c10d._abort_process_group()
                 self.comm_id = None
@@ -102,7 +102,7 @@ class Communicator:
                     self._gloo.shut_down()
                     self._gloo = None
                 return True, ""
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return False, f"{type(exc).__name__}: {exc}"
 
     def abort_count(self) -> int:

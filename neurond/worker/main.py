@@ -116,7 +116,7 @@ class Worker:
             dtype = checkpoint_dtype(config, requested_dtype(self.spec.dtype, self.device))
             seconds = decoder.prewarm(config, self.spec.world_size, dtype, self.device)
             log.info("rank %d: compiled kernels pre-warmed in %.2f s", self.rank, seconds)
-        except Exception as exc:  # noqa: BLE001 - an optimisation; the runner's warm-up is the fallback
+        except Exception as exc:  # an optimisation; the runner's warm-up is the fallback
             log.warning("rank %d: pre-warming the compiled kernels failed: %s", self.rank, exc)
 
     # ------------------------------------------------------------------ control thread
@@ -178,7 +178,7 @@ class Worker:
                 assert runner is not None  # it gave the graphs
                 try:
                     runner.destroy_graphs(graphs, ABORT_JOIN_S)
-                except Exception as exc:  # noqa: BLE001 - reported to the leader, which kills this rank
+                except Exception as exc:  # reported to the leader, which kills this rank
                     failed = f"decode graphs not destroyed: {exc}"
                 del graphs
             destroyed = time.monotonic()
@@ -226,7 +226,7 @@ class Worker:
         failed = None
         try:
             result = self._dispatch(cmd)
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes a reply, never a dead worker
+        except BaseException as exc:  # every failure becomes a reply, never a dead worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             failed = self._failure(cmd, exc)
@@ -344,7 +344,7 @@ class Worker:
                     import torch
 
                     torch.cuda.empty_cache()  # give back what the failed step's allocations left cached
-            except Exception as again:  # noqa: BLE001 - the reply below matters more
+            except Exception as again:  # the reply below matters more
                 log.error("rank %d: could not reset after the failure: %s", self.rank, again)
         return p.StepFailed(cmd.call_id, self.rank, kind, f"{type(exc).__name__}: {exc}"[:2000], context_ok)
 
@@ -372,7 +372,7 @@ def cuda_context_ok(device) -> bool:
         torch.ones(1, device=device).add_(1)
         torch.cuda.synchronize(device)
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

@@ -132,7 +132,7 @@ def _worker(sock: socket.socket, fds: list[int], leader: int) -> None:
         if os.getppid() != leader:  # the leader died between the check and arming the signal
             os._exit(0)
         serve(Connection(fds[0]), Connection(fds[1]))
-    except BaseException:  # noqa: BLE001 - the worker's own end: nothing may unwind into the zygote's loop
+    except BaseException:  # the worker's own end: nothing may unwind into the zygote's loop
         traceback.print_exc()
         sys.stderr.flush()
     finally:

@@ -381,7 +381,7 @@ class _Flood(threading.Thread):
                     open_.remove(s)
                     s.close()
                 self.halt.wait(0.1)  # at most `want` new connections a tenth of a second: a flood, not a CPU hog
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
             for s in open_:

@@ -166,11 +166,12 @@ def test_ready_says_the_state_and_cause_never_the_detail():
 
     from neurond.api.app import API
     from neurond.lifecycle import Cause
+    from tests.api.fakes import FakeEngine, FakePool
 
     detail = "RuntimeError: /srv/models/secret-project/model-00002.safetensors: CUDA error at 0x7f3a"
     cause = Cause("rank_failed", incident="i-1", rank=1, detail=detail)
-    supervisor = SimpleNamespace(state="reloading", serving=False, lifecycle=SimpleNamespace(last_cause=cause))
-    api = API(SimpleNamespace(name=MODEL), None, supervisor, max_body_bytes=1000, default_max_tokens=8)
+    api = API(SimpleNamespace(name=MODEL), FakeEngine(), FakePool("reloading", cause), max_body_bytes=1000,
+              default_max_tokens=8)
     with TestClient(api.app()) as client:
         reply = client.get("/ready")
     assert reply.status_code == 503 and reply.headers["retry-after"]

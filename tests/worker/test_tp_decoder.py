@@ -73,7 +73,7 @@ def rank_main(rank: int, world_size: int, port: int, model_dirs: dict, results) 
         out = {case: run(d, rank, world_size) for case, d in model_dirs.items()}
         dist.destroy_process_group()
         results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+    except BaseException:  # reported to the test, which fails with it
         results.put((rank, "error", traceback.format_exc()))
 
 
