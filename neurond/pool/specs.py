@@ -1,7 +1,7 @@
 """The ranks' specs: what each rank is told at spawn, and the one owner of the KV cache's agreed size.
 
 Every setting keeps its configuration's name on the way to the rank (WorkerSpec), but `context_len`, the served
-context window (resolved once from the model and max_model_len: served_model.py). The KV cache's block count is
+context window (resolved once from the model and max_model_len: neurond/served_model.py). The KV cache's block count is
 the one fact that changes after the start: with kv_cache_blocks = -1 each rank of the first load makes as many
 blocks as fit its GPU and reports it (LoadReport); the least of those is agreed, and from then on every rank,
 of this pool or of a later one (a replaced rank, a full reload), makes exactly that many, and the engine hands
