@@ -89,7 +89,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "a replayed request forgets what it generated: penalties and grammars restart, the answer changes",
     ),
     Mutant(
-        "costly-rung-judged-clean", 3, "neurond/observe/incident.py",
+        "costly-rung-judged-clean", 3, "neurond/judgement.py",
         "    if rung_cost(rung) > rung_cost(need):\n",
         "    if False:\n",
         ("tests/observe/test_audit.py",),

@@ -22,9 +22,10 @@ import sys
 import time
 from collections import Counter, defaultdict
 
+from neurond.judgement import CLEAN_WITHIN_S
 from neurond.observe.catalog import BY_ID
 from neurond.observe.entries import unique
-from neurond.observe.incident import CLASSES, CLEAN_WITHIN_S, NEEDS_ACTION, Incident, rebuild
+from neurond.observe.incident import CLASSES, NEEDS_ACTION, Incident, rebuild
 
 EXIT_UNREADABLE = 3
 DEFAULT_STUCK_AFTER_S = CLEAN_WITHIN_S

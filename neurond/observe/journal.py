@@ -15,7 +15,6 @@ A journald that is alive but stalled can still block the sender, exactly as it b
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -23,14 +22,11 @@ import os
 import re
 import sys
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from neurond.observe.catalog import MESSAGES, priority_of
 from neurond.observe.events import Event, EventSink, Observation
-from neurond.observe.incident import judge_recovery
 from neurond.observe.progress import rank_text
 
 try:
@@ -194,28 +190,19 @@ def entry_for(o: Observation, site: tuple[str, int, str]) -> dict:
     return entry
 
 
-@dataclass(slots=True)
-class _IncidentFacts:
-    """What the journal remembers of an incident until its end, to judge it then."""
-
-    cause: str | None = None
-    abort_failed: bool = False
-
-
 class JournalSink(EventSink):
-    """One journal entry per event; adds NEUROND_OUTCOME (clean | degraded | gave_up) to the end of an
-    incident, judged from the incident's own events, so one field match finds clean recoveries."""
+    """One journal entry per event, as it is given: the end of an incident carries the verdict the supervisor
+    judged (NEUROND_OUTCOME clean | degraded | gave_up, neurond/judgement.py), so one field match finds clean
+    recoveries."""
 
     def __init__(self) -> None:
         self.errors = 0
         self.sent = 0
-        self._incidents: OrderedDict[str, _IncidentFacts] = OrderedDict()
         self._progress_logged: dict[int | None, float] = {}  # rank -> monotonic time of its last load_progress
 
     def observe(self, o: Observation) -> None:
         if o.event is Event.LOAD_PROGRESS and not self._progress_due(o):
             return
-        o = self._judged(o)
         entry = entry_for(o, call_site())
         if write(entry, structured_line(entry)):
             self.sent += 1
@@ -228,28 +215,6 @@ class JournalSink(EventSink):
             self._progress_logged[o.rank] = now
             return True
         return False
-
-    def _judged(self, o: Observation) -> Observation:
-        """`o`, with its incident's outcome where it ends one."""
-        if not o.incident:
-            return o
-        facts = self._incidents.setdefault(o.incident, _IncidentFacts())
-        self._incidents.move_to_end(o.incident)
-        while len(self._incidents) > 64:  # incidents that never ended (stop mid-recovery) must not pile up
-            self._incidents.popitem(last=False)
-        if o.event is Event.FAULT_DETECTED:
-            facts.cause = facts.cause or o.cause
-        elif o.event is Event.ABORT_FAILED:
-            facts.abort_failed = True
-        elif o.event is Event.RECOVERY_FINISHED:
-            self._incidents.pop(o.incident, None)
-            outcome, why = judge_recovery(facts.cause or o.cause, o.tp_size, o.rung, o.attempt, facts.abort_failed,
-                                          None, o.duration_ms)
-            return dataclasses.replace(o, outcome=outcome, outcome_why=why or None)
-        elif o.event is Event.GAVE_UP:
-            self._incidents.pop(o.incident, None)
-            return dataclasses.replace(o, outcome="gave_up")
-        return o
 
 
 # ---------------------------------------------------------------------------------------------- log records

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from neurond import protocol as p
 from neurond.config import Config
+from neurond.judgement import judge_recovery
 from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied
@@ -127,6 +128,10 @@ class Supervisor:
         #: with empty KV caches, so the engine drops its prefix cache when this changes.
         self.epoch = 0
         self._incident: str | None = None
+        # What the current incident's verdict is judged from, as it ends (neurond/judgement.py): the cause of the
+        # fault that opened it, and whether an abort failed in it (the ladder says so through _emit).
+        self._first_cause: str | None = None
+        self._abort_failed = False
         self._recovery: asyncio.Task | None = None
         self._failures: deque[float] = deque()
         self._stopping = False
@@ -186,6 +191,8 @@ class Supervisor:
         self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
 
     def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
+        if name is Event.ABORT_FAILED:
+            self._abort_failed = True
         if cause is not None:
             base = dict(incident=cause.incident or None, cause=cause.name, rank=cause.rank,
                         request_id=cause.request_id, rung=cause.rung, attempt=cause.attempt or None,
@@ -290,6 +297,7 @@ class Supervisor:
         if self._incident is None:
             self._incident = new_incident_id()
             self.incidents += 1
+            self._first_cause, self._abort_failed = fault.cause, False
         cause = Cause(fault.cause, self._incident, fault.rank, request_id, detail=fault.message)
         log.error("fault: %s (rank %s, request %s)", fault.message, fault.rank, request_id)
         self._fault_at = time.monotonic()
@@ -315,7 +323,7 @@ class Supervisor:
             if self._breaker_open():
                 await self._stop_pool()
                 gave_up = cause.with_(name="breaker_open", rung=Rung.GIVE_UP, attempt=attempt)
-                self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(),
+                self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(), outcome="gave_up",
                            detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
                 self._send("give_up", gave_up)
                 self._incident = None
@@ -353,7 +361,11 @@ class Supervisor:
             if self._stopping:
                 return
             done = cause.with_(rung=rung, attempt=attempt)
-            self._emit(Event.RECOVERY_FINISHED, done, duration_ms=self._since_fault_ms())
+            took_ms = self._since_fault_ms()
+            # The incident's verdict, judged once, here; the journal writes it as given.
+            outcome, why = judge_recovery(self._first_cause or done.name, self.config.tp_size, rung, attempt,
+                                          self._abort_failed, duration_ms=took_ms)
+            self._emit(Event.RECOVERY_FINISHED, done, duration_ms=took_ms, outcome=outcome, outcome_why=why or None)
             self._send("recovered", done)
             self._incident = None
             return

@@ -4,12 +4,14 @@ systemd-journal-remote. What each host should be classified as is in EXPECTED.""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from neurond.judgement import judge_recovery
 from neurond.observe.events import Event as E, Observation
-from neurond.observe.journal import JournalSink, entry_for
+from neurond.observe.journal import entry_for
 from tests.observe.journald import write_journal_file
 
 SITE = ("/opt/neurond/neurond/pool/supervisor.py", 1, "Supervisor._recover")
@@ -122,12 +124,36 @@ EXPECTED = {  # host -> classes of its incidents
 }
 
 
+class _Verdicts:
+    """The verdict a daemon's supervisor gives each incident as it ends (pool/supervisor.py: the first fault's
+    cause, a failed abort, the rung and attempts, by neurond/judgement.py's rules), added to its end events."""
+
+    def __init__(self) -> None:
+        self.first_cause: dict[str, str | None] = {}
+        self.abort_failed: set[str] = set()
+
+    def __call__(self, o: Observation) -> Observation:
+        if not o.incident:
+            return o
+        if o.event is E.FAULT_DETECTED:
+            self.first_cause.setdefault(o.incident, o.cause)
+        elif o.event is E.ABORT_FAILED:
+            self.abort_failed.add(o.incident)
+        elif o.event is E.RECOVERY_FINISHED:
+            outcome, why = judge_recovery(self.first_cause.get(o.incident) or o.cause, o.tp_size, o.rung, o.attempt,
+                                          o.incident in self.abort_failed, duration_ms=o.duration_ms)
+            return dataclasses.replace(o, outcome=outcome, outcome_why=why or None)
+        elif o.event is E.GAVE_UP:
+            return dataclasses.replace(o, outcome="gave_up")
+        return o
+
+
 def host_entries(host: str, now_us: int, tp: int | None = None, episodes: list | None = None) -> list[dict]:
     """`host`'s entries: from HOSTS, or `tp` and `episodes` (Episode, or (start_s, steps) in the default boot)."""
     if episodes is None:
         tp, episodes = HOSTS[host]
     entries = []
-    sink = JournalSink()  # judges NEUROND_OUTCOME exactly as the daemon does
+    judge = _Verdicts()  # NEUROND_OUTCOME as the daemon's supervisor judges it
     for ep in episodes:
         ep = ep if isinstance(ep, Episode) else Episode(*ep)
         ts = now_us - ep.start_s * 1_000_000
@@ -135,7 +161,7 @@ def host_entries(host: str, now_us: int, tp: int | None = None, episodes: list |
             fields = {"model": MODEL, "tp_size": tp, **fields}
             fields = {k: v for k, v in fields.items() if v is not None}
             o = Observation(event, **fields)
-            entry = entry_for(o if ep.old_daemon else sink._judged(o), SITE)
+            entry = entry_for(o if ep.old_daemon else judge(o), SITE)
             entry.update(__REALTIME_TIMESTAMP=ts, __MONOTONIC_TIMESTAMP=ts - (now_us - ep.booted_s * 1_000_000),
                          _HOSTNAME=host, _SYSTEMD_UNIT="neurond.service", _PID=ep.pid, _TRANSPORT="journal",
                          _BOOT_ID=ep.boot)

@@ -157,7 +157,7 @@ def test_a_recovery_slower_than_the_bound_is_degraded():
     ("rank_failed", 2, "transformers", "full_reload"),
 ])
 def test_the_cheapest_rung_that_fits(cause, tp, impl, rung):
-    from neurond.observe.incident import judge_recovery, needed_rung
+    from neurond.judgement import judge_recovery, needed_rung
 
     assert needed_rung(cause, tp, impl) == rung
     assert judge_recovery(cause, tp, rung, 1, False, impl) == ("clean", "")

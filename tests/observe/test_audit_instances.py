@@ -11,10 +11,11 @@ import time
 
 import pytest
 
+from neurond.judgement import CLEAN_WITHIN_S
 from neurond.observe.catalog import MESSAGES
 from neurond.observe.entries import unique
 from neurond.observe.events import Event as E
-from neurond.observe.incident import CLEAN_WITHIN_S, rebuild
+from neurond.observe.incident import rebuild
 from tests.conftest import REPO
 from tests.observe.fleet import (
     Episode,

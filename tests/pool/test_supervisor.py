@@ -11,9 +11,10 @@ import pytest
 
 from neurond.config import Config
 from neurond.observe.events import Event, EventSink
-from neurond.pool.faults import PoolUnavailable, RankDied, StepTimeout
+from neurond.pool.faults import PoolUnavailable, RankDied, RankFailed, StepTimeout
 from neurond.pool.ladder import backoff_s
 from neurond.pool.supervisor import Supervisor
+from neurond.protocol import FaultKind
 
 
 class Pool:
@@ -159,3 +160,57 @@ def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(mon
 def test_backoff_doubles_up_to_its_cap(attempt, want):
     assert backoff_s(Config(), attempt) == want
     assert backoff_s(Config(recovery_backoff_s=0), attempt) == 0.0
+
+
+@pytest.mark.parametrize("fault, victims, abort_fails, first_repair_fails, want", [
+    (RankFailed(1, FaultKind.EXCEPTION, "boom"), set(), False, False, ("comm_rebuild", "clean", None)),
+    (RankFailed(1, FaultKind.EXCEPTION, "boom"), {0}, False, False,
+     ("replace_ranks", "degraded", "replace_ranks where comm_rebuild fits rank_failed")),
+    (RankFailed(1, FaultKind.EXCEPTION, "boom"), set(), True, False, ("comm_rebuild", "degraded", "abort failed")),
+    (RankDied(1, -9), {1}, False, True, ("full_reload", "degraded", "full_reload where replace_ranks fits rank_died; "
+                                                                    "2 attempts")),
+])
+def test_the_supervisor_judges_each_incident_once_as_it_ends(monkeypatch, fault, victims, abort_fails,
+                                                              first_repair_fails, want):
+    """The verdict (neurond/judgement.py) is the supervisor's, on its recovery_finished event: the journal only
+    writes it. Judged from the fault that opened the incident, the rung, the attempts and a failed abort."""
+    config = Config(tp_size=2, recovery_backoff_s=0)
+    seen = []
+
+    class Recorder(EventSink):
+        def observe(self, o):
+            seen.append(o)
+
+    sup = Supervisor(config, "/nonexistent-model", 4096, events=Recorder())
+    sup.lifecycle.send("loaded")
+
+    class Loaded(Pool):
+        kv_blocks, loaded = 0, True
+
+        async def stop(self, grace):
+            pass
+
+    sup.pool = Loaded(None)
+    repairs = []
+
+    async def unblock(pool, fault, cause):
+        if abort_fails:
+            sup.ladder._emit(Event.ABORT_FAILED, cause, detail="rank 0 did not confirm")
+        return set(victims)
+
+    async def repair(pool, rung, victims, cause):
+        repairs.append(rung)
+        if first_repair_fails and len(repairs) == 1:
+            raise RankDied(1, 1)
+
+    monkeypatch.setattr(sup.ladder, "unblock", unblock)
+    monkeypatch.setattr(sup.ladder, "repair", repair)
+
+    async def scenario():
+        sup.died(fault) if isinstance(fault, RankDied) else sup._fault(fault, "chatcmpl-x")
+        await asyncio.wait_for(sup._recovery, 10)
+
+    asyncio.run(scenario())
+    finished = [o for o in seen if o.event is Event.RECOVERY_FINISHED]
+    assert len(finished) == 1 and sup.state == "healthy"
+    assert (finished[0].rung, finished[0].outcome, finished[0].outcome_why) == want
