@@ -74,7 +74,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "breaker-never-opens", 2, "neurond/pool/supervisor.py",
-        "        return len(self._failures) >= self.config.breaker_max_failures\n",
+        "        return len(self._at) >= self.max_failures\n",
         "        return False\n",
         ("tests/pool/test_supervisor.py::test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait",),
         "a pool that never recovers is retried for ever instead of landing in `unloaded` with the reason",

@@ -13,14 +13,18 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from neurond import protocol as p
 from neurond.pool.faults import PoolFault, RankDied, RankFailed, StepTimeout
 from neurond.pool.launcher import Launcher
 from neurond.pool.ranks import RankProcess
 from neurond.pool.specs import RankSpecs
+
+if TYPE_CHECKING:
+    from neurond.pool.spares import SpareWorkers
 
 log = logging.getLogger("neurond.pool")
 
@@ -54,6 +58,10 @@ class _Call:
     settle: asyncio.TimerHandle | None = None
     # When the call is watched for progress (a load): each rank's last LoadProgress (monotonic seconds).
     progress_at: dict[int, float] | None = None
+
+
+# A call's command, made once its id is known (every rank gets the same one).
+MakeCommand = Callable[[int], p.StepCommand | p.ControlCommand]
 
 
 class PoolListener(Protocol):
@@ -99,7 +107,7 @@ class RankPool:
         load_timeout_s: float = 600.0,
         load_stall_timeout_s: float = 60.0,
         comm_timeout_s: float = 30.0,
-        spares=None,
+        spares: SpareWorkers | None = None,
         launcher: Launcher | None = None,
     ) -> None:
         self.launcher = launcher or Launcher()  # starts worker processes: forked by a zygote, or from scratch
@@ -153,7 +161,7 @@ class RankPool:
         await self.load(range(self.world_size))
         self.loaded = True
 
-    async def wait_started(self, ranks, timeout_s: float | None = None) -> None:
+    async def wait_started(self, ranks: Iterable[int], timeout_s: float | None = None) -> None:
         """Wait for the ranks' Started; `timeout_s` (default: the load deadline) bounds the wait."""
         timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
         ranks = list(ranks)
@@ -179,7 +187,7 @@ class RankPool:
                             "join communicator")
         return comm_id
 
-    async def load(self, ranks, timeout_s: float | None = None) -> None:
+    async def load(self, ranks: Iterable[int], timeout_s: float | None = None) -> None:
         """Load the ranks' shards (and warm them up). Two deadlines: `timeout_s` (default the load deadline) for
         the whole call, and `load_stall_timeout_s` between a rank's progress reports (it reports as it reads
         and as it warms up), so a rank wedged in its load is found in a minute, not after a cold-disk bound."""
@@ -195,18 +203,19 @@ class RankPool:
         self.specs.agree(loaded)
 
     # ------------------------------------------------------------------ calls
-    async def call_all(self, make, deadline_s: float, what: str) -> dict[int, object]:
+    async def call_all(self, make: MakeCommand, deadline_s: float, what: str) -> dict[int, object]:
         return await self.call(list(range(self.world_size)), make, deadline_s, what)
 
-    async def call(self, ranks: list[int], make, deadline_s: float, what: str) -> dict[int, object]:
+    async def call(self, ranks: list[int], make: MakeCommand, deadline_s: float, what: str) -> dict[int, object]:
         """Send `make(call_id)` to each rank's step channel; wait for all replies or the first failure."""
         return await self._call(ranks, make, deadline_s, what, control=False)
 
-    async def control(self, ranks: list[int], make, deadline_s: float, what: str) -> dict[int, object]:
+    async def control(self, ranks: list[int], make: Callable[[int], p.ControlCommand], deadline_s: float,
+                      what: str) -> dict[int, object]:
         """Like call(), on the control channel (answered even while a rank's compute thread is stuck)."""
         return await self._call(ranks, make, deadline_s, what, control=True)
 
-    async def _call(self, ranks, make, deadline_s, what, *, control: bool,
+    async def _call(self, ranks: list[int], make: MakeCommand, deadline_s: float, what: str, *, control: bool,
                     stall_s: float | None = None) -> dict[int, object]:
         if not ranks:
             return {}  # nothing to wait for (e.g. aborting the survivors of a TP=1 pool whose rank died)
@@ -259,7 +268,7 @@ class RankPool:
                     raise StepTimeout(stalled, stall_s, f"{call.what} (no progress)") from None
 
     # ------------------------------------------------------------------ events from the processes
-    def _on_reply(self, rank: int, reply) -> None:
+    def _on_reply(self, rank: int, reply: object) -> None:
         if isinstance(reply, p.Started):
             self.info[rank] = reply
             fut = self._started.get(rank)
@@ -327,7 +336,7 @@ class RankPool:
         return [rank for rank, proc in self.ranks.items() if proc.alive]
 
     # ------------------------------------------------------------------ stopping
-    async def kill_ranks(self, ranks, timeout_s: float = 10.0, dump_stacks: bool = False) -> None:
+    async def kill_ranks(self, ranks: Iterable[int], timeout_s: float = 10.0, dump_stacks: bool = False) -> None:
         """SIGKILL the ranks and wait until each is reaped. `dump_stacks`: first SIGUSR1, on which a worker
         writes every thread's Python stack to stderr (the journal), and a moment for it to do so."""
         if dump_stacks:

@@ -20,6 +20,8 @@ from multiprocessing.reduction import ForkingPickler
 from neurond import protocol as p
 from neurond.pool.launcher import Launcher, Process
 
+Command = p.StepCommand | p.ControlCommand | p.WorkerSpec
+
 log = logging.getLogger("neurond.pool")
 
 _DIRECT_SEND_LIMIT = 16 * 1024  # bytes; well under the 64 KiB pipe buffer
@@ -98,7 +100,7 @@ class RankProcess:
         self._loop = loop
         self._exited = exited = asyncio.Event()
 
-        def drain(conn) -> None:
+        def drain(conn: Connection) -> None:
             try:
                 while conn.poll():
                     on_reply(self.rank, conn.recv())
@@ -136,14 +138,15 @@ class RankProcess:
             self._unwatch(fd)
 
     # ------------------------------------------------------------------ sending
-    async def send_step(self, cmd) -> None:
+    # (Either pipe takes any command: the pool sends a call's one command on the channel the call is for.)
+    async def send_step(self, cmd: Command) -> None:
         await self._send(self.step_conn, cmd)
 
-    async def send_control(self, cmd) -> None:
+    async def send_control(self, cmd: Command) -> None:
         await self._send(self.ctrl_conn, cmd)
 
-    async def _send(self, conn, cmd) -> None:
-        if not self.alive:
+    async def _send(self, conn: Connection | None, cmd: Command) -> None:
+        if not self.alive or conn is None:
             raise BrokenPipeError(f"rank {self.rank} is not running")
         data = bytes(ForkingPickler.dumps(cmd))
         if len(data) <= _DIRECT_SEND_LIMIT:

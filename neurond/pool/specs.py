@@ -1,4 +1,5 @@
-"""The ranks' specs: what each rank is told at spawn, and the one owner of the KV cache's agreed size.
+"""The ranks' specs: what each rank is told at spawn (its environment included), and the one owner of the KV
+cache's agreed size.
 
 Every setting keeps its configuration's name on the way to the rank (WorkerSpec), but `context_len`, the served
 context window (resolved once from the model and max_model_len: neurond/served_model.py). The KV cache's block count is
@@ -11,9 +12,46 @@ out exactly those (it reads `kv_cache_blocks` through the supervisor). Nothing e
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from neurond import protocol as p
 from neurond.config import Config
+
+# Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
+RANK_ENV = (
+    # NVLink multicast stays off: it can take the host's shared GPUs out of service.
+    ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
+    # torch's NCCL watchdog must not act on an error: its default (3) ends the process on any NCCL or CUDA
+    # error it sees, so a survivor could die for its peer's fault and lose weights it could have kept. The
+    # leader decides: it aborts the communicator and replaces only the ranks that must go.
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"),
+    # Nor end the process when the watchdog thread looks stuck (after 480 s): the leader's own deadlines are
+    # seconds, and a rank it gave up on is killed by it.
+    ("TORCH_NCCL_ENABLE_MONITORING", "0"),
+    # No flight-recorder dumps into /tmp on a timeout: the leader's journal entry and the rank's stack dump
+    # (SIGUSR1 before a kill) say what happened.
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "0"),
+)
+
+
+def rank_env(config: Config) -> tuple[tuple[str, str], ...]:
+    """Every rank's environment: RANK_ENV, then where compiled kernels go."""
+    return RANK_ENV + _compile_env(config)
+
+
+def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
+    """torch.compile's and Triton's kernels under neurond's cache directory (kept across restarts; the default,
+    /tmp, is private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
+    their processes import torch's compiler before their spec arrives (worker/__main__.py), as spares do."""
+    env: tuple[tuple[str, str], ...] = ()
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        env += (("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "torch-compile")),)
+    if "TRITON_CACHE_DIR" not in os.environ:
+        # The paged decode kernel's (worker/paged_attention.py) compiled variants: ~1 s each, once per machine.
+        env += (("TRITON_CACHE_DIR", os.path.join(config.cache_dir, "triton")),)
+    if config.torch_compile and config.device != "cpu":
+        env += (("NEUROND_PREIMPORT_COMPILER", "1"),)
+    return env
 
 
 class RankSpecs:

@@ -14,23 +14,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from neurond import protocol as p
 from neurond.config import Config
 from neurond.judgement import judge_recovery
 from neurond.lifecycle import Cause, Lifecycle, LifecycleState, Rung, new_incident_id
 from neurond.observe.events import Event, EventSink, emit
+from neurond.pool.arming import FaultArming
 from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, backoff_s
 from neurond.pool.launcher import Launcher, zygote_wanted
 from neurond.pool.pool import RankPool
 from neurond.pool.spares import SpareWorkers
-from neurond.pool.specs import RankSpecs
+from neurond.pool.specs import RankSpecs, rank_env
+
+if TYPE_CHECKING:
+    from statemachine import State
 
 log = logging.getLogger("neurond.supervisor")
 
@@ -66,36 +69,30 @@ class Snapshot:
     kv_blocks: int  # the paged KV cache's blocks the engine hands out (0: static; -1: not measured yet)
     rank_kv_blocks: dict[int, int]  # rank -> the blocks its cache made at its last load
 
-# Environment every rank gets, over the operator's own (neurond's recovery depends on these values):
-RANK_ENV = (
-    # NVLink multicast stays off: it can take the host's shared GPUs out of service.
-    ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
-    # torch's NCCL watchdog must not act on an error: its default (3) ends the process on any NCCL or CUDA
-    # error it sees, so a survivor could die for its peer's fault and lose weights it could have kept. The
-    # leader decides: it aborts the communicator and replaces only the ranks that must go.
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"),
-    # Nor end the process when the watchdog thread looks stuck (after 480 s): the leader's own deadlines are
-    # seconds, and a rank it gave up on is killed by it.
-    ("TORCH_NCCL_ENABLE_MONITORING", "0"),
-    # No flight-recorder dumps into /tmp on a timeout: the leader's journal entry and the rank's stack dump
-    # (SIGUSR1 before a kill) say what happened.
-    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "0"),
-)
+class Breaker:
+    """The crash-loop breaker: open once `breaker_max_failures` recovery attempts failed within
+    `breaker_window_s` (only failed attempts count: a fault that recovery repairs, whoever sent the request that
+    hit it, must never let a client walk the daemon into `unloaded`)."""
 
+    def __init__(self, config: Config) -> None:
+        self.max_failures, self.window_s = config.breaker_max_failures, config.breaker_window_s
+        self._at: deque[float] = deque()  # when each failed attempt failed (monotonic)
 
-def _compile_env(config: Config) -> tuple[tuple[str, str], ...]:
-    """torch.compile's and Triton's kernels under neurond's cache directory (kept across restarts; the default,
-    /tmp, is private to each start of the unit), unless the operator chose a place. Where ranks will compile kernels,
-    their processes import torch's compiler before their spec arrives (worker/__main__.py), as spares do."""
-    env: tuple[tuple[str, str], ...] = ()
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        env += (("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "torch-compile")),)
-    if "TRITON_CACHE_DIR" not in os.environ:
-        # The paged decode kernel's (worker/paged_attention.py) compiled variants: ~1 s each, once per machine.
-        env += (("TRITON_CACHE_DIR", os.path.join(config.cache_dir, "triton")),)
-    if config.torch_compile and config.device != "cpu":
-        env += (("NEUROND_PREIMPORT_COMPILER", "1"),)
-    return env
+    @property
+    def failures(self) -> int:
+        return len(self._at)
+
+    def failed(self) -> None:
+        self._at.append(time.monotonic())
+
+    def open(self) -> bool:
+        now = time.monotonic()
+        while self._at and now - self._at[0] > self.window_s:
+            self._at.popleft()
+        return len(self._at) >= self.max_failures
+
+    def reset(self) -> None:
+        self._at.clear()
 
 
 def _milestone(progress: p.LoadProgress) -> tuple[int, bool]:
@@ -133,13 +130,13 @@ class Supervisor:
         self._first_cause: str | None = None
         self._abort_failed = False
         self._recovery: asyncio.Task | None = None
-        self._failures: deque[float] = deque()
+        self.breaker = Breaker(config)
         self._stopping = False
-        self._load_faults: dict[int, list[str]] = {}
+        self.arming = FaultArming(config)
         self.on_gave_up: list[Callable[[Cause | None], None]] = []
         # Started when the model is first healthy (not while the first ranks load and import), and again
         # whenever the pool takes one, so the next is importing while the replaced rank loads.
-        env = RANK_ENV + _compile_env(config)
+        env = rank_env(config)
         self.launcher = Launcher(env, zygote=zygote_wanted(config.worker_zygote, config.device))
         self.spares = SpareWorkers(config.spare_workers, env, self.launcher)
         self.specs = RankSpecs(config, model_dir, context_len, env)  # every pool's, kept for the daemon's life
@@ -177,7 +174,7 @@ class Supervisor:
     def _send(self, event: str, cause: Cause) -> None:
         self.lifecycle.send(event, cause=cause)
 
-    def after_transition(self, event, source, target, cause: Cause | None = None) -> None:
+    def after_transition(self, event: object, source: State, target: State, cause: Cause | None = None) -> None:
         self.history.append(Transition(str(event), source.id, target.id, cause.name if cause else "",
                                        cause.rung if cause else None, time.time()))
         if target.id == LifecycleState.HEALTHY:
@@ -190,7 +187,7 @@ class Supervisor:
             self.healthy.clear()
         self._emit(Event.TRANSITION, cause, lifecycle_event=str(event), state_from=source.id, state_to=target.id)
 
-    def _emit(self, name: Event, cause: Cause | None = None, **fields) -> None:
+    def _emit(self, name: Event, cause: Cause | None = None, **fields: Any) -> None:
         if name is Event.ABORT_FAILED:
             self._abort_failed = True
         if cause is not None:
@@ -226,7 +223,7 @@ class Supervisor:
         captures its decode graphs as they are first used, not all before it says it is loaded."""
         if self._incident is not None:
             spec = dataclasses.replace(spec, capture_at_load=False)
-        return self._arm_load_faults(spec)
+        return self.arming.at_spawn(spec)
 
     def died(self, fault: RankDied) -> None:
         """A rank died outside any call. (While loading or recovering, the call in progress sees it itself.)"""
@@ -237,29 +234,14 @@ class Supervisor:
     async def inject(self, rank: int, kind: str, phase: str, count: int = 1, after: int = 0) -> None:
         """Arm a fault on a rank, to fire at its next `count` calls of `phase` once `after` of them passed.
         Load-phase faults arm the next `count` spawns of that rank."""
-        if not self.config.fault_injection:
-            raise PermissionError("fault injection is disabled (set fault_injection = true)")
-        if not 0 <= rank < self.config.tp_size:
-            raise ValueError(f"rank must be 0..{self.config.tp_size - 1}")
-        if kind not in p.FAULT_KINDS or phase not in p.FAULT_PHASES or count < 1 or after < 0:
-            raise ValueError(f"kind must be one of {p.FAULT_KINDS}, phase one of {p.FAULT_PHASES}, count >= 1, "
-                             f"after >= 0")
-        if phase == "load" and after:
-            raise ValueError("after is for step phases (a load fault fires at the next spawns)")
+        self.arming.check(rank, kind, phase, count, after)
         if phase == "load":
-            self._load_faults.setdefault(rank, []).extend([kind] * count)
+            self.arming.arm_load(rank, kind, count)
             return
         pool = self.pool
         if pool is None or not self.serving:
             raise PoolUnavailable(None, f"model is {self.state}")
         await pool.control([rank], lambda cid: p.InjectFault(cid, kind, phase, count, after), 5.0, "inject fault")
-
-    def _arm_load_faults(self, spec: p.WorkerSpec) -> p.WorkerSpec:
-        pending = self._load_faults.get(spec.rank)
-        if not pending:
-            return spec
-        kind = pending.pop(0)
-        return dataclasses.replace(spec, faults=spec.faults + ((kind, "load", 1),))
 
     async def start(self, cause: str = "startup") -> None:
         """Load the pool (state `loading`); a failure goes through the same recovery as any fault."""
@@ -274,7 +256,8 @@ class Supervisor:
             self._send("loaded", Cause(cause))
 
     # ------------------------------------------------------------------ steps (called by the engine)
-    async def call(self, make, deadline_s: float, what: str, request_id: str | None = None) -> dict[int, object]:
+    async def call(self, make: Callable[[int], p.StepCommand], deadline_s: float, what: str,
+                   request_id: str | None = None) -> dict[int, object]:
         pool = self.pool
         if not self.serving or pool is None:
             raise PoolUnavailable(None, f"model is {self.state}")
@@ -306,25 +289,17 @@ class Supervisor:
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.get_running_loop().create_task(self._recover(fault, cause))
 
-    def _breaker_open(self) -> bool:
-        now = time.monotonic()
-        while self._failures and now - self._failures[0] > self.config.breaker_window_s:
-            self._failures.popleft()
-        return len(self._failures) >= self.config.breaker_max_failures
-
     async def _recover(self, fault: PoolFault, cause: Cause) -> None:
         attempt = 0
         while not self._stopping:
             attempt += 1
-            if attempt > 1:
-                # Only failed recoveries count: a fault that recovery repairs (whoever sent the request that
-                # hit it) must never let a client walk the daemon into `unloaded`.
-                self._failures.append(time.monotonic())
-            if self._breaker_open():
+            if attempt > 1:  # the previous attempt failed
+                self.breaker.failed()
+            if self.breaker.open():
                 await self._stop_pool()
                 gave_up = cause.with_(name="breaker_open", rung=Rung.GIVE_UP, attempt=attempt)
                 self._emit(Event.GAVE_UP, gave_up, duration_ms=self._since_fault_ms(), outcome="gave_up",
-                           detail=f"{len(self._failures)} recoveries within {self.config.breaker_window_s:.0f}s")
+                           detail=f"{self.breaker.failures} recoveries within {self.config.breaker_window_s:.0f}s")
                 self._send("give_up", gave_up)
                 self._incident = None
                 for callback in self.on_gave_up:
@@ -404,7 +379,7 @@ class Supervisor:
         self._send("recovered", full_reload)
 
     async def load(self, cause: str = "operator_load") -> None:
-        self._failures.clear()
+        self.breaker.reset()
         self._send("load", Cause(cause))
         await self.start(cause)
 

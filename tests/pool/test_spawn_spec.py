@@ -14,7 +14,7 @@ def test_a_repair_spawns_ranks_that_capture_lazily():
     assert sup.spawning(spec).capture_at_load is True  # first start: everything captured before `loaded`
     sup._incident = "feed1234"  # a recovery is under way
     assert sup.spawning(spec).capture_at_load is False
-    sup._load_faults[0] = ["exit"]
+    sup.arming.arm_load(0, "exit")
     armed = sup.spawning(spec)
     assert armed.capture_at_load is False and armed.faults == (("exit", "load", 1),)
 
