@@ -163,14 +163,31 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
     """
     import json
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
-    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
     t0 = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _write_metadata(out, preset, seed)
+    t_meta = time.monotonic() - t0
+
+    dtype = getattr(torch, preset["dtype"])
+    groups = _shard_groups(shaped_tensor_shapes(preset), dtype.itemsize, preset["shard_bytes"])
+    weight_map, total = _write_weights(out, groups, dtype, torch.device(device), preset["init_std"], seed)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "README.md").write_text(
+        f"neurond benchmark checkpoint: {preset['name']} shapes with seeded RANDOM {preset['dtype']} weights.\n"
+        "Its output is random text. Written by neurond.models.shaped.write_shaped_checkpoint.\n")
+    return {"dir": str(out), "files": len(groups), "bytes": total, "params": total // dtype.itemsize,
+            "tokenizer_s": round(t_meta, 2), "seconds": round(time.monotonic() - t0, 2), "device": device}
+
+
+def _write_metadata(out: Path, preset: dict, seed: int) -> None:
+    """The tokenizer (with the chat template), config.json and generation_config.json."""
+    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
     tok = shaped_tokenizer(preset["vocab_size"], seed)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=EOS,
                                    model_max_length=preset["max_position_embeddings"])
@@ -190,22 +207,35 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
     config.dtype = preset["dtype"]
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=bos, eos_token_id=[eot, eos], pad_token_id=eos).save_pretrained(out)
-    t_meta = time.monotonic() - t0
 
-    dtype = getattr(torch, preset["dtype"])
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(seed)
-    shapes = shaped_tensor_shapes(preset)
+
+def _shard_groups(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                  shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The tensors in order, cut into shards of at most `shard_bytes` (a larger tensor gets a shard alone)."""
+    import math
+
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in shapes:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if groups[-1] and size + nbytes > preset["shard_bytes"]:
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append((name, shape))
         size += nbytes
+    return groups
+
+
+def _write_weights(out: Path, groups: list[list[tuple[str, tuple[int, ...]]]], dtype, dev, init_std: float,
+                   seed: int) -> tuple[dict[str, str], int]:
+    """Generate each shard's tensors on `dev` (norms are ones, the rest normal(0, init_std)) and write it while
+    the next is generated; returns the weight map and the bytes written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
     files = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     weight_map, total = {}, 0
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -216,7 +246,7 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
                 if len(shape) == 1:
                     t = torch.ones(shape, dtype=dtype, device=dev)
                 else:
-                    t = torch.empty(shape, dtype=dtype, device=dev).normal_(0.0, preset["init_std"], generator=gen)
+                    t = torch.empty(shape, dtype=dtype, device=dev).normal_(0.0, init_std, generator=gen)
                 tensors.append((name, t.to("cpu", non_blocking=False)))
                 weight_map[name] = fname
             pending.append(pool.submit(_write_safetensors, out / fname, tensors))
@@ -224,10 +254,4 @@ def write_shaped_checkpoint(out: Path, preset: dict, device: str = "cpu", seed: 
                 total += pending.pop(0).result()
         for fut in pending:
             total += fut.result()
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "README.md").write_text(
-        f"neurond benchmark checkpoint: {preset['name']} shapes with seeded RANDOM {preset['dtype']} weights.\n"
-        "Its output is random text. Written by neurond.models.builtin.write_shaped_checkpoint.\n")
-    return {"dir": str(out), "files": len(files), "bytes": total, "params": total // dtype.itemsize,
-            "tokenizer_s": round(t_meta, 2), "seconds": round(time.monotonic() - t0, 2), "device": str(dev)}
+    return weight_map, total
