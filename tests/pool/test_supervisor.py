@@ -105,12 +105,9 @@ def test_a_start_that_failed_is_repaired_by_a_full_reload_even_with_every_rank_a
     assert rungs == ["full_reload"] and sup.state == "healthy"
 
 
-def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(monkeypatch):
-    """Every attempt of an incident fails: the supervisor waits recovery_backoff_s before the second, twice
-    that before the third, never more than recovery_backoff_max_s, journals each wait, and gives up at the
-    breaker without waiting again."""
-    config = Config(recovery_backoff_s=0.2, recovery_backoff_max_s=0.3, breaker_max_failures=3)
-    seen = []
+def loaded_supervisor(config: Config) -> tuple[Supervisor, list]:
+    """A healthy supervisor over a loaded stand-in pool, and the list of every event it emits."""
+    seen: list = []
 
     class Recorder(EventSink):
         def observe(self, o):
@@ -126,6 +123,14 @@ def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(mon
             pass
 
     sup.pool = Loaded(None)
+    return sup, seen
+
+
+def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(monkeypatch):
+    """Every attempt of an incident fails: the supervisor waits recovery_backoff_s before the second, twice
+    that before the third, never more than recovery_backoff_max_s, journals each wait, and gives up at the
+    breaker without waiting again."""
+    sup, seen = loaded_supervisor(Config(recovery_backoff_s=0.2, recovery_backoff_max_s=0.3, breaker_max_failures=3))
     attempts = []
 
     async def unblock(pool, fault, cause):
@@ -174,23 +179,7 @@ def test_the_supervisor_judges_each_incident_once_as_it_ends(monkeypatch, fault,
                                                               first_repair_fails, want):
     """The verdict (neurond/judgement.py) is the supervisor's, on its recovery_finished event: the journal only
     writes it. Judged from the fault that opened the incident, the rung, the attempts and a failed abort."""
-    config = Config(tp_size=2, recovery_backoff_s=0)
-    seen = []
-
-    class Recorder(EventSink):
-        def observe(self, o):
-            seen.append(o)
-
-    sup = Supervisor(config, "/nonexistent-model", 4096, events=Recorder())
-    sup.lifecycle.send("loaded")
-
-    class Loaded(Pool):
-        kv_blocks, loaded = 0, True
-
-        async def stop(self, grace):
-            pass
-
-    sup.pool = Loaded(None)
+    sup, seen = loaded_supervisor(Config(tp_size=2, recovery_backoff_s=0))
     repairs = []
 
     async def unblock(pool, fault, cause):
