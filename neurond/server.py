@@ -164,11 +164,12 @@ class Server:
         self.status.incidents = lambda: supervisor.incidents
         self.status.progress = lambda: supervisor.load_progress
         deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
-        self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
-                             metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
-                             prefill_chunk=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults,
-                             decode_steps=c.decode_steps_per_call, max_len=model.context_len,
-                             kv_blocks=c.kv_cache_blocks, kv_block_size=c.kv_block_size)
+        self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline,
+                             max_queued_requests=c.max_queued_requests, metrics=self.metrics,
+                             resume_wait_s=c.resume_wait_s, max_batch_size=c.max_batch_size,
+                             prefill_chunk_tokens=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults,
+                             decode_steps_per_call=c.decode_steps_per_call, context_len=model.context_len,
+                             kv_cache_blocks=c.kv_cache_blocks, kv_block_size=c.kv_block_size)
         api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
                   default_max_tokens=c.default_max_tokens, api_token=self.tokens.api,
                   max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,

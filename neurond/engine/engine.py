@@ -86,20 +86,25 @@ def _rank0(replies: dict[int, object]) -> p.Done:
 
 
 class Engine:
-    def __init__(self, supervisor: StepPool, tokenizer: Decoder, *, deadline: StepDeadline, max_queued: int,
-                 metrics: MetricsSink | None = None, resume_wait_s: float = 30.0, max_batch: int = 1,
-                 prefill_chunk: int = 512, max_request_faults: int = 2, decode_steps: int = 1, max_len: int = 2048,
-                 kv_blocks: int = 0, kv_block_size: int = 16) -> None:
+    """The settings keep their configuration's names, but `context_len`: the served context window, resolved
+    from the model and max_model_len (served_model.py), as the ranks' WorkerSpec calls it."""
+
+    def __init__(self, supervisor: StepPool, tokenizer: Decoder, *, deadline: StepDeadline,
+                 max_queued_requests: int, metrics: MetricsSink | None = None, resume_wait_s: float = 30.0,
+                 max_batch_size: int = 1, prefill_chunk_tokens: int = 512, max_request_faults: int = 2,
+                 decode_steps_per_call: int = 1, context_len: int = 2048, kv_cache_blocks: int = 0,
+                 kv_block_size: int = 16) -> None:
         self.supervisor = supervisor
         self.tokenizer = tokenizer
         self.deadline = deadline
-        self.max_queued = max_queued
+        self.max_queued_requests = max_queued_requests
         self.metrics = metrics
         self.resume_wait_s = resume_wait_s
         self.max_request_faults = max_request_faults
-        self.decode_steps = decode_steps
-        self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk, max_len=max_len,
-                                   kv_blocks=kv_blocks, kv_block_size=kv_block_size)
+        self.decode_steps_per_call = decode_steps_per_call
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   context_len=context_len, kv_cache_blocks=kv_cache_blocks,
+                                   kv_block_size=kv_block_size)
         self._epoch = supervisor.epoch  # the supervisor's count of times it stopped serving, as last seen
         self._prefix_counted = (0, 0)  # the scheduler's prefix cache hits and misses, as last counted out
         self._wake = asyncio.Event()
@@ -131,7 +136,7 @@ class Engine:
             raise PoolUnavailable(None, f"model is {self.supervisor.state}")
         self._sync_blocks()
         waiting = len(self.scheduler.waiting)
-        if waiting + len(reqs) > self.max_queued:
+        if waiting + len(reqs) > self.max_queued_requests:
             raise EngineBusy(f"{waiting} requests are already waiting")
         for req in reqs:
             # Admission is oldest first: one that could never get its blocks would hold up everyone behind it.
@@ -274,7 +279,7 @@ class Engine:
         once per call), never more than the batch's smallest remaining max_tokens."""
         if not self.scheduler.only_decoding():
             return 1
-        return max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
+        return max(1, min(self.decode_steps_per_call, *(r.max_tokens - len(r.generated) for r in batch)))
 
     async def _decode(self, batch: list[GenerationRequest], steps: int) -> None:
         """`steps` decode steps for `batch`, whose blocks are reserved. Tokens a sequence draws after it

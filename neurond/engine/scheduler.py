@@ -3,7 +3,7 @@
 Pure and synchronous (nano-vllm's schedule): no I/O, no awaits, no rank calls. The engine (`engine.py`) asks
 for a turn's work (prefix copies, one prefill batch, the decode batches), runs it on the ranks and reports
 back by updating the requests. Requests wait in a queue and take the lowest free slot (keeping the decode batch,
-rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `prefill_chunk` tokens a turn,
+rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `prefill_chunk_tokens` tokens a turn,
 so it never stalls the others for more than a chunk. A request that was in a faulted step before runs alone
 (its prefill and its decode), so a fault that follows it is its own and nobody else takes a strike for it.
 
@@ -11,10 +11,10 @@ The KV cache is counted in blocks (`blocks.py`): a request is admitted only when
 its first decode step can be had too, and a decode call first takes the blocks for every position it writes.
 When the pool runs short there, the requests admitted last are preempted: they give back their slot and blocks
 and go back to the front of the queue, to be replayed later like a request interrupted by a fault (the client
-sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks` N > 0, or -1, the default:
+sees a slower stream, nothing else). With a paged cache on the ranks (`kv_cache_blocks` N > 0, or -1, the default:
 sized by the ranks from their memory at the first load, `resize`) the rows of the block table that changed wait
 in `_rows` until the engine sends them with its next command (`take_rows`). With the static slot cache
-(`kv_blocks` = 0) the count is of the same memory (every slot its max_len) and can never run short, so nothing
+(`kv_cache_blocks` = 0) the count is of the same memory (every slot its context_len) and can never run short, so nothing
 waits for blocks or is preempted, and no rows are sent.
 
 Prefix caching (paged cache only): a request's full blocks are shared with later requests whose context starts
@@ -22,7 +22,7 @@ with the same tokens (`prefix.py` names a block by a hash chain over everything 
 published for sharing once it is full and written: every one of its positions holds a context token the ranks
 have written, i.e. it lies within the first `prefilled` positions of a prefilling request, or the first
 len(context) - 1 of a decoding one (the last drawn token is written by the next step), and before the slot's
-trash position (`max_len`, where idle rows write). Requests publish when they are released and, for those still
+trash position (`context_len`, where idle rows write). Requests publish when they are released and, for those still
 running, before every admission. A new request (not one of n choices: those keep the copy of `copies`) takes
 the longest run of published blocks its context starts with, but never all of its context: at least its last
 token is prefilled (the rank draws the next token from its logits), so at most len(context) - 1 tokens, rounded
@@ -50,15 +50,17 @@ from neurond.protocol import BlockRow
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, prefill_chunk: int, max_len: int = 2048, kv_blocks: int = 0,
-                 kv_block_size: int = 16) -> None:
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
-        self.max_len = max_len  # tokens per sequence at most (a slot's positions, but for its trash column)
-        # kv_blocks -1 (sized by the ranks from their memory): the static cache's count until `resize` says.
-        self.pool = BlockPool(kv_blocks if kv_blocks > 0 else default_blocks(max_batch, max_len, kv_block_size),
-                              kv_block_size)
-        self.paged = kv_blocks != 0  # the ranks keep block tables (else their static slots need no rows)
+    """The settings keep their configuration's names, but `context_len` (the served context window: Engine)."""
+
+    def __init__(self, *, max_batch_size: int, prefill_chunk_tokens: int, context_len: int = 2048,
+                 kv_cache_blocks: int = 0, kv_block_size: int = 16) -> None:
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.context_len = context_len  # tokens per sequence at most (a slot's positions, but for its trash column)
+        # kv_cache_blocks -1 (sized by the ranks from their memory): the static cache's count until `resize` says.
+        self.pool = BlockPool(kv_cache_blocks if kv_cache_blocks > 0
+                              else default_blocks(max_batch_size, context_len, kv_block_size), kv_block_size)
+        self.paged = kv_cache_blocks != 0  # the ranks keep block tables (else their static slots need no rows)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
@@ -78,9 +80,9 @@ class Scheduler:
 
     def limit(self, req: GenerationRequest) -> int:
         """The most positions `req`'s sequence ever fills: its prompt and max_tokens, within a slot's
-        max_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
+        context_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
         so a request whose limit fits the pool (`never_fits`) never waits for blocks that cannot be had."""
-        return min(len(req.prompt_ids) + req.max_tokens, self.max_len + 1)
+        return min(len(req.prompt_ids) + req.max_tokens, self.context_len + 1)
 
     def never_fits(self, req: GenerationRequest) -> str | None:
         """Why `req` could never be given the blocks it may need, even with the whole pool free; None if it
@@ -117,7 +119,7 @@ class Scheduler:
         if not self.paged:
             return
         written = len(req.context) - 1 if req.decoding else req.prefilled
-        full = min(min(written, self.max_len) // self.pool.block_size, len(req.blocks))
+        full = min(min(written, self.context_len) // self.pool.block_size, len(req.blocks))
         if full <= req.published:
             return
         chain(req.context, self.pool.block_size, req.hashes, full)
@@ -197,7 +199,7 @@ class Scheduler:
         for each one admitted. Its row of the block table is sent whole (start 0), the blocks it shares from
         the prefix cache first (with `prefilled` past them)."""
         used = {r.slot for r in self.running}
-        free = [s for s in range(self.max_batch) if s not in used]
+        free = [s for s in range(self.max_batch_size) if s not in used]
         if free and self.waiting:
             for running in self.running:
                 self._publish(running)
@@ -268,10 +270,10 @@ class Scheduler:
         return out
 
     def prefill_batch(self) -> list[tuple[GenerationRequest, int]]:
-        """The next chunk of each prefilling request, oldest first, up to prefill_chunk tokens in all (at least
+        """The next chunk of each prefilling request, oldest first, up to prefill_chunk_tokens in all (at least
         one chunk). A request that was in a faulted step before is prefilled alone."""
         batch: list[tuple[GenerationRequest, int]] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk_tokens
         longest = 0  # the batch's longest row end so far
         for req in self.running:
             if req.decoding:
@@ -298,7 +300,7 @@ class Scheduler:
             # worth, which is the step the ranks measure when they size their cache from memory
             # (worker/kv_budget.py); the first row always goes.
             longest = max(longest, req.prefilled + n)
-            if batch and (len(batch) + 1) * longest > self.max_len:
+            if batch and (len(batch) + 1) * longest > self.context_len:
                 break
             if group is not None and self.paged and req.prefilled == 0:
                 self._count(req)  # a choice of n that shared nothing (the prefiller, or a prompt under a block)
@@ -359,6 +361,6 @@ class Scheduler:
         self.waiting.extendleft(reversed(interrupted))
         # Ranks may be new processes, or may have missed the rows of the failed command: every row is sent
         # afresh (start 0), empty for a slot nobody holds.
-        for slot in range(self.max_batch):
+        for slot in range(self.max_batch_size):
             self._rows.setdefault(slot, BlockRow(slot, 0, ()))
         return interrupted
