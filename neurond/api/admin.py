@@ -22,7 +22,7 @@ from starlette.routing import Route
 from neurond import version
 from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
-from neurond.engine.engine import EngineStats
+from neurond.engine.outcomes import EngineStats
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
 from neurond.pool.supervisor import Snapshot, Transition
