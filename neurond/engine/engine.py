@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, cast
 
 from neurond import protocol as p
 from neurond.engine.blame import blame
+from neurond.engine.choices import ChoiceGroup
 from neurond.engine.deadline import StepDeadline
 from neurond.engine.detok import Decoder
 from neurond.engine.outcomes import EngineStats, Outcomes
-from neurond.engine.request import RETRY_AFTER_S, ChoiceGroup, Failed, GenerationRequest
+from neurond.engine.request import RETRY_AFTER_S, Failed, GenerationRequest
 from neurond.engine.scheduler import Scheduler
 from neurond.engine.step_pool import StepPool
 from neurond.lifecycle import LifecycleState

@@ -31,11 +31,9 @@ writes into them (its writes are all past them), and nor does anyone else (a blo
 owner is past it). A block nobody holds stays cached until `take` evicts it (`blocks.py`). After a fault
 (`interrupt`) the whole cache is forgotten.
 
-The n choices of one API request (a ChoiceGroup) share their prompt but for its last token: one member
-prefills it. With the static cache it is then copied into the others' slots (`copies`, a rank command). Paged,
-the others take the prefiller's whole blocks of it instead (`share_choices`, no rank work: their table rows
-change) and each prefills what is left, the partial block and the last token; their own blocks for those
-positions go back to the pool.
+The n choices of one API request (a ChoiceGroup, `choices.py`) share their prompt but for its last token: one
+member prefills it, and it is copied into the others' slots (`copies`, static cache) or they take its blocks
+(`share_choices`, paged).
 """
 
 from __future__ import annotations
@@ -44,8 +42,9 @@ import collections
 from collections.abc import Callable
 
 from neurond.engine.blocks import BlockPool, default_blocks
+from neurond.engine.choices import ChoiceGroup, group_choices, groups
 from neurond.engine.prefix import chain
-from neurond.engine.request import ChoiceGroup, GenerationRequest
+from neurond.engine.request import GenerationRequest
 from neurond.protocol import BlockRow
 
 
@@ -186,11 +185,7 @@ class Scheduler:
     def queue(self, reqs: list[GenerationRequest]) -> None:
         """Queue the requests of one API request. Several with the same prompt (its n choices) form a
         ChoiceGroup: their prompt, but for its last token, is prefilled once and copied."""
-        shared = len(reqs[0].prompt_ids) - 1
-        if len(reqs) > 1 and shared > 0 and all(r.prompt_ids == reqs[0].prompt_ids for r in reqs):
-            group = ChoiceGroup(list(reqs), shared)
-            for req in reqs:
-                req.group = group
+        group_choices(reqs)
         self.waiting.extend(reqs)
 
     def admit(self, start: Callable[[GenerationRequest], None]) -> None:
@@ -227,31 +222,22 @@ class Scheduler:
             start(req)
             self.running.append(req)
 
-    def _groups(self) -> list[ChoiceGroup]:
-        return list({id(r.group): r.group for r in self.running if r.group is not None}.values())
-
     def share_choices(self) -> int:
         """Paged: members of a group whose shared prompt is in a member's blocks, holding a slot with nothing
         prefilled yet, take that member's whole blocks of it (in place of as many of their own) and count as
         prefilled up to them. Before the turn's prefill batch. Returns the blocks shared."""
         if not self.paged:
             return 0
-        size, shared = self.pool.block_size, 0
-        for group in self._groups():
-            source = group.source()
-            if source is None:
-                continue
-            whole = min(group.shared // size, len(source.blocks))
-            for req in group.members:
-                if req is source or req not in self.running or req.prefilled or req.decoding or not whole:
-                    continue
+        shared = 0
+        for group in groups(self.running):
+            for req, blocks in group.shares(self.running, self.pool.block_size):
                 assert req.slot is not None
-                blocks = source.blocks[:whole]
+                whole = len(blocks)
                 self.pool.share(blocks)  # first: the source's blocks stay held whatever `give` frees
                 self.pool.give(req.blocks[:whole])
                 req.blocks[:whole] = blocks
                 self._rows[req.slot] = BlockRow(req.slot, 0, tuple(req.blocks))
-                req.prefilled = whole * size
+                req.prefilled = whole * self.pool.block_size
                 self._count(req)
                 shared += whole
         return shared
@@ -259,15 +245,10 @@ class Scheduler:
     def copies(self) -> list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]]:
         """The static cache: for each group whose shared prompt is in a member's slot, the members holding a
         slot with nothing prefilled yet, to copy it to. Paged there are none (`share_choices`)."""
-        out: list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]] = []
         if self.paged:
-            return out
-        for group in self._groups():
-            source = group.source()
-            targets = [r for r in group.members if r in self.running and r.prefilled == 0 and r is not source]
-            if source is not None and targets:
-                out.append((group, source, targets))
-        return out
+            return []
+        copies = ((group, group.copy(self.running)) for group in groups(self.running))
+        return [(group, *copy) for group, copy in copies if copy is not None]
 
     def prefill_batch(self) -> list[tuple[GenerationRequest, int]]:
         """The next chunk of each prefilling request, oldest first, up to prefill_chunk_tokens in all (at least
@@ -283,13 +264,10 @@ class Scheduler:
             if group is not None and req.prefilled < group.shared:
                 # A choice of n: one member prefills the shared prompt; the others get it copied (copies()), or,
                 # paged, share its whole blocks (share_choices()) and prefill the rest themselves.
-                if group.source() is not None:
-                    if not self.paged:
-                        continue
-                elif group.prefiller not in (None, req) and group.prefiller.slot is not None:
+                end = group.prefill_end(req, self.paged)
+                if end is None:
                     continue
-                else:
-                    group.prefiller, target = req, group.shared
+                target = end
             if batch and (req.faults or batch[0][0].faults):
                 break
             n = min(target - req.prefilled, budget)
