@@ -172,12 +172,13 @@ class Server:
                              kv_cache_blocks=c.kv_cache_blocks, kv_block_size=c.kv_block_size)
         api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
                   default_max_tokens=c.default_max_tokens, api_token=self.tokens.api,
-                  max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
+                  max_concurrent_requests=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
                   max_header_bytes=c.max_header_bytes, metrics=self.metrics)
 
         # Bound here, so READY can never be about someone else's port; accepted through the cap.
         cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics,
-                                        per_peer=c.max_connections_per_peer, reserve=c.connection_reserve)
+                                        max_connections_per_peer=c.max_connections_per_peer,
+                                        connection_reserve=c.connection_reserve)
         listener = cap.listener(listener)
         hc = HypercornConfig()
         hc.errorlog = logging.getLogger("neurond.http")

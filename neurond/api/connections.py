@@ -133,15 +133,17 @@ def _same_host(peer: str, local: str | None) -> bool:
 
 class ConnectionCap:
     """Gives the API's connections their places (the module's docstring has the rules) and refuses those that
-    get none. Runs on the event loop's thread."""
+    get none. Runs on the event loop's thread. The settings keep their configuration's names."""
 
-    def __init__(self, limit: int, retry_after_s: float, metrics: MetricsSink | None = None, *,
-                 per_peer: int | None = None, reserve: int = 0) -> None:
-        if not 0 <= reserve < limit:
-            raise ValueError(f"need 0 <= reserve < limit, got {reserve} and {limit}")
-        self.limit = limit
-        self.per_peer = limit if per_peer is None else per_peer
-        self.reserve = reserve
+    def __init__(self, max_connections: int, retry_after_s: float, metrics: MetricsSink | None = None, *,
+                 max_connections_per_peer: int | None = None, connection_reserve: int = 0) -> None:
+        if not 0 <= connection_reserve < max_connections:
+            raise ValueError(f"need 0 <= connection_reserve < max_connections, got {connection_reserve} and "
+                             f"{max_connections}")
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections if max_connections_per_peer is None \
+            else max_connections_per_peer
+        self.connection_reserve = connection_reserve
         self.open = 0  # every admitted connection not yet closed
         self.reserved = 0  # of them, those in a reserved place
         self.peers: dict[str, int] = {}  # peer key -> shared places it holds (no entry: none)
@@ -149,8 +151,10 @@ class ConnectionCap:
         self.refused_per_peer = 0
         self.lingering = 0
         self._metrics = metrics
-        self._responses = {Refused.FULL: refusal(limit, retry_after_s, reserve=reserve),
-                           Refused.PER_PEER: refusal(limit, retry_after_s, per_peer=self.per_peer)}
+        self._responses = {
+            Refused.FULL: refusal(max_connections, retry_after_s, connection_reserve=connection_reserve),
+            Refused.PER_PEER: refusal(max_connections, retry_after_s,
+                                      max_connections_per_peer=self.max_connections_per_peer)}
         self._tasks: set[asyncio.Task] = set()
         self._warned_at = -_WARN_EVERY_S
         if metrics is not None:
@@ -167,15 +171,16 @@ class ConnectionCap:
         the connection arrived at, asked only when a reserved place is the peer's last chance."""
         key, loopback = peer_key(peer)
         held = self.peers.get(key, 0)
-        if self.open - self.reserved < self.limit - self.reserve and held < self.per_peer:
+        shared = self.open - self.reserved  # connections in shared places
+        if shared < self.max_connections - self.connection_reserve and held < self.max_connections_per_peer:
             self.peers[key] = held + 1
             self.open += 1
             return Place(key, reserved=False)
-        if self.reserved < self.reserve and (loopback or _same_host(peer, local())):
+        if self.reserved < self.connection_reserve and (loopback or _same_host(peer, local())):
             self.reserved += 1
             self.open += 1
             return Place(key, reserved=True)
-        return Refused.PER_PEER if held >= self.per_peer else Refused.FULL
+        return Refused.PER_PEER if held >= self.max_connections_per_peer else Refused.FULL
 
     def give_back(self, place: Place) -> None:
         self.open -= 1
@@ -210,11 +215,12 @@ class ConnectionCap:
             self._warned_at = now
             if why is Refused.PER_PEER:
                 log.warning("refusing connections from %s: it holds %d, max_connections_per_peer = %d (%d open, "
-                            "%d refused so far)", peer, self.peers.get(peer_key(peer)[0], 0), self.per_peer,
-                            self.open, self.refused)
+                            "%d refused so far)", peer, self.peers.get(peer_key(peer)[0], 0),
+                            self.max_connections_per_peer, self.open, self.refused)
             else:
                 log.warning("refusing connections: %d open, max_connections = %d, of them %d reserved for this "
-                            "host (%d refused so far)", self.open, self.limit, self.reserve, self.refused)
+                            "host (%d refused so far)", self.open, self.max_connections, self.connection_reserve,
+                            self.refused)
         conn.setblocking(False)
         try:
             conn.send(self._responses[why])  # a few hundred bytes into an empty socket buffer: never blocks
@@ -282,15 +288,18 @@ class _Counted(socket.socket):
         self.release()
 
 
-def refusal(limit: int, retry_after_s: float, *, reserve: int = 0, per_peer: int | None = None) -> bytes:
-    """The whole HTTP response a connection that gets no place is sent: for its peer's limit when `per_peer`
-    is given, else for the server's."""
-    if per_peer is not None:
+def refusal(max_connections: int, retry_after_s: float, *, connection_reserve: int = 0,
+            max_connections_per_peer: int | None = None) -> bytes:
+    """The whole HTTP response a connection that gets no place is sent: for its peer's limit when
+    `max_connections_per_peer` is given, else for the server's."""
+    if max_connections_per_peer is not None:
         message = (f"this client address holds as many open connections as one address may (max_connections_per_peer "
-                   f"= {per_peer}); close idle ones or try again later")
+                   f"= {max_connections_per_peer}); close idle ones or try again later")
     else:
-        local = f"; the last {reserve} only for this host's own clients, connection_reserve" if reserve else ""
-        message = f"the server holds all the connections it takes (max_connections = {limit}{local}); try again later"
+        local = (f"; the last {connection_reserve} only for this host's own clients, connection_reserve"
+                 if connection_reserve else "")
+        message = (f"the server holds all the connections it takes (max_connections = {max_connections}{local}); try "
+                   f"again later")
     return http_error(APIError(503, message, code="too_many_connections"), retry_after_s)
 
 
