@@ -155,7 +155,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the unauthenticated /ready publishes a rank's exception text",
     ),
     Mutant(
-        "http2-served", 5, "neurond/api/connections.py",
+        "http2-served", 5, "neurond/api/http11.py",
         "    tcp_server.ProtocolWrapper = _HTTP11Only  # type: ignore[misc]",
         "    pass  # type: ignore[misc]",
         ("tests/api/test_connections.py::test_http2_with_prior_knowledge_gets_505_and_a_closed_connection",),
