@@ -49,6 +49,8 @@ class EngineCounts(Protocol):
 
 
 class AdminAPI:
+    """The admin routes. `token` is the admin token, what the setting admin_token_file holds."""
+
     def __init__(self, supervisor: AdminPool, token: str, engine: EngineCounts | None = None,
                  started_at: float | None = None) -> None:
         self.engine = engine
