@@ -36,6 +36,7 @@ from neurond.engine.request import RETRY_AFTER_S, Failed, GenerationRequest
 from neurond.engine.scheduler import Scheduler
 from neurond.engine.step_pool import StepPool
 from neurond.lifecycle import LifecycleState
+from neurond.observe.events import Event, emit
 from neurond.pool.faults import PoolFault, PoolUnavailable
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size=max_batch_size, prefill_chunk_tokens=prefill_chunk_tokens,
                                    context_len=context_len, kv_cache_blocks=kv_cache_blocks,
                                    kv_block_size=kv_block_size)
-        self.outcomes = Outcomes(self.scheduler, tokenizer, supervisor, metrics)
+        self.outcomes = Outcomes(self.scheduler, tokenizer, metrics)
         self._epoch = supervisor.epoch  # the supervisor's count of times it stopped serving, as last seen
         self._prefix_counted = (0, 0)  # the scheduler's prefix cache hits and misses, as last counted out
         self._wake = asyncio.Event()
@@ -290,9 +291,14 @@ class Engine:
 
     # ------------------------------------------------------------------ faults
     def _on_fault(self, fault: PoolFault, members: list[GenerationRequest]) -> None:
+        """The requests `blame` fails get their error and a journal entry (none for a step that never ran,
+        PoolUnavailable); everyone else holding a slot is replayed after the repair."""
         for req, failed, quarantined in blame(fault, members, self.max_request_faults):
             self.stats["quarantined"] += quarantined
-            self.outcomes.fail(req, failed, fault)
+            self.outcomes.fail(req, failed)
+            emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
+                 rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
+                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), faults=req.faults)
         self._interrupt_running()
 
     def _interrupt_running(self) -> None:

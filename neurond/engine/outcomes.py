@@ -17,9 +17,6 @@ from neurond import protocol as p
 from neurond.engine.detok import Decoder, StopStringDetokenizer
 from neurond.engine.request import Failed, Finished, FinishReason, GenerationRequest, LogprobEntry, TextDelta
 from neurond.engine.scheduler import Scheduler
-from neurond.engine.step_pool import StepPool
-from neurond.observe.events import Event, emit
-from neurond.pool.faults import PoolFault, PoolUnavailable
 
 if TYPE_CHECKING:
     from neurond.observe.metrics import MetricsSink
@@ -42,14 +39,12 @@ class EngineStats(TypedDict):
 
 
 class Outcomes:
-    """The requests' tokens and ends, for one engine: its scheduler (which frees what they held), its tokenizer,
-    its pool (whose journal a failure caused by a fault goes to) and its metrics."""
+    """The requests' tokens and ends, for one engine: its scheduler (which frees what they held), its tokenizer
+    and its metrics."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Decoder, supervisor: StepPool,
-                 metrics: MetricsSink | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, tokenizer: Decoder, metrics: MetricsSink | None = None) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.supervisor = supervisor
         self.metrics = metrics
         #: Outcomes since start, for the admin status (and `neurond status`).
         #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
@@ -107,10 +102,9 @@ class Outcomes:
         self.stats["last_cancelled_tokens"] = len(req.generated)
         self._outcome("cancelled")
 
-    def fail(self, req: GenerationRequest, failed: Failed, fault: PoolFault | None = None, *,
-             wait_expired: bool = False) -> None:
-        """`req` ends with the error `failed`, caused by `fault` if a rank's (its journal entry names it), or
-        after waiting for a repair for as long as it may (`wait_expired`)."""
+    def fail(self, req: GenerationRequest, failed: Failed, *, wait_expired: bool = False) -> None:
+        """`req` ends with the error `failed` (`wait_expired`: it waited for a repair for as long as it may).
+        One failed by a rank's fault is journaled by the engine, which blamed it."""
         self.scheduler.forget(req)
         if wait_expired:
             # Its own count: how often repairs outlast resume_wait_s is what tunes that setting.
@@ -119,10 +113,6 @@ class Outcomes:
         if self.metrics is not None:
             self.metrics.request_done("failed")
         req.emit(failed)
-        if fault is not None and not isinstance(fault, PoolUnavailable):
-            emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
-                 rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
-                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), faults=req.faults)
 
     def preempted(self, n: int) -> None:
         """`n` requests gave their slot back for the KV cache's blocks, to be replayed."""
