@@ -24,26 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"neurond {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser(
-        "serve",
-        help="run the daemon: HTTP API + rank pool",
-        description="Run the daemon. Without --model it serves the built-in model (seeded random weights: "
-        "its output is random text), written to the cache directory on first use.\n\nSettings (TOML key = "
-        "default; env NEUROND_<KEY>):\n" + describe_settings(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG_PATH} if it exists)")
-    serve.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in model)")
-    serve.add_argument("--served-model-name", dest="served_model_name", help="model name clients use")
-    serve.add_argument("--tp-size", dest="tp_size", type=int, help="rank worker processes (one per GPU)")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the ranks run")
-    serve.add_argument("--backend", choices=["auto", "nccl", "gloo"], help="collective backend")
-    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weight dtype")
-    serve.add_argument("--cache-dir", dest="cache_dir", help="where the built-in model is written")
-    serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    _add_serve(sub)
 
     audit = sub.add_parser(
         "audit",
@@ -85,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", dest="cache_dir", help="where to write it")
     model.add_argument("--config", help="TOML file")
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`neurond serve`: its help lists every setting; its flags but --config, each the setting of the same name
+    (dashes for underscores), override the configuration file and the environment."""
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon: HTTP API + rank pool",
+        description="Run the daemon. Without --model it serves the built-in model (seeded random weights: "
+        "its output is random text), written to the cache directory on first use.\n\nSettings (TOML key = "
+        "default; env NEUROND_<KEY>):\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG_PATH} if it exists)")
+    serve.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in model)")
+    serve.add_argument("--served-model-name", dest="served_model_name", help="model name clients use")
+    serve.add_argument("--tp-size", dest="tp_size", type=int, help="rank worker processes (one per GPU)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the ranks run")
+    serve.add_argument("--backend", choices=["auto", "nccl", "gloo"], help="collective backend")
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weight dtype")
+    serve.add_argument("--cache-dir", dest="cache_dir", help="where the built-in model is written")
+    serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
 
 
 def _overrides(args: argparse.Namespace) -> dict:

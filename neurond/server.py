@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -41,7 +42,7 @@ from neurond.observe.metrics import MetricsSink
 from neurond.observe.notify import LifecycleStatus, Notifier, watchdog
 from neurond.pool.ladder import worst_case_s
 from neurond.pool.supervisor import Supervisor
-from neurond.served_model import ModelError, load_served_model, resolve_model_dir
+from neurond.served_model import ModelError, ServedModel, load_served_model, resolve_model_dir
 
 log = logging.getLogger("neurond")
 
@@ -151,46 +152,19 @@ class Server:
             model = await asyncio.to_thread(load_served_model, model_dir, c.model_name(), c.max_model_len)
         except ModelError as exc:
             return startup_failed(exc.cause, exc.problem, exc.path, c)
-        try:
+        try:  # bound here, so READY can never be about someone else's port
             listener = bind_http(c.host, c.port)
         except OSError as exc:
             log.error("HTTP server failed: cannot listen on %s:%d: %s", c.host, c.port, exc)
             return EXIT_SERVE_FAILED
-        self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
-        # The journal, the metrics and STATUS= see the same events.
-        events = TeeSink(JournalSink(), self.metrics, self.status)
-        self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
-                                                  context_len=model.context_len)
-        self.status.incidents = lambda: supervisor.incidents
-        self.status.progress = lambda: supervisor.load_progress
-        deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
-        self.engine = Engine(self.supervisor, model.tokenizer, deadline=deadline, max_queued=c.max_queued_requests,
-                             metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch=c.max_batch_size,
-                             prefill_chunk=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults,
-                             decode_steps=c.decode_steps_per_call, max_len=model.context_len,
-                             kv_blocks=c.kv_cache_blocks, kv_block_size=c.kv_block_size)
-        api = API(model, self.engine, self.supervisor, max_body_bytes=c.max_body_bytes,
-                  default_max_tokens=c.default_max_tokens, api_token=self.tokens.api,
-                  max_concurrent=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
-                  max_header_bytes=c.max_header_bytes, metrics=self.metrics)
-
-        # Bound here, so READY can never be about someone else's port; accepted through the cap.
-        cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics,
-                                        per_peer=c.max_connections_per_peer, reserve=c.connection_reserve)
-        listener = cap.listener(listener)
-        hc = HypercornConfig()
-        hc.errorlog = logging.getLogger("neurond.http")
-        hc.accesslog = None
-        hc.h11_max_incomplete_size = c.max_header_bytes  # a request head larger than this is refused
-        hc.graceful_timeout = 5.0
-
-        servers = [connections.serve(api.app(), hc, listener, shutdown_trigger=self.shutdown.wait)]
+        supervisor, engine, api = self._wire(model, model_dir)
+        servers = [self._api_server(api, listener)]
         if c.admin_socket:
             servers.append(self._admin_server())
-        self.supervisor.on_gave_up.append(self._gave_up)
+        supervisor.on_gave_up.append(self._gave_up)
 
-        self.engine.start()
-        load_task = loop.create_task(self.supervisor.start(), name="neurond-load")
+        engine.start()
+        load_task = loop.create_task(supervisor.start(), name="neurond-load")
         self._spawn(self._announce_ready(c.host, c.port), "neurond-ready")
         self._spawn(self._reloads(), "neurond-reload")
         log.info("serving %s (tp_size=%d) on %s:%d", model.name, c.tp_size, c.host, c.port)
@@ -204,11 +178,48 @@ class Server:
             log.info("shutting down")
             self.notifier.stopping(f"stopping: {self.status.line()}")
             load_task.cancel()
-            await self.engine.stop()
-            await self.supervisor.stop()
+            await engine.stop()
+            await supervisor.stop()
             self.notifier.status("stopped; all ranks reaped")
             log.info("stopped; all ranks reaped")
         return self.exit_code
+
+    def _wire(self, model: ServedModel, model_dir: Path) -> tuple[Supervisor, Engine, API]:
+        """The supervisor, the engine and the API over them, with the metrics, the journal and STATUS= they
+        report to (the settings passed by their configuration's names)."""
+        c = self.config
+        self.metrics = MetricsSink(model=model.name, tp_size=c.tp_size)
+        # The journal, the metrics and STATUS= see the same events.
+        events = TeeSink(JournalSink(), self.metrics, self.status)
+        self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
+                                                  context_len=model.context_len)
+        self.status.incidents = lambda: supervisor.incidents
+        self.status.progress = lambda: supervisor.load_progress
+        deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
+        self.engine = engine = Engine(
+            supervisor, model.tokenizer, deadline=deadline, max_queued_requests=c.max_queued_requests,
+            metrics=self.metrics, resume_wait_s=c.resume_wait_s, max_batch_size=c.max_batch_size,
+            prefill_chunk_tokens=c.prefill_chunk_tokens, max_request_faults=c.max_request_faults,
+            decode_steps_per_call=c.decode_steps_per_call, context_len=model.context_len,
+            kv_cache_blocks=c.kv_cache_blocks, kv_block_size=c.kv_block_size)
+        api = API(model, engine, supervisor, max_body_bytes=c.max_body_bytes,
+                  default_max_tokens=c.default_max_tokens, api_token=self.tokens.api,
+                  max_concurrent_requests=c.max_concurrent_requests, body_timeout_s=c.body_timeout_s,
+                  max_header_bytes=c.max_header_bytes, metrics=self.metrics)
+        return supervisor, engine, api
+
+    def _api_server(self, api: API, sock: socket.socket) -> Coroutine[Any, Any, None]:
+        """The public API's HTTP server on `sock` (bound by `_serve`), its connections accepted through the cap."""
+        c = self.config
+        cap = connections.ConnectionCap(c.max_connections, RETRY_AFTER_S, metrics=self.metrics,
+                                        max_connections_per_peer=c.max_connections_per_peer,
+                                        connection_reserve=c.connection_reserve)
+        hc = HypercornConfig()
+        hc.errorlog = logging.getLogger("neurond.http")
+        hc.accesslog = None
+        hc.h11_max_incomplete_size = c.max_header_bytes  # a request head larger than this is refused
+        hc.graceful_timeout = 5.0
+        return connections.serve(api.app(), hc, cap.listener(sock), shutdown_trigger=self.shutdown.wait)
 
     def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))

@@ -119,15 +119,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "no-per-peer-limit", 5, "neurond/api/connections.py",
-        "if self.open - self.reserved < self.limit - self.reserve and held < self.per_peer:",
-        "if self.open - self.reserved < self.limit - self.reserve:",
+        "if shared < self.max_connections - self.connection_reserve and held < self.max_connections_per_peer:",
+        "if shared < self.max_connections - self.connection_reserve:",
         ("tests/api/test_connections.py::test_one_peer_holds_at_most_max_connections_per_peer",
          "tests/api/test_connections.py::test_a_flood_from_one_address_never_locks_out_another"),
         "one client address may take every connection place: its flood locks out everyone else",
     ),
     Mutant(
         "no-local-reserve", 5, "neurond/api/connections.py",
-        "        if self.reserved < self.reserve and (loopback or _same_host(peer, local())):\n",
+        "        if self.reserved < self.connection_reserve and (loopback or _same_host(peer, local())):\n",
         "        if False:\n",
         ("tests/api/test_connections.py::test_the_reserve_is_for_this_hosts_own_peers_only",),
         "with every place taken, this host's own health probe and scrape are refused too",
@@ -155,7 +155,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "the unauthenticated /ready publishes a rank's exception text",
     ),
     Mutant(
-        "http2-served", 5, "neurond/api/connections.py",
+        "http2-served", 5, "neurond/api/http11.py",
         "    tcp_server.ProtocolWrapper = _HTTP11Only  # type: ignore[misc]",
         "    pass  # type: ignore[misc]",
         ("tests/api/test_connections.py::test_http2_with_prior_knowledge_gets_505_and_a_closed_connection",),

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from neurond import version
 from neurond.api.errors import APIError
 from neurond.api.http import bearer_matches, json_response as _json
-from neurond.engine.engine import EngineStats
+from neurond.engine.outcomes import EngineStats
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
 from neurond.pool.supervisor import Snapshot, Transition
@@ -49,6 +49,8 @@ class EngineCounts(Protocol):
 
 
 class AdminAPI:
+    """The admin routes. `token` is the admin token, what the setting admin_token_file holds."""
+
     def __init__(self, supervisor: AdminPool, token: str, engine: EngineCounts | None = None,
                  started_at: float | None = None) -> None:
         self.engine = engine

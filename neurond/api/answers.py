@@ -74,70 +74,92 @@ async def stream(model: ServedModel, choices: Choices, shape: Shape, include_usa
                  request: Request) -> Response:
     """The answer as server-sent events, each choice's text as it comes."""
     # Wait for the first event so that a request failing before its first token gets a real status code.
-    # (Once the stream has started, starlette itself notices a hang-up and closes `events()` below.)
+    # (Once the stream has started, starlette itself notices a hang-up and closes the events below.)
     with _HangUpWatch(request, choices):
         first = await choices.next()
     if first[1] is _HUNG_UP:
         return Response(status_code=499)
     if isinstance(first[1], Failed):
         raise _api_error(first[1], choices.request_id)
-    created = int(time.time())
-    n = len(choices.members)
-
-    def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
-        body = {"id": choices.request_id, "object": shape.chunk_object, "created": created,
-                "model": model.name, "choices": [choice] if choice is not None else []}
-        if include_usage:
-            body["usage"] = usage
-        return sse_data(body)
-
-    async def events() -> AsyncIterator[bytes]:
-        offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
-        finished: dict[int, Finished] = {}
-        # With tools, text that may be a call is held back and each call sent whole at the end (tools.py).
-        tool_streams = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
-        try:
-            if shape.opening is not None:
-                for i in range(n):
-                    yield chunk(_at(i, dict(shape.opening)))
-            index, event = first
-            while True:
-                if isinstance(event, TextDelta):
-                    text = event.text if tool_streams is None else tool_streams[index].feed(event.text)
-                    logprobs = _logprobs(model, choices, shape, event.logprobs, offsets[index]) \
-                        if event.logprobs and text == event.text else None
-                    if text:
-                        yield chunk(_at(index, shape.delta(text, None, logprobs)))
-                    offsets[index] += len(event.text)
-                elif isinstance(event, Failed):
-                    yield sse_data(_api_error(event, choices.request_id).body())
-                    return
-                elif isinstance(event, Finished):
-                    finished[index] = event
-                    reason = event.reason.value
-                    if tool_streams is not None:
-                        held = tool_streams[index]
-                        tail, calls = held.finish() if reason == "stop" else (held.cut_short(), [])
-                        if tail:
-                            yield chunk(_at(index, shape.delta(tail, None, None)))
-                        if calls:
-                            yield chunk(_at(index, _tool_call_delta(calls)))
-                            reason = "tool_calls"
-                    yield chunk(_at(index, shape.delta(None, reason, None)))
-                    if len(finished) == n:
-                        if include_usage:
-                            yield chunk(None, usage=_usage(list(finished.values())))
-                        yield b"data: [DONE]\n\n"
-                        return
-                index, event = await choices.next()
-        finally:
-            choices.close(cancel=True)  # a client that went away stops the generation at the next step
-
-    return StreamingResponse(events(), media_type="text/event-stream",
+    events = _Events(model, choices, shape, include_usage)
+    return StreamingResponse(events.from_first(first), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                       REQUEST_ID_HEADER: choices.request_id})
 
 
+class _Events:
+    """One streamed answer's server-sent events, from its first engine event on: each choice's text as it comes,
+    its finish, then the usage (if asked for) and `[DONE]`; a failure ends the stream with the error."""
+
+    def __init__(self, model: ServedModel, choices: Choices, shape: Shape, include_usage: bool) -> None:
+        self.model = model
+        self.choices = choices
+        self.shape = shape
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        n = len(choices.members)
+        self.offsets = [len(shape.prefix)] * n  # where each choice's next delta starts in its whole text
+        self.finished: dict[int, Finished] = {}
+        # With tools, text that may be a call is held back and each call sent whole at the end (tools.py).
+        self.tool_streams = [shape.tools.stream() for _ in range(n)] if shape.tools is not None else None
+
+    def chunk(self, choice: dict | None, usage: dict | None = None) -> bytes:
+        body = {"id": self.choices.request_id, "object": self.shape.chunk_object, "created": self.created,
+                "model": self.model.name, "choices": [choice] if choice is not None else []}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse_data(body)
+
+    async def from_first(self, first: tuple[int, object]) -> AsyncIterator[bytes]:
+        n = len(self.choices.members)
+        try:
+            if self.shape.opening is not None:
+                for i in range(n):
+                    yield self.chunk(_at(i, dict(self.shape.opening)))
+            index, event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    delta = self._delta(index, event)
+                    if delta is not None:
+                        yield delta
+                elif isinstance(event, Failed):
+                    yield sse_data(_api_error(event, self.choices.request_id).body())
+                    return
+                elif isinstance(event, Finished):
+                    for chunk in self._finish(index, event):
+                        yield chunk
+                    if len(self.finished) == n:
+                        if self.include_usage:
+                            yield self.chunk(None, usage=_usage(list(self.finished.values())))
+                        yield b"data: [DONE]\n\n"
+                        return
+                index, event = await self.choices.next()
+        finally:
+            self.choices.close(cancel=True)  # a client that went away stops the generation at the next step
+
+    def _delta(self, index: int, event: TextDelta) -> bytes | None:
+        """A choice's new text (what of it is not held back as a possible tool call), or None."""
+        text = event.text if self.tool_streams is None else self.tool_streams[index].feed(event.text)
+        logprobs = _logprobs(self.model, self.choices, self.shape, event.logprobs, self.offsets[index]) \
+            if event.logprobs and text == event.text else None
+        self.offsets[index] += len(event.text)
+        return self.chunk(_at(index, self.shape.delta(text, None, logprobs))) if text else None
+
+    def _finish(self, index: int, event: Finished) -> list[bytes]:
+        """A choice's end: with tools, the text held back and the calls in it; then its finish reason."""
+        self.finished[index] = event
+        reason = event.reason.value
+        chunks = []
+        if self.tool_streams is not None:
+            held = self.tool_streams[index]
+            tail, calls = held.finish() if reason == "stop" else (held.cut_short(), [])
+            if tail:
+                chunks.append(self.chunk(_at(index, self.shape.delta(tail, None, None))))
+            if calls:
+                chunks.append(self.chunk(_at(index, _tool_call_delta(calls))))
+                reason = "tool_calls"
+        chunks.append(self.chunk(_at(index, self.shape.delta(None, reason, None))))
+        return chunks
 
 
 class Choices:

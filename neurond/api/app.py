@@ -75,8 +75,11 @@ class GenerationQueue(Protocol):
 
 
 class API:
+    """The routes. The settings keep their configuration's names, but `api_token`: the token api_token_file holds
+    (None: no authentication)."""
+
     def __init__(self, model: ServedModel, engine: GenerationQueue, supervisor: PoolState, *, max_body_bytes: int,
-                 default_max_tokens: int, api_token: str | None = None, max_concurrent: int = 512,
+                 default_max_tokens: int, api_token: str | None = None, max_concurrent_requests: int = 512,
                  body_timeout_s: float = 30.0, max_header_bytes: int = 16384,
                  metrics: MetricsSink | None = None) -> None:
         self.metrics = metrics
@@ -85,7 +88,7 @@ class API:
         self.supervisor = supervisor
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
-        self.guard = RequestGuard(max_header_bytes=max_header_bytes, max_concurrent=max_concurrent,
+        self.guard = RequestGuard(max_header_bytes=max_header_bytes, max_concurrent_requests=max_concurrent_requests,
                                   api_token=api_token.encode() if api_token else None, retry_after_s=RETRY_AFTER_S)
         self.body_timeout_s = body_timeout_s
 

@@ -1,4 +1,4 @@
-"""Who may hold the API port's connections, decided where connections are accepted; and HTTP/1.1 only.
+"""Who may hold the API port's connections, decided where connections are accepted.
 
 hypercorn 0.18 accepts every connection the kernel queues, and an idle keep-alive connection or a request head
 sent a byte at a time holds a descriptor until keep_alive_timeout. A flood of them was bounded only by the
@@ -36,10 +36,7 @@ peer's address (and the connection's own), never the path or the token. So the r
 A connection refused for its peer's limit is told so (another message, the same 503 and code); both kinds are
 counted in neurond_http_connections_refused_total, and `refused_per_peer` here.
 
-HTTP/2 is not served (`http11_only`): the API sits behind load balancers that speak HTTP/1.1 to backends, and
-the cap above, the request-head limit (h11_max_incomplete_size, api/guard.py) and the slow-head protections
-were built and tested for hypercorn's h11 protocol only; its h2 protocol has limits of its own (100 streams per
-connection, 64 KiB header lists) that nothing here checks.
+The API is served HTTP/1.1 only (`http11.py`, which `serve` applies).
 """
 
 from __future__ import annotations
@@ -54,22 +51,14 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from hypercorn.events import Closed, RawData
-from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
-
 from neurond.api.errors import APIError
+from neurond.api.http11 import http11_only, http_error
 from neurond.config import ConfigError
 
 if TYPE_CHECKING:
-    import h11
     from hypercorn.config import Config as HypercornConfig
-    from hypercorn.events import Event as HypercornEvent
-    from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
     from starlette.types import ASGIApp
 
     from neurond.observe.metrics import MetricsSink
@@ -133,15 +122,17 @@ def _same_host(peer: str, local: str | None) -> bool:
 
 class ConnectionCap:
     """Gives the API's connections their places (the module's docstring has the rules) and refuses those that
-    get none. Runs on the event loop's thread."""
+    get none. Runs on the event loop's thread. The settings keep their configuration's names."""
 
-    def __init__(self, limit: int, retry_after_s: float, metrics: MetricsSink | None = None, *,
-                 per_peer: int | None = None, reserve: int = 0) -> None:
-        if not 0 <= reserve < limit:
-            raise ValueError(f"need 0 <= reserve < limit, got {reserve} and {limit}")
-        self.limit = limit
-        self.per_peer = limit if per_peer is None else per_peer
-        self.reserve = reserve
+    def __init__(self, max_connections: int, retry_after_s: float, metrics: MetricsSink | None = None, *,
+                 max_connections_per_peer: int | None = None, connection_reserve: int = 0) -> None:
+        if not 0 <= connection_reserve < max_connections:
+            raise ValueError(f"need 0 <= connection_reserve < max_connections, got {connection_reserve} and "
+                             f"{max_connections}")
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections if max_connections_per_peer is None \
+            else max_connections_per_peer
+        self.connection_reserve = connection_reserve
         self.open = 0  # every admitted connection not yet closed
         self.reserved = 0  # of them, those in a reserved place
         self.peers: dict[str, int] = {}  # peer key -> shared places it holds (no entry: none)
@@ -149,8 +140,10 @@ class ConnectionCap:
         self.refused_per_peer = 0
         self.lingering = 0
         self._metrics = metrics
-        self._responses = {Refused.FULL: refusal(limit, retry_after_s, reserve=reserve),
-                           Refused.PER_PEER: refusal(limit, retry_after_s, per_peer=self.per_peer)}
+        self._responses = {
+            Refused.FULL: refusal(max_connections, retry_after_s, connection_reserve=connection_reserve),
+            Refused.PER_PEER: refusal(max_connections, retry_after_s,
+                                      max_connections_per_peer=self.max_connections_per_peer)}
         self._tasks: set[asyncio.Task] = set()
         self._warned_at = -_WARN_EVERY_S
         if metrics is not None:
@@ -167,15 +160,16 @@ class ConnectionCap:
         the connection arrived at, asked only when a reserved place is the peer's last chance."""
         key, loopback = peer_key(peer)
         held = self.peers.get(key, 0)
-        if self.open - self.reserved < self.limit - self.reserve and held < self.per_peer:
+        shared = self.open - self.reserved  # connections in shared places
+        if shared < self.max_connections - self.connection_reserve and held < self.max_connections_per_peer:
             self.peers[key] = held + 1
             self.open += 1
             return Place(key, reserved=False)
-        if self.reserved < self.reserve and (loopback or _same_host(peer, local())):
+        if self.reserved < self.connection_reserve and (loopback or _same_host(peer, local())):
             self.reserved += 1
             self.open += 1
             return Place(key, reserved=True)
-        return Refused.PER_PEER if held >= self.per_peer else Refused.FULL
+        return Refused.PER_PEER if held >= self.max_connections_per_peer else Refused.FULL
 
     def give_back(self, place: Place) -> None:
         self.open -= 1
@@ -210,11 +204,12 @@ class ConnectionCap:
             self._warned_at = now
             if why is Refused.PER_PEER:
                 log.warning("refusing connections from %s: it holds %d, max_connections_per_peer = %d (%d open, "
-                            "%d refused so far)", peer, self.peers.get(peer_key(peer)[0], 0), self.per_peer,
-                            self.open, self.refused)
+                            "%d refused so far)", peer, self.peers.get(peer_key(peer)[0], 0),
+                            self.max_connections_per_peer, self.open, self.refused)
             else:
                 log.warning("refusing connections: %d open, max_connections = %d, of them %d reserved for this "
-                            "host (%d refused so far)", self.open, self.limit, self.reserve, self.refused)
+                            "host (%d refused so far)", self.open, self.max_connections, self.connection_reserve,
+                            self.refused)
         conn.setblocking(False)
         try:
             conn.send(self._responses[why])  # a few hundred bytes into an empty socket buffer: never blocks
@@ -282,82 +277,19 @@ class _Counted(socket.socket):
         self.release()
 
 
-def refusal(limit: int, retry_after_s: float, *, reserve: int = 0, per_peer: int | None = None) -> bytes:
-    """The whole HTTP response a connection that gets no place is sent: for its peer's limit when `per_peer`
-    is given, else for the server's."""
-    if per_peer is not None:
+def refusal(max_connections: int, retry_after_s: float, *, connection_reserve: int = 0,
+            max_connections_per_peer: int | None = None) -> bytes:
+    """The whole HTTP response a connection that gets no place is sent: for its peer's limit when
+    `max_connections_per_peer` is given, else for the server's."""
+    if max_connections_per_peer is not None:
         message = (f"this client address holds as many open connections as one address may (max_connections_per_peer "
-                   f"= {per_peer}); close idle ones or try again later")
+                   f"= {max_connections_per_peer}); close idle ones or try again later")
     else:
-        local = f"; the last {reserve} only for this host's own clients, connection_reserve" if reserve else ""
-        message = f"the server holds all the connections it takes (max_connections = {limit}{local}); try again later"
+        local = (f"; the last {connection_reserve} only for this host's own clients, connection_reserve"
+                 if connection_reserve else "")
+        message = (f"the server holds all the connections it takes (max_connections = {max_connections}{local}); try "
+                   f"again later")
     return http_error(APIError(503, message, code="too_many_connections"), retry_after_s)
-
-
-def http_error(error: APIError, retry_after_s: float | None = None) -> bytes:
-    """`error` as a whole HTTP/1.1 response that closes the connection."""
-    body = orjson.dumps(error.body())
-    retry = f"retry-after: {max(1, round(retry_after_s))}\r\n" if retry_after_s is not None else ""
-    head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n")
-    return head.encode() + body
-
-
-# ---------------------------------------------------------------------------------------------- HTTP/1.1 only
-def _prior_knowledge(request: h11.Request) -> bool:
-    """An HTTP/2 connection preface ("PRI * HTTP/2.0", RFC 9113 3.4), as h11 parses it: a request."""
-    return request.method == b"PRI" and request.target == b"*" and request.http_version == b"2.0"
-
-
-_HTTP2_REFUSAL = http_error(APIError(505, "HTTP/2 is not served here: send HTTP/1.1",
-                                     code="http_version_not_supported"))
-
-
-def http11_only() -> None:
-    """Make hypercorn serve HTTP/1.1 only, in this process (the API port and the admin socket alike).
-
-    hypercorn has no setting for that on plain TCP (`alpn_protocols` is TLS's): its per-connection
-    ProtocolWrapper switches a connection to its H2 protocol when the first request is the HTTP/2 preface
-    (prior knowledge) or carries `Upgrade: h2c` (after answering 101 itself, inside H11Protocol). So the
-    connection handler uses a wrapper of ours that never makes an H2 protocol: an `Upgrade: h2c` is ignored
-    (RFC 9110 7.8 lets a server ignore Upgrade; the request is answered in HTTP/1.1) and a preface gets a 505
-    and a closed connection. Should a hypercorn upgrade bypass the override below, its h2 switch still reaches
-    only our wrapper, which refuses it: HTTP/2 cannot come back silently (tests/api/test_connections.py)."""
-    from hypercorn.asyncio import tcp_server
-
-    tcp_server.ProtocolWrapper = _HTTP11Only  # type: ignore[misc]  # TCPServer.run looks it up per connection
-
-
-class _H11Only(H11Protocol):
-    async def _check_protocol(self, event: h11.Request) -> None:
-        # hypercorn's own check answers `Upgrade: h2c` with 101 and switches; this one only spots the preface.
-        if _prior_knowledge(event):
-            raise H2ProtocolAssumedError(b"")
-
-
-class _HTTP11Only(ProtocolWrapper):
-    """hypercorn's ProtocolWrapper (one per connection) without its switch to HTTP/2."""
-
-    def __init__(self, app: AppWrapper, config: HypercornConfig, context: WorkerContext, task_group: TaskGroup,
-                 state: ConnectionState, ssl: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
-                 send: Callable[[HypercornEvent], Awaitable[None]], alpn_protocol: str | None = None) -> None:
-        # Not ProtocolWrapper's own __init__: it would make an H2 protocol for ALPN "h2" (TLS, not served here).
-        self.send = send
-        self.refused = False
-        self.protocol = _H11Only(app, config, context, task_group, state, ssl, client, server, send)
-
-    async def initiate(self) -> None:
-        await self.protocol.initiate()
-
-    async def handle(self, event: HypercornEvent) -> None:
-        if self.refused:
-            return  # what a refused client still sends, until the connection is closed
-        try:
-            await self.protocol.handle(event)
-        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
-            self.refused = True
-            await self.send(RawData(data=_HTTP2_REFUSAL))
-            await self.send(Closed())
 
 
 async def serve(app: ASGIApp, config: HypercornConfig, listener: CappedListener,

@@ -17,11 +17,13 @@ TOKEN_PATHS = frozenset({"/metrics", "/openapi.json"})
 
 
 class RequestGuard:
-    def __init__(self, *, max_header_bytes: int, api_token: bytes | None, max_concurrent: int,
+    """The settings keep their configuration's names, but `api_token`: the token api_token_file holds."""
+
+    def __init__(self, *, max_header_bytes: int, api_token: bytes | None, max_concurrent_requests: int,
                  retry_after_s: float) -> None:
         self.max_header_bytes = max_header_bytes
         self.api_token = api_token
-        self.max_concurrent = max_concurrent
+        self.max_concurrent_requests = max_concurrent_requests
         self.retry_after_s = retry_after_s
         self.in_flight = 0  # /v1 requests being served now
 
@@ -38,9 +40,9 @@ class RequestGuard:
                 error = self._check_token(scope)
             if error is None and not v1:
                 return await app(scope, receive, send)
-            if error is None and self.in_flight >= self.max_concurrent:
-                error = APIError(429, f"more than {self.max_concurrent} concurrent requests", code="too_many_requests",
-                                 retry_after_s=self.retry_after_s)
+            if error is None and self.in_flight >= self.max_concurrent_requests:
+                error = APIError(429, f"more than {self.max_concurrent_requests} concurrent requests",
+                                 code="too_many_requests", retry_after_s=self.retry_after_s)
             if error is not None:
                 return await error.response()(scope, receive, send)
             self.in_flight += 1

@@ -20,10 +20,10 @@ def blocks_for(positions: int, block_size: int) -> int:
     return -(-max(positions, 0) // block_size)
 
 
-def default_blocks(max_batch: int, max_len: int, block_size: int) -> int:
-    """What `kv_cache_blocks = 0` means: as many as the static cache of before held (every slot its max_len
+def default_blocks(max_batch_size: int, context_len: int, kv_block_size: int) -> int:
+    """What `kv_cache_blocks = 0` means: as many as the static cache of before held (every slot its context_len
     positions and the trash column), so with the default every running request can always grow to its end."""
-    return max_batch * blocks_for(max_len + 1, block_size)
+    return max_batch_size * blocks_for(context_len + 1, kv_block_size)
 
 
 class BlockPool:

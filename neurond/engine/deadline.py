@@ -28,6 +28,9 @@ DECODE_QUANTILE = 0.9
 
 
 class StepDeadline:
+    """`floor_s`, `ceiling_s` and `factor` are the settings step_deadline_floor_s, step_deadline_ceiling_s and
+    step_deadline_factor, named here without the prefix this class stands for."""
+
     def __init__(self, floor_s: float, ceiling_s: float, factor: float, window: int = 64) -> None:
         self.floor_s = floor_s
         self.ceiling_s = ceiling_s

@@ -4,9 +4,10 @@ One loop, readable top to bottom (`_run`): drop cancelled requests, wait (bounde
 not serving, admit waiting requests to free slots, run one turn. A turn (`_turn`) is what the scheduler
 (`scheduler.py`, pure) says: share (paged) or copy (static) the prompt of n choices, one prefill step, the
 decode steps. Each step is one call to the ranks with the step deadline; its tokens go to their requests
-(`_accept`: detokenise, stream, stop). A failed step is blamed (`blame.py`: who fails), everyone else is
-replayed after the repair; requests wait for the repair at most `resume_wait_s` from the fault (or from when
-they were queued), then get a retriable 503. Nothing here waits without a bound.
+(`outcomes.py`: detokenise, stream, stop; there every way a request ends is counted). A failed step is blamed
+(`blame.py`: who fails), everyone else is replayed after the repair; requests wait for the repair at most
+`resume_wait_s` from the fault (or from when they were queued), then get a retriable 503. Nothing here waits
+without a bound.
 
 The KV cache's blocks are the scheduler's to hand out; every command carries the rows of the block table that
 changed since the last one (`Scheduler.take_rows`), so the ranks' tables always match what the scheduler gave.
@@ -23,22 +24,15 @@ import logging
 import random
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, cast
 
 from neurond import protocol as p
 from neurond.engine.blame import blame
+from neurond.engine.choices import ChoiceGroup
 from neurond.engine.deadline import StepDeadline
-from neurond.engine.detok import Decoder, StopStringDetokenizer
-from neurond.engine.request import (
-    RETRY_AFTER_S,
-    ChoiceGroup,
-    Failed,
-    Finished,
-    FinishReason,
-    GenerationRequest,
-    LogprobEntry,
-    TextDelta,
-)
+from neurond.engine.detok import Decoder
+from neurond.engine.outcomes import EngineStats, Outcomes
+from neurond.engine.request import RETRY_AFTER_S, Failed, GenerationRequest
 from neurond.engine.scheduler import Scheduler
 from neurond.engine.step_pool import StepPool
 from neurond.lifecycle import LifecycleState
@@ -59,20 +53,6 @@ class RequestTooLarge(ValueError):
     """A request could never run: the KV cache cannot hold its prompt + max_tokens even when it is empty."""
 
 
-class EngineStats(TypedDict):
-    """Engine.stats: request outcomes since start (for the admin status and `neurond status`)."""
-
-    completed: int
-    failed: int
-    cancelled: int
-    replayed: int
-    quarantined: int
-    repair_wait_expired: int
-    preempted: int
-    last_cancelled_tokens: int | None
-    max_batch_seen: int
-
-
 def _slot(req: GenerationRequest) -> int:
     """The slot of a running request (it holds one from admission until it is released)."""
     assert req.slot is not None, f"request {req.request_id} holds no slot"
@@ -86,34 +66,39 @@ def _rank0(replies: dict[int, object]) -> p.Done:
 
 
 class Engine:
-    def __init__(self, supervisor: StepPool, tokenizer: Decoder, *, deadline: StepDeadline, max_queued: int,
-                 metrics: MetricsSink | None = None, resume_wait_s: float = 30.0, max_batch: int = 1,
-                 prefill_chunk: int = 512, max_request_faults: int = 2, decode_steps: int = 1, max_len: int = 2048,
-                 kv_blocks: int = 0, kv_block_size: int = 16) -> None:
+    """The loop (the module's docstring), its calls to the ranks and what a fault does to the requests. The
+    settings keep their configuration's names, but `context_len`: the served context window, resolved from the
+    model and max_model_len (neurond/served_model.py), as the ranks' WorkerSpec calls it."""
+
+    def __init__(self, supervisor: StepPool, tokenizer: Decoder, *, deadline: StepDeadline,
+                 max_queued_requests: int, metrics: MetricsSink | None = None, resume_wait_s: float = 30.0,
+                 max_batch_size: int = 1, prefill_chunk_tokens: int = 512, max_request_faults: int = 2,
+                 decode_steps_per_call: int = 1, context_len: int = 2048, kv_cache_blocks: int = 0,
+                 kv_block_size: int = 16) -> None:
         self.supervisor = supervisor
-        self.tokenizer = tokenizer
         self.deadline = deadline
-        self.max_queued = max_queued
+        self.max_queued_requests = max_queued_requests
         self.metrics = metrics
         self.resume_wait_s = resume_wait_s
         self.max_request_faults = max_request_faults
-        self.decode_steps = decode_steps
-        self.scheduler = Scheduler(max_batch=max_batch, prefill_chunk=prefill_chunk, max_len=max_len,
-                                   kv_blocks=kv_blocks, kv_block_size=kv_block_size)
+        self.decode_steps_per_call = decode_steps_per_call
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   context_len=context_len, kv_cache_blocks=kv_cache_blocks,
+                                   kv_block_size=kv_block_size)
+        self.outcomes = Outcomes(self.scheduler, tokenizer, metrics)
         self._epoch = supervisor.epoch  # the supervisor's count of times it stopped serving, as last seen
         self._prefix_counted = (0, 0)  # the scheduler's prefix cache hits and misses, as last counted out
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        #: Outcomes since start, for the admin status (and `neurond status`).
-        #: (quarantined and repair_wait_expired are failed requests, counted in `failed` too.)
-        self.stats: EngineStats = {"completed": 0, "failed": 0, "cancelled": 0, "replayed": 0, "quarantined": 0,
-                                   "repair_wait_expired": 0, "preempted": 0, "last_cancelled_tokens": None,
-                                   "max_batch_seen": 0}
-        self._drawn = 0  # tokens accepted in the current step, not yet counted in the metrics
         if metrics is not None:
             metrics.queued_requests.set_function(lambda: len(self.scheduler.waiting))
 
     # ------------------------------------------------------------------ public
+    @property
+    def stats(self) -> EngineStats:
+        """Request outcomes since start (`Outcomes.stats`)."""
+        return self.outcomes.stats
+
     @property
     def kv_positions(self) -> int:
         """The most tokens (prompt + completion) one sequence can have in the KV cache, with it all to itself."""
@@ -131,7 +116,7 @@ class Engine:
             raise PoolUnavailable(None, f"model is {self.supervisor.state}")
         self._sync_blocks()
         waiting = len(self.scheduler.waiting)
-        if waiting + len(reqs) > self.max_queued:
+        if waiting + len(reqs) > self.max_queued_requests:
             raise EngineBusy(f"{waiting} requests are already waiting")
         for req in reqs:
             # Admission is oldest first: one that could never get its blocks would hold up everyone behind it.
@@ -184,13 +169,13 @@ class Engine:
                 self._epoch = self.supervisor.epoch
                 self.scheduler.drop_prefix_cache()
             try:  # admission and counting too: a bug anywhere in a turn fails its requests, never stalls the loop
-                self.scheduler.admit(self._start)
+                self.scheduler.admit(self.outcomes.start)
                 self._count_prefix()
                 await self._turn()
             except Exception as exc:  # a bug must fail the requests involved, not the engine
                 log.exception("engine error")
                 for req in list(self.scheduler.running):
-                    self._fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+                    self.outcomes.fail(req, Failed(500, "internal_error", f"{type(exc).__name__}: {exc}"))
                 self.scheduler.drop_prefix_cache()  # what the failed step left in the cache is not known
             if self.metrics is not None:
                 pool = self.scheduler.pool
@@ -211,7 +196,7 @@ class Engine:
             # The blocks for every position the call writes are taken first, which may preempt the requests
             # admitted last (this batch's or a later one's): they are not in the call, nor blamed for it.
             batch = self.scheduler.reserve_decode(batch, steps)
-            self._preempted(self.scheduler.preemptions - before)
+            self.outcomes.preempted(self.scheduler.preemptions - before)
             if batch and not await self._step(batch, self._decode(batch, steps)):
                 return
 
@@ -223,14 +208,7 @@ class Engine:
             self._on_fault(fault, members)
             return False
         finally:
-            if self._drawn and self.metrics is not None:
-                self.metrics.generated(self._drawn)  # once per call: _accept runs per token
-            self._drawn = 0
-
-    def _start(self, req: GenerationRequest) -> None:
-        """A request was given a slot: it streams text through its own detokeniser (kept across a replay)."""
-        if req.detok is None:
-            req.detok = StopStringDetokenizer(self.tokenizer, req.stop)
+            self.outcomes.count_drawn()
 
     async def _copy(self, group: ChoiceGroup, source: GenerationRequest, targets: list[GenerationRequest]) -> None:
         dsts = tuple(_slot(r) for r in targets)
@@ -267,14 +245,14 @@ class Engine:
             req.prefilled = chunk.start + n
             if chunk.last:
                 req.decoding = True
-                self._accept(req, token, logprob)
+                self.outcomes.accept(req, token, logprob)
 
     def _decode_steps(self, batch: list[GenerationRequest]) -> int:
         """Several decode steps per call while nobody waits for a prefill (the round trip to the ranks is paid
         once per call), never more than the batch's smallest remaining max_tokens."""
         if not self.scheduler.only_decoding():
             return 1
-        return max(1, min(self.decode_steps, *(r.max_tokens - len(r.generated) for r in batch)))
+        return max(1, min(self.decode_steps_per_call, *(r.max_tokens - len(r.generated) for r in batch)))
 
     async def _decode(self, batch: list[GenerationRequest], steps: int) -> None:
         """`steps` decode steps for `batch`, whose blocks are reserved. Tokens a sequence draws after it
@@ -298,7 +276,7 @@ class Engine:
         for step in range(steps):
             for i, req in enumerate(batch):
                 if req.slot is not None:  # not finished earlier in this call (a finished request has none)
-                    self._accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
+                    self.outcomes.accept(req, tokens[step * len(batch) + i], logprobs[step * len(batch) + i])
 
     def _count_prefix(self) -> None:
         """Context tokens the last admissions found in the prefix cache, and those they prefill, to the metrics."""
@@ -307,83 +285,20 @@ class Engine:
             self.metrics.prefix_tokens(now[0] - self._prefix_counted[0], now[1] - self._prefix_counted[1])
         self._prefix_counted = now
 
-    def _preempted(self, n: int) -> None:
-        if n:
-            self.stats["preempted"] += n
-            log.info("KV cache full: %d request(s) preempted, to be replayed (%d of %d blocks in use)", n,
-                     self.scheduler.pool.used, self.scheduler.pool.num_blocks)
-            if self.metrics is not None:
-                self.metrics.preempted(n)
-
-    def _accept(self, req: GenerationRequest, token: int, logprob: p.TokenLogprob | None = None) -> None:
-        """A token drawn for `req`: stream it (with its log-probabilities, if asked for), and finish the request
-        if it is done."""
-        if req.cancelled:
-            self._cancel(req)
-            return
-        if token in req.stop_token_ids:
-            self._finish(req, FinishReason.STOP)
-            return
-        req.generated.append(token)
-        self._drawn += 1
-        if logprob is not None:
-            req.pending_logprobs.append(LogprobEntry(token, logprob.logprob, logprob.top))
-        detok = req.detok
-        assert detok is not None  # made when the request was admitted
-        text = detok.add(token)
-        if text:
-            req.emit(TextDelta(text, self._take_logprobs(req)))
-        if detok.stopped:
-            self._finish(req, FinishReason.STOP)
-        elif len(req.generated) >= req.max_tokens:
-            self._finish(req, FinishReason.LENGTH)
-
-    def _finish(self, req: GenerationRequest, reason: FinishReason) -> None:
-        self.scheduler.release(req)
-        assert req.detok is not None  # made when the request was admitted
-        tail = req.detok.flush()
-        if tail or req.pending_logprobs:
-            req.emit(TextDelta(tail, self._take_logprobs(req)))
-        self._outcome("completed")
-        req.emit(Finished(reason, len(req.prompt_ids), len(req.generated)))
-
-    @staticmethod
-    def _take_logprobs(req: GenerationRequest) -> tuple[LogprobEntry, ...]:
-        taken = tuple(req.pending_logprobs)
-        req.pending_logprobs.clear()
-        return taken
-
-    def _cancel(self, req: GenerationRequest) -> None:
-        """The client went away: free the slot, count it."""
-        self.scheduler.release(req)
-        self.stats["last_cancelled_tokens"] = len(req.generated)
-        self._outcome("cancelled")
-
     def _drop_cancelled(self) -> None:
         for req in self.scheduler.cancelled():
-            self._cancel(req)
-
-    def _outcome(self, outcome: Literal["completed", "cancelled", "repair_wait_expired"]) -> None:
-        self.stats[outcome] += 1
-        if self.metrics is not None:
-            self.metrics.request_done(outcome)
-
-    def _fail(self, req: GenerationRequest, failed: Failed, fault: PoolFault | None = None) -> None:
-        self.scheduler.forget(req)
-        self.stats["failed"] += 1
-        if self.metrics is not None:
-            self.metrics.request_done("failed")
-        req.emit(failed)
-        if fault is not None and not isinstance(fault, PoolUnavailable):
-            emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
-                 rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
-                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), faults=req.faults)
+            self.outcomes.cancel(req)
 
     # ------------------------------------------------------------------ faults
     def _on_fault(self, fault: PoolFault, members: list[GenerationRequest]) -> None:
+        """The requests `blame` fails get their error and a journal entry (none for a step that never ran,
+        PoolUnavailable); everyone else holding a slot is replayed after the repair."""
         for req, failed, quarantined in blame(fault, members, self.max_request_faults):
             self.stats["quarantined"] += quarantined
-            self._fail(req, failed, fault)
+            self.outcomes.fail(req, failed)
+            emit(self.supervisor.events, Event.REQUEST_FAILED, request_id=req.request_id, cause=failed.code,
+                 rank=fault.rank, incident=self.supervisor.current_incident, status=failed.status,
+                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), faults=req.faults)
         self._interrupt_running()
 
     def _interrupt_running(self) -> None:
@@ -402,14 +317,10 @@ class Engine:
             for req in list(self.scheduler.waiting):
                 since = req.interrupted_at if req.interrupted_at is not None else req.queued_at
                 if gone or now - since >= self.resume_wait_s:
-                    self.scheduler.forget(req)
-                    if not gone:
-                        # Its own count: how often repairs outlast resume_wait_s is what tunes that setting.
-                        self._outcome("repair_wait_expired")
-                    self._fail(req, Failed(
+                    self.outcomes.fail(req, Failed(
                         503, "model_unavailable",
                         f"model is {self.supervisor.state}: not repaired within {self.resume_wait_s:.0f}s"
-                        if not gone else f"model is {self.supervisor.state}", RETRY_AFTER_S))
+                        if not gone else f"model is {self.supervisor.state}", RETRY_AFTER_S), wait_expired=not gone)
             self._drop_cancelled()
             if self.scheduler.idle:
                 return

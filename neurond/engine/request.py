@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from neurond.protocol import SamplingParams
 
 if TYPE_CHECKING:
+    from neurond.engine.choices import ChoiceGroup
     from neurond.engine.detok import StopStringDetokenizer
 
 _seq_ids = itertools.count(1)
@@ -63,20 +64,6 @@ class Failed:
 RequestEvent = TextDelta | Finished | Failed
 
 
-@dataclass(eq=False, slots=True)
-class ChoiceGroup:
-    """The requests for the n choices of one API request. Their prompt, but for its last token (from which
-    each draws its own first token), is prefilled once, by one member, and copied into the others' slots."""
-
-    members: list[GenerationRequest]
-    shared: int  # prompt tokens every member's cache starts with
-    prefiller: GenerationRequest | None = None  # the member prefilling the shared part now
-
-    def source(self) -> GenerationRequest | None:
-        """A member whose slot holds the shared part now, if any."""
-        return next((m for m in self.members if m.slot is not None and m.prefilled >= self.shared), None)
-
-
 @dataclass(slots=True)
 class GenerationRequest:
     request_id: str
@@ -108,7 +95,7 @@ class GenerationRequest:
     decoding: bool = False
     #: Log-probabilities of generated tokens whose text the detokeniser still holds back.
     pending_logprobs: list[LogprobEntry] = field(default_factory=list)
-    #: The other choices of the same API request (n > 1), or None.
+    #: The other choices of the same API request (n > 1: engine/choices.py), or None.
     group: ChoiceGroup | None = None
 
     @property

@@ -3,7 +3,7 @@
 Pure and synchronous (nano-vllm's schedule): no I/O, no awaits, no rank calls. The engine (`engine.py`) asks
 for a turn's work (prefix copies, one prefill batch, the decode batches), runs it on the ranks and reports
 back by updating the requests. Requests wait in a queue and take the lowest free slot (keeping the decode batch,
-rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `prefill_chunk` tokens a turn,
+rows 0..highest slot, small); a long prompt is prefilled in chunks of at most `prefill_chunk_tokens` tokens a turn,
 so it never stalls the others for more than a chunk. A request that was in a faulted step before runs alone
 (its prefill and its decode), so a fault that follows it is its own and nobody else takes a strike for it.
 
@@ -11,10 +11,10 @@ The KV cache is counted in blocks (`blocks.py`): a request is admitted only when
 its first decode step can be had too, and a decode call first takes the blocks for every position it writes.
 When the pool runs short there, the requests admitted last are preempted: they give back their slot and blocks
 and go back to the front of the queue, to be replayed later like a request interrupted by a fault (the client
-sees a slower stream, nothing else). With a paged cache on the ranks (`kv_blocks` N > 0, or -1, the default:
+sees a slower stream, nothing else). With a paged cache on the ranks (`kv_cache_blocks` N > 0, or -1, the default:
 sized by the ranks from their memory at the first load, `resize`) the rows of the block table that changed wait
 in `_rows` until the engine sends them with its next command (`take_rows`). With the static slot cache
-(`kv_blocks` = 0) the count is of the same memory (every slot its max_len) and can never run short, so nothing
+(`kv_cache_blocks` = 0) the count is of the same memory (every slot its context_len) and can never run short, so nothing
 waits for blocks or is preempted, and no rows are sent.
 
 Prefix caching (paged cache only): a request's full blocks are shared with later requests whose context starts
@@ -22,7 +22,7 @@ with the same tokens (`prefix.py` names a block by a hash chain over everything 
 published for sharing once it is full and written: every one of its positions holds a context token the ranks
 have written, i.e. it lies within the first `prefilled` positions of a prefilling request, or the first
 len(context) - 1 of a decoding one (the last drawn token is written by the next step), and before the slot's
-trash position (`max_len`, where idle rows write). Requests publish when they are released and, for those still
+trash position (`context_len`, where idle rows write). Requests publish when they are released and, for those still
 running, before every admission. A new request (not one of n choices: those keep the copy of `copies`) takes
 the longest run of published blocks its context starts with, but never all of its context: at least its last
 token is prefilled (the rank draws the next token from its logits), so at most len(context) - 1 tokens, rounded
@@ -31,11 +31,9 @@ writes into them (its writes are all past them), and nor does anyone else (a blo
 owner is past it). A block nobody holds stays cached until `take` evicts it (`blocks.py`). After a fault
 (`interrupt`) the whole cache is forgotten.
 
-The n choices of one API request (a ChoiceGroup) share their prompt but for its last token: one member
-prefills it. With the static cache it is then copied into the others' slots (`copies`, a rank command). Paged,
-the others take the prefiller's whole blocks of it instead (`share_choices`, no rank work: their table rows
-change) and each prefills what is left, the partial block and the last token; their own blocks for those
-positions go back to the pool.
+The n choices of one API request (a ChoiceGroup, `choices.py`) share their prompt but for its last token: one
+member prefills it, and it is copied into the others' slots (`copies`, static cache) or they take its blocks
+(`share_choices`, paged).
 """
 
 from __future__ import annotations
@@ -44,21 +42,24 @@ import collections
 from collections.abc import Callable
 
 from neurond.engine.blocks import BlockPool, default_blocks
+from neurond.engine.choices import ChoiceGroup, group_choices, groups
 from neurond.engine.prefix import chain
-from neurond.engine.request import ChoiceGroup, GenerationRequest
+from neurond.engine.request import GenerationRequest
 from neurond.protocol import BlockRow
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, prefill_chunk: int, max_len: int = 2048, kv_blocks: int = 0,
-                 kv_block_size: int = 16) -> None:
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
-        self.max_len = max_len  # tokens per sequence at most (a slot's positions, but for its trash column)
-        # kv_blocks -1 (sized by the ranks from their memory): the static cache's count until `resize` says.
-        self.pool = BlockPool(kv_blocks if kv_blocks > 0 else default_blocks(max_batch, max_len, kv_block_size),
-                              kv_block_size)
-        self.paged = kv_blocks != 0  # the ranks keep block tables (else their static slots need no rows)
+    """The settings keep their configuration's names, but `context_len` (the served context window: Engine)."""
+
+    def __init__(self, *, max_batch_size: int, prefill_chunk_tokens: int, context_len: int = 2048,
+                 kv_cache_blocks: int = 0, kv_block_size: int = 16) -> None:
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.context_len = context_len  # tokens per sequence at most (a slot's positions, but for its trash column)
+        # kv_cache_blocks -1 (sized by the ranks from their memory): the static cache's count until `resize` says.
+        self.pool = BlockPool(kv_cache_blocks if kv_cache_blocks > 0
+                              else default_blocks(max_batch_size, context_len, kv_block_size), kv_block_size)
+        self.paged = kv_cache_blocks != 0  # the ranks keep block tables (else their static slots need no rows)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[GenerationRequest] = []  # holding a slot, in admission order
         self._rows: dict[int, BlockRow] = {}  # by slot: rows of the block table the ranks have not seen yet
@@ -78,9 +79,9 @@ class Scheduler:
 
     def limit(self, req: GenerationRequest) -> int:
         """The most positions `req`'s sequence ever fills: its prompt and max_tokens, within a slot's
-        max_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
+        context_len + 1 (a position past that goes to the trash on the ranks). Every need below is capped by it,
         so a request whose limit fits the pool (`never_fits`) never waits for blocks that cannot be had."""
-        return min(len(req.prompt_ids) + req.max_tokens, self.max_len + 1)
+        return min(len(req.prompt_ids) + req.max_tokens, self.context_len + 1)
 
     def never_fits(self, req: GenerationRequest) -> str | None:
         """Why `req` could never be given the blocks it may need, even with the whole pool free; None if it
@@ -117,7 +118,7 @@ class Scheduler:
         if not self.paged:
             return
         written = len(req.context) - 1 if req.decoding else req.prefilled
-        full = min(min(written, self.max_len) // self.pool.block_size, len(req.blocks))
+        full = min(min(written, self.context_len) // self.pool.block_size, len(req.blocks))
         if full <= req.published:
             return
         chain(req.context, self.pool.block_size, req.hashes, full)
@@ -184,11 +185,7 @@ class Scheduler:
     def queue(self, reqs: list[GenerationRequest]) -> None:
         """Queue the requests of one API request. Several with the same prompt (its n choices) form a
         ChoiceGroup: their prompt, but for its last token, is prefilled once and copied."""
-        shared = len(reqs[0].prompt_ids) - 1
-        if len(reqs) > 1 and shared > 0 and all(r.prompt_ids == reqs[0].prompt_ids for r in reqs):
-            group = ChoiceGroup(list(reqs), shared)
-            for req in reqs:
-                req.group = group
+        group_choices(reqs)
         self.waiting.extend(reqs)
 
     def admit(self, start: Callable[[GenerationRequest], None]) -> None:
@@ -197,7 +194,7 @@ class Scheduler:
         for each one admitted. Its row of the block table is sent whole (start 0), the blocks it shares from
         the prefix cache first (with `prefilled` past them)."""
         used = {r.slot for r in self.running}
-        free = [s for s in range(self.max_batch) if s not in used]
+        free = [s for s in range(self.max_batch_size) if s not in used]
         if free and self.waiting:
             for running in self.running:
                 self._publish(running)
@@ -225,31 +222,22 @@ class Scheduler:
             start(req)
             self.running.append(req)
 
-    def _groups(self) -> list[ChoiceGroup]:
-        return list({id(r.group): r.group for r in self.running if r.group is not None}.values())
-
     def share_choices(self) -> int:
         """Paged: members of a group whose shared prompt is in a member's blocks, holding a slot with nothing
         prefilled yet, take that member's whole blocks of it (in place of as many of their own) and count as
         prefilled up to them. Before the turn's prefill batch. Returns the blocks shared."""
         if not self.paged:
             return 0
-        size, shared = self.pool.block_size, 0
-        for group in self._groups():
-            source = group.source()
-            if source is None:
-                continue
-            whole = min(group.shared // size, len(source.blocks))
-            for req in group.members:
-                if req is source or req not in self.running or req.prefilled or req.decoding or not whole:
-                    continue
+        shared = 0
+        for group in groups(self.running):
+            for req, blocks in group.shares(self.running, self.pool.block_size):
                 assert req.slot is not None
-                blocks = source.blocks[:whole]
+                whole = len(blocks)
                 self.pool.share(blocks)  # first: the source's blocks stay held whatever `give` frees
                 self.pool.give(req.blocks[:whole])
                 req.blocks[:whole] = blocks
                 self._rows[req.slot] = BlockRow(req.slot, 0, tuple(req.blocks))
-                req.prefilled = whole * size
+                req.prefilled = whole * self.pool.block_size
                 self._count(req)
                 shared += whole
         return shared
@@ -257,21 +245,16 @@ class Scheduler:
     def copies(self) -> list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]]:
         """The static cache: for each group whose shared prompt is in a member's slot, the members holding a
         slot with nothing prefilled yet, to copy it to. Paged there are none (`share_choices`)."""
-        out: list[tuple[ChoiceGroup, GenerationRequest, list[GenerationRequest]]] = []
         if self.paged:
-            return out
-        for group in self._groups():
-            source = group.source()
-            targets = [r for r in group.members if r in self.running and r.prefilled == 0 and r is not source]
-            if source is not None and targets:
-                out.append((group, source, targets))
-        return out
+            return []
+        copies = ((group, group.copy(self.running)) for group in groups(self.running))
+        return [(group, *copy) for group, copy in copies if copy is not None]
 
     def prefill_batch(self) -> list[tuple[GenerationRequest, int]]:
-        """The next chunk of each prefilling request, oldest first, up to prefill_chunk tokens in all (at least
+        """The next chunk of each prefilling request, oldest first, up to prefill_chunk_tokens in all (at least
         one chunk). A request that was in a faulted step before is prefilled alone."""
         batch: list[tuple[GenerationRequest, int]] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk_tokens
         longest = 0  # the batch's longest row end so far
         for req in self.running:
             if req.decoding:
@@ -281,13 +264,10 @@ class Scheduler:
             if group is not None and req.prefilled < group.shared:
                 # A choice of n: one member prefills the shared prompt; the others get it copied (copies()), or,
                 # paged, share its whole blocks (share_choices()) and prefill the rest themselves.
-                if group.source() is not None:
-                    if not self.paged:
-                        continue
-                elif group.prefiller not in (None, req) and group.prefiller.slot is not None:
+                end = group.prefill_end(req, self.paged)
+                if end is None:
                     continue
-                else:
-                    group.prefiller, target = req, group.shared
+                target = end
             if batch and (req.faults or batch[0][0].faults):
                 break
             n = min(target - req.prefilled, budget)
@@ -298,7 +278,7 @@ class Scheduler:
             # worth, which is the step the ranks measure when they size their cache from memory
             # (worker/kv_budget.py); the first row always goes.
             longest = max(longest, req.prefilled + n)
-            if batch and (len(batch) + 1) * longest > self.max_len:
+            if batch and (len(batch) + 1) * longest > self.context_len:
                 break
             if group is not None and self.paged and req.prefilled == 0:
                 self._count(req)  # a choice of n that shared nothing (the prefiller, or a prompt under a block)
@@ -359,6 +339,6 @@ class Scheduler:
         self.waiting.extendleft(reversed(interrupted))
         # Ranks may be new processes, or may have missed the rows of the failed command: every row is sent
         # afresh (start 0), empty for a slot nobody holds.
-        for slot in range(self.max_batch):
+        for slot in range(self.max_batch_size):
             self._rows.setdefault(slot, BlockRow(slot, 0, ()))
         return interrupted

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from neurond.api.admin import AdminPool, EngineCounts
 from neurond.api.app import GenerationQueue, PoolState
-from neurond.engine.engine import EngineStats
+from neurond.engine.outcomes import EngineStats
 from neurond.engine.request import GenerationRequest
 from neurond.lifecycle import Cause, LifecycleState
 from neurond.pool.supervisor import Snapshot, Transition

@@ -78,12 +78,12 @@ class _Server:
     """connections.serve with a trivial ASGI app on its own loop: the contract with hypercorn and asyncio that
     the cap relies on (the listening socket's accept() is what accepts), without a model."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, max_connections: int) -> None:
         from hypercorn.config import Config as HypercornConfig
 
         self.calls = 0
         self.loop = asyncio.new_event_loop()
-        self.cap = connections.ConnectionCap(limit, 2.0)
+        self.cap = connections.ConnectionCap(max_connections, 2.0)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(100)
@@ -116,7 +116,7 @@ class _Server:
 def test_the_listening_socket_accept_is_what_hypercorn_accepts_through():
     """Fails if hypercorn or asyncio stop accepting through our socket's accept() (uvloop, a hypercorn that
     makes its own sockets): the cap would silently hold nothing."""
-    server = _Server(limit=2)
+    server = _Server(max_connections=2)
     try:
         calls = server.calls
         held = [_connect(server.port) for _ in range(2)]
@@ -141,7 +141,7 @@ def _take(cap: connections.ConnectionCap, peer: str, local: str | None = None):
 def test_the_reserve_is_for_this_hosts_own_peers_only():
     """max_connections = 10, connection_reserve = 3: peers from elsewhere get 7 places, then only loopback peers
     and a peer whose address is the connection's own (a probe to the machine's public address) get one."""
-    cap = connections.ConnectionCap(10, 2.0, reserve=3)
+    cap = connections.ConnectionCap(10, 2.0, connection_reserve=3)
     remote = [_take(cap, f"198.51.100.{i}") for i in range(7)]
     assert all(isinstance(p, connections.Place) and not p.reserved for p in remote)
     assert _take(cap, "198.51.100.99") is connections.Refused.FULL
@@ -162,9 +162,9 @@ def test_the_reserve_is_for_this_hosts_own_peers_only():
 
 
 def test_one_peer_holds_at_most_max_connections_per_peer():
-    """An IPv4 address, or an IPv6 /64, holds at most per_peer shared places; others still get theirs. A
-    loopback peer at its limit may take a reserved place (a probe from the address a local proxy uses)."""
-    cap = connections.ConnectionCap(20, 2.0, per_peer=2, reserve=2)
+    """An IPv4 address, or an IPv6 /64, holds at most max_connections_per_peer shared places; others still get
+    theirs. A loopback peer at its limit may take a reserved place (a probe from the address a local proxy uses)."""
+    cap = connections.ConnectionCap(20, 2.0, max_connections_per_peer=2, connection_reserve=2)
     a = [_take(cap, "198.51.100.1"), _take(cap, "::ffff:198.51.100.1")]  # the same peer, IPv4-mapped
     assert all(isinstance(p, connections.Place) for p in a)
     assert _take(cap, "198.51.100.1") is connections.Refused.PER_PEER
@@ -184,7 +184,8 @@ def test_one_peer_holds_at_most_max_connections_per_peer():
 
 
 def test_refusals_say_which_limit():
-    full, peer = connections.refusal(8, 2.0, reserve=2), connections.refusal(8, 2.0, per_peer=4)
+    full = connections.refusal(8, 2.0, connection_reserve=2)
+    peer = connections.refusal(8, 2.0, max_connections_per_peer=4)
     for raw, says in ((full, "max_connections = 8; the last 2 only for this host"),
                       (peer, "max_connections_per_peer = 4")):
         head, _, body = raw.partition(b"\r\n\r\n")

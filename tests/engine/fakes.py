@@ -52,7 +52,7 @@ class FakeSupervisor:
         self.paged = paged  # an engine with a paged cache: check its rows (the static cache gets none)
         self.calls: list[p.StepCommand] = []
         self.block_size = block_size
-        self.trash = trash  # the engine's max_len: the last position of a slot, where idle rows write
+        self.trash = trash  # the engine's context_len: the last position of a slot, where idle rows write
         self.tables: dict[int, list[int]] = {}
         # block (or (slot, column) for the static cache) -> tokens
         self.kv: dict[int | tuple[int, int], list[int | None]] = {}

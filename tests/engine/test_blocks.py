@@ -13,7 +13,7 @@ def test_blocks_for_rounds_up():
 
 
 def test_default_is_the_static_cache_of_before():
-    # Every slot its max_len positions and the trash column: 2049 positions are 129 blocks of 16.
+    # Every slot its context_len positions and the trash column: 2049 positions are 129 blocks of 16.
     assert default_blocks(8, 2048, 16) == 8 * 129
     assert default_blocks(1, 15, 16) == 1 and default_blocks(1, 16, 16) == 2
 

@@ -29,15 +29,16 @@ def request(name: str, prompt: list[int], n: int) -> GenerationRequest:
     return GenerationRequest(name, prompt, n, p.SamplingParams(temperature=0.0))
 
 
-async def run(sup, reqs, *, max_batch=4, chunk=3, delay_s=0.0, decode_steps=1, together=False, kv_blocks=0,
-              metrics=None):
+async def run(sup, reqs, *, max_batch_size=4, chunk=3, delay_s=0.0, decode_steps_per_call=1, together=False,
+              kv_cache_blocks=0, metrics=None):
     """`together`: the requests are one API request's choices (Engine.submit_all). A paged cache of
-    `kv_blocks` blocks, or (0) of as many as the static cache holds, so the rows are checked in every test;
+    `kv_cache_blocks` blocks, or (0) of as many as the static cache holds, so the rows are checked in every test;
     the static cache itself where `sup` is not paged."""
-    blocks = (kv_blocks or default_blocks(max_batch, 64, sup.block_size)) if sup.paged else 0
-    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
-                    prefill_chunk=chunk, max_request_faults=2, resume_wait_s=5, decode_steps=decode_steps,
-                    max_len=64, kv_blocks=blocks, kv_block_size=sup.block_size, metrics=metrics)
+    blocks = (kv_cache_blocks or default_blocks(max_batch_size, 64, sup.block_size)) if sup.paged else 0
+    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued_requests=16,
+                    max_batch_size=max_batch_size, prefill_chunk_tokens=chunk, max_request_faults=2, resume_wait_s=5,
+                    decode_steps_per_call=decode_steps_per_call, context_len=64, kv_cache_blocks=blocks,
+                    kv_block_size=sup.block_size, metrics=metrics)
     engine.start()
     if together:
         engine.submit_all(reqs)
@@ -86,7 +87,7 @@ def test_requests_batch_together_and_each_gets_its_own_answer():
 def test_more_requests_than_slots_wait_for_one():
     sup = FakeSupervisor()
     reqs = [request(k, v, 4) for k, v in PROMPTS.items()]
-    _, out = asyncio.run(run(sup, reqs, max_batch=1))
+    _, out = asyncio.run(run(sup, reqs, max_batch_size=1))
     assert all(out[k][1] == text_of(expected(v, 4)) for k, v in PROMPTS.items())
     assert all(len(c.slots) == 1 for c in sup.calls if isinstance(c, p.Decode))
 
@@ -113,7 +114,7 @@ def test_a_replay_tells_the_ranks_what_each_sequence_generated_if_its_sampling_n
     sup = FakeSupervisor({8: RankDied(1, -9)})  # the fifth decode call: "a" has drawn 6 tokens
     penalized = GenerationRequest("a", PROMPTS["a"], 12, p.SamplingParams(temperature=0.0, frequency_penalty=0.5))
     plain = request("c", PROMPTS["c"], 12)
-    engine, out = asyncio.run(run(sup, [penalized, plain], decode_steps=2))
+    engine, out = asyncio.run(run(sup, [penalized, plain], decode_steps_per_call=2))
     assert engine.stats["replayed"] == 2
     replays = {}  # slot -> the prompt it replays (its first chunk) and its last chunk
     for call in sup.calls[8:]:
@@ -188,8 +189,8 @@ def test_cancelled_request_leaves_the_batch():
     a, b = request("a", [5, 6], 50), request("b", [7], 6)
 
     async def go():
-        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
-                        prefill_chunk=8)
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued_requests=16, max_batch_size=4,
+                        prefill_chunk_tokens=8)
         engine.start()
         engine.submit(a)
         engine.submit(b)
@@ -216,7 +217,7 @@ def test_interrupted_requests_wait_at_most_resume_wait(gone):
     metrics = MetricsSink()
 
     async def go():
-        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4,
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued_requests=16, max_batch_size=4,
                         resume_wait_s=0.3, metrics=metrics)
         engine.start()
         r = request("a", [5, 6], 8)
@@ -260,11 +261,11 @@ def test_a_request_struck_before_is_prefilled_alone():
 
 
 def test_several_decode_steps_per_call_give_the_same_streams():
-    """With decode_steps=4 the leader calls the ranks once per 4 tokens while nobody waits for a prefill;
+    """With decode_steps_per_call=4 the leader calls the ranks once per 4 tokens while nobody waits for a prefill;
     tokens past a request's end (max_tokens, here 6 and 9) are dropped, and every stream is exact."""
     sup = FakeSupervisor()
     reqs = [request("a", PROMPTS["a"], 6), request("b", PROMPTS["b"], 9)]
-    _, out = asyncio.run(run(sup, reqs, chunk=16, decode_steps=4))
+    _, out = asyncio.run(run(sup, reqs, chunk=16, decode_steps_per_call=4))
     assert out["a"][1] == text_of(expected(PROMPTS["a"], 6))
     assert out["b"][1] == text_of(expected(PROMPTS["b"], 9))
     steps = [c.steps for c in sup.calls if isinstance(c, p.Decode)]
@@ -273,9 +274,9 @@ def test_several_decode_steps_per_call_give_the_same_streams():
     assert steps[0] == 4 and steps[1] == 1
 
 
-def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch: int = 4, **kw):
+def _run_group(sup, n: int, prompt: list[int], max_tokens: int, max_batch_size: int = 4, **kw):
     reqs = [request(f"c{i}", prompt, max_tokens) for i in range(n)]
-    engine, out = asyncio.run(run(sup, reqs, max_batch=max_batch, chunk=4, together=True, **kw))
+    engine, out = asyncio.run(run(sup, reqs, max_batch_size=max_batch_size, chunk=4, together=True, **kw))
     return engine, reqs, out
 
 
@@ -314,7 +315,7 @@ def test_n_choices_with_too_few_slots_still_share_and_a_fault_replays_them_all()
     # Two slots for three choices: the third copies from a member still holding the prompt, or prefills it.
     sup = FakeSupervisor()
     prompt = list(range(30, 39))
-    _, _, out = _run_group(sup, 3, prompt, 6, max_batch=2)
+    _, _, out = _run_group(sup, 3, prompt, 6, max_batch_size=2)
     assert all(text == text_of(expected(prompt, 6)) for _, text in out.values())
     # A death in the group's decode: every choice is replayed and continues exactly.
     sup = FakeSupervisor({7: RankDied(1, -9)})
@@ -330,7 +331,7 @@ def test_a_short_kv_cache_preempts_and_replays_and_every_stream_is_exact():
     sup = FakeSupervisor(block_size=4)
     reqs = [request(k, v, 14) for k, v in PROMPTS.items()]  # 21, 16 and 18 positions: 6 + 4 + 5 blocks
     metrics = MetricsSink()
-    engine, out = asyncio.run(run(sup, reqs, decode_steps=4, kv_blocks=12, metrics=metrics))
+    engine, out = asyncio.run(run(sup, reqs, decode_steps_per_call=4, kv_cache_blocks=12, metrics=metrics))
     for k, v in PROMPTS.items():
         assert isinstance(out[k][0], Finished) and out[k][1] == text_of(expected(v, 14)), out[k]
     assert engine.stats["preempted"] >= 1 and engine.stats["failed"] == 0
@@ -348,10 +349,10 @@ def test_a_short_kv_cache_preempts_and_replays_and_every_stream_is_exact():
 def test_the_default_kv_cache_never_preempts_and_every_row_is_sent():
     sup = FakeSupervisor()
     reqs = [request(k, v, 20) for k, v in PROMPTS.items()]
-    engine, out = asyncio.run(run(sup, reqs, decode_steps=8))
+    engine, out = asyncio.run(run(sup, reqs, decode_steps_per_call=8))
     assert all(out[k][1] == text_of(expected(v, 20)) for k, v in PROMPTS.items())
     assert engine.stats["preempted"] == 0
-    assert engine.scheduler.pool.num_blocks == 4 * 5  # max_batch x blocks of max_len + 1 = 65 positions
+    assert engine.scheduler.pool.num_blocks == 4 * 5  # max_batch_size x blocks of context_len + 1 = 65 positions
     assert isinstance(sup.calls[0], p.Prefill) and sup.calls[0].tables[0].start == 0
 
 
@@ -374,8 +375,8 @@ def test_a_fault_sends_every_row_afresh_and_n_choices_share_blocks_again_after_i
 
 def test_a_request_the_kv_cache_could_never_hold_is_refused_with_its_numbers():
     async def submit():
-        engine = Engine(FakeSupervisor(block_size=4), Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16,
-                        max_batch=4, max_len=64, kv_blocks=4, kv_block_size=4)
+        engine = Engine(FakeSupervisor(block_size=4), Tokens(), deadline=StepDeadline(1, 10, 20),
+                        max_queued_requests=16, max_batch_size=4, context_len=64, kv_cache_blocks=4, kv_block_size=4)
         assert engine.kv_positions == 16
         engine.submit(request("fits", [1] * 10, 6))
         with pytest.raises(RequestTooLarge, match=r"= 17 tokens need 5 KV cache blocks .* has 4 blocks"):
@@ -392,8 +393,8 @@ def test_blocks_measured_by_the_ranks_size_the_pool_before_the_first_admission()
     async def serve():
         sup = FakeSupervisor(block_size=4)
         sup.kv_blocks = 5
-        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=4, max_len=64,
-                        kv_blocks=-1, kv_block_size=4)
+        engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued_requests=16, max_batch_size=4,
+                        context_len=64, kv_cache_blocks=-1, kv_block_size=4)
         assert engine.scheduler.paged
         assert engine.kv_positions == 20
         with pytest.raises(RequestTooLarge, match=r"has 5 blocks"):
@@ -412,12 +413,12 @@ def test_blocks_measured_by_the_ranks_size_the_pool_before_the_first_admission()
     asyncio.run(serve())
 
 
-async def _one_by_one(sup, prompts, *, n=6, between=None, metrics=None, max_batch=4, together_after=()):
+async def _one_by_one(sup, prompts, *, n=6, between=None, metrics=None, max_batch_size=4, together_after=()):
     """Each prompt's request after the one before finished (`between()` in between); then the requests of
     `together_after` at once. One engine, so its prefix cache lives on between them."""
-    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued=16, max_batch=max_batch,
-                    prefill_chunk=8, max_request_faults=2, resume_wait_s=5, max_len=64, kv_blocks=40,
-                    kv_block_size=sup.block_size, metrics=metrics)
+    engine = Engine(sup, Tokens(), deadline=StepDeadline(1, 10, 20), max_queued_requests=16,
+                    max_batch_size=max_batch_size, prefill_chunk_tokens=8, max_request_faults=2, resume_wait_s=5,
+                    context_len=64, kv_cache_blocks=40, kv_block_size=sup.block_size, metrics=metrics)
     engine.start()
 
     async def finish(r):

@@ -20,7 +20,7 @@ def admitted(s: Scheduler) -> list[str]:
 
 
 def test_admission_takes_the_lowest_free_slots_oldest_first():
-    s = Scheduler(max_batch=2, prefill_chunk=100)
+    s = Scheduler(max_batch_size=2, prefill_chunk_tokens=100)
     a, b, c = req("a"), req("b"), req("c")
     s.queue([a])
     s.queue([b])
@@ -34,7 +34,7 @@ def test_admission_takes_the_lowest_free_slots_oldest_first():
 
 
 def test_prefill_chunks_share_the_budget_and_a_struck_request_goes_alone():
-    s = Scheduler(max_batch=4, prefill_chunk=8)
+    s = Scheduler(max_batch_size=4, prefill_chunk_tokens=8)
     a, b, c = req("a", 6), req("b", 6), req("c", 6)
     for r in (a, b, c):
         s.queue([r])
@@ -49,9 +49,9 @@ def test_prefill_chunks_share_the_budget_and_a_struck_request_goes_alone():
 
 
 def test_a_prefill_call_reads_at_most_one_context_window_of_keys():
-    """Rows x the longest row's end stays within max_len (what the ranks measure a step with when they size
+    """Rows x the longest row's end stays within context_len (what the ranks measure a step with when they size
     their cache from memory); one row always goes, however long."""
-    s = Scheduler(max_batch=4, prefill_chunk=100, max_len=40)
+    s = Scheduler(max_batch_size=4, prefill_chunk_tokens=100, context_len=40)
     a, b, c, d = req("a", 30), req("b", 5), req("c", 5), req("d", 5)
     for r in (a, b, c, d):
         s.queue([r])
@@ -63,7 +63,7 @@ def test_a_prefill_call_reads_at_most_one_context_window_of_keys():
 
 
 def test_n_choices_prefill_the_shared_prompt_once_and_copy_it():
-    s = Scheduler(max_batch=4, prefill_chunk=100)
+    s = Scheduler(max_batch_size=4, prefill_chunk_tokens=100)
     members = [req(f"x-{i}", 6) for i in range(3)]
     s.queue(members)
     s.admit(lambda r: None)
@@ -75,7 +75,7 @@ def test_n_choices_prefill_the_shared_prompt_once_and_copy_it():
 
 
 def test_an_interrupt_puts_running_requests_back_first_in_their_order():
-    s = Scheduler(max_batch=2, prefill_chunk=100)
+    s = Scheduler(max_batch_size=2, prefill_chunk_tokens=100)
     a, b, c = req("a"), req("b"), req("c")
     for r in (a, b, c):
         s.queue([r])
@@ -99,9 +99,9 @@ def test_blame_fails_a_lone_request_that_raised_and_strikes_everyone_else():
 
 
 # ---------------------------------------------------------------------------------------------- paged KV cache
-def paged(blocks: int, max_batch: int = 4, block_size: int = 4, max_len: int = 64) -> Scheduler:
-    return Scheduler(max_batch=max_batch, prefill_chunk=100, max_len=max_len, kv_blocks=blocks,
-                     kv_block_size=block_size)
+def paged(blocks: int, max_batch_size: int = 4, block_size: int = 4, context_len: int = 64) -> Scheduler:
+    return Scheduler(max_batch_size=max_batch_size, prefill_chunk_tokens=100, context_len=context_len,
+                     kv_cache_blocks=blocks, kv_block_size=block_size)
 
 
 def prefilled(r: GenerationRequest, *drawn: int) -> None:
@@ -112,7 +112,8 @@ def prefilled(r: GenerationRequest, *drawn: int) -> None:
 
 
 def test_the_static_cache_counts_blocks_but_never_waits_preempts_or_sends_rows():
-    s = Scheduler(max_batch=2, prefill_chunk=100, max_len=64, kv_block_size=4)  # kv_blocks=0: static slots
+    # kv_cache_blocks=0: static slots
+    s = Scheduler(max_batch_size=2, prefill_chunk_tokens=100, context_len=64, kv_block_size=4)
     a, b = req("a", 60), req("b", 60)
     s.queue([a])
     s.queue([b])
@@ -207,7 +208,7 @@ def test_the_older_request_growing_preempts_the_newest_not_itself():
 
 
 def test_an_interrupt_sends_every_row_afresh():
-    s = paged(blocks=8, max_batch=3)
+    s = paged(blocks=8, max_batch_size=3)
     a, b = req("a", 3), req("b", 3)
     s.queue([a])
     s.queue([b])
@@ -233,7 +234,8 @@ def test_n_choices_each_hold_blocks_for_the_copied_prompt():
 
 
 def test_with_the_default_pool_nothing_waits_for_blocks_or_is_preempted():
-    s = Scheduler(max_batch=3, prefill_chunk=100, max_len=40)  # kv_blocks=0: 3 x blocks of 41 positions
+    # kv_cache_blocks=0: 3 x blocks of 41 positions
+    s = Scheduler(max_batch_size=3, prefill_chunk_tokens=100, context_len=40)
     reqs = [GenerationRequest(f"r{i}", list(range(1, 11)), 30, GREEDY) for i in range(3)]  # to position 40
     for r in reqs:
         s.queue([r])
@@ -249,7 +251,7 @@ def test_with_the_default_pool_nothing_waits_for_blocks_or_is_preempted():
 
 
 def test_a_request_that_can_never_fit_is_named_with_its_numbers():
-    s = paged(blocks=4, max_len=64)  # 16 positions in all
+    s = paged(blocks=4, context_len=64)  # 16 positions in all
     assert s.never_fits(GenerationRequest("a", [1] * 10, 6, GREEDY)) is None
     why = s.never_fits(GenerationRequest("b", [1] * 10, 7, GREEDY))
     assert why is not None and "17 tokens" in why and "5 KV cache blocks" in why and "4 blocks" in why \
@@ -259,8 +261,9 @@ def test_a_request_that_can_never_fit_is_named_with_its_numbers():
 # ---------------------------------------------------------------- prefix cache (paged cache only)
 
 
-def cached_scheduler(blocks: int = 16, max_batch: int = 4) -> Scheduler:
-    return Scheduler(max_batch=max_batch, prefill_chunk=100, max_len=64, kv_blocks=blocks, kv_block_size=4)
+def cached_scheduler(blocks: int = 16, max_batch_size: int = 4) -> Scheduler:
+    return Scheduler(max_batch_size=max_batch_size, prefill_chunk_tokens=100, context_len=64, kv_cache_blocks=blocks,
+                     kv_block_size=4)
 
 
 def ask(name: str, prompt: list[int], max_tokens: int = 4) -> GenerationRequest:
@@ -328,7 +331,7 @@ def test_the_whole_context_is_never_matched_its_last_token_is_prefilled():
 
 
 def test_released_blocks_are_cached_reused_and_evicted_before_anyone_waits():
-    s = cached_scheduler(blocks=6, max_batch=2)
+    s = cached_scheduler(blocks=6, max_batch_size=2)
     prompt = list(range(1, 10))  # 9 tokens: 2 full blocks
     a = ask("a", prompt)
     s.queue([a])
@@ -404,7 +407,7 @@ def test_n_choices_share_the_prefillers_whole_blocks_and_prefill_the_rest_themse
 
 
 def test_n_choices_copy_with_the_static_cache():
-    s = Scheduler(max_batch=4, prefill_chunk=100, max_len=64, kv_blocks=0, kv_block_size=4)
+    s = Scheduler(max_batch_size=4, prefill_chunk_tokens=100, context_len=64, kv_cache_blocks=0, kv_block_size=4)
     choices = [ask(f"n{i}", list(range(1, 15))) for i in range(2)]
     s.queue(choices)
     s.admit(lambda r: None)
