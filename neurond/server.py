@@ -193,8 +193,7 @@ class Server:
         events = TeeSink(JournalSink(), self.metrics, self.status)
         self.supervisor = supervisor = Supervisor(c, str(model_dir), events=events,
                                                   context_len=model.context_len)
-        self.status.incidents = lambda: supervisor.incidents
-        self.status.progress = lambda: supervisor.load_progress
+        self.status.source = supervisor
         deadline = StepDeadline(c.step_deadline_floor_s, c.step_deadline_ceiling_s, c.step_deadline_factor)
         self.engine = engine = Engine(
             supervisor, model.tokenizer, deadline=deadline, max_queued_requests=c.max_queued_requests,

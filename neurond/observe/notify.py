@@ -19,10 +19,12 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from neurond.lifecycle import LifecycleState
 from neurond.observe.events import Event, EventSink, Observation
 from neurond.observe.progress import in_progress, summary
+from neurond.protocol import LoadProgress
 
 log = logging.getLogger("neurond.notify")
 
@@ -106,6 +108,23 @@ async def watchdog(notifier: Notifier, responsive: Callable[[], str | None]) -> 
         await asyncio.sleep(interval)
 
 
+class StatusSource(Protocol):
+    """What STATUS= reads of the supervisor besides the events: its incident count and the load's progress."""
+
+    @property
+    def incidents(self) -> int: ...
+
+    @property
+    def load_progress(self) -> Mapping[int, LoadProgress]:
+        """Rank -> its latest progress report, of the pool being loaded."""
+        ...
+
+
+class _NoSource:
+    incidents = 0
+    load_progress: Mapping[int, LoadProgress] = {}
+
+
 class LifecycleStatus(EventSink):
     """An event sink that keeps systemd's STATUS= current at every transition and knows how long the current
     state has lasted (for the watchdog's responsiveness check); it also refreshes STATUS= at each load_progress
@@ -116,16 +135,15 @@ class LifecycleStatus(EventSink):
         self.notifier = notifier
         self.model = model
         self.tp_size = tp_size
-        self.incidents: Callable[[], int] = lambda: 0
-        self.progress: Callable[[], Mapping] = dict  # rank -> LoadProgress of the pool being loaded
+        self.source: StatusSource = _NoSource()  # the supervisor, once it exists
         self.state = LifecycleState.LOADING
         self.since = time.monotonic()
         self.cause = ""
 
     def line(self) -> str:
         why = f" ({self.cause})" if self.cause and self.state != LifecycleState.HEALTHY else ""
-        text = f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.incidents()}"
-        progress = self.progress()
+        text = f"{self.state}{why}: {self.model}, tp_size={self.tp_size}, incidents={self.source.incidents}"
+        progress = self.source.load_progress
         loading = self.state in (LifecycleState.LOADING, LifecycleState.RELOADING)
         if loading and progress and in_progress(progress, self.tp_size):
             text += "; " + summary(progress, self.tp_size)

@@ -5,6 +5,7 @@ pool's progress only while a load is under way, and the texts say the same every
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_status_line_shows_progress_only_while_loading():
     notifier.status = sent.append  # what would go to systemd as STATUS=
     status = LifecycleStatus(notifier, "m", 2)
     progress = {0: LoadProgress(0, GIB, 2 * GIB, 1, 2)}
-    status.progress = lambda: progress
+    status.source = SimpleNamespace(incidents=0, load_progress=progress)
     emit(status, Event.LOAD_PROGRESS, rank=0)
     assert sent == ["loading: m, tp_size=2, incidents=0; loaded 1.0 GiB of 2.0 GiB (50%): rank 0 50%, rank 1 starting"]
     progress.update({0: LoadProgress(0, 2 * GIB, 2 * GIB, 2, 2), 1: LoadProgress(1, 2 * GIB, 2 * GIB, 2, 2)})
