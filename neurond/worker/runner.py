@@ -1,11 +1,12 @@
 """The rank's forward steps over its slot KV cache: prefill chunks and batched decode steps.
 
 The model code is transformers' (decoder layers, attention projections, rotary embeddings); the runner owns
-what a server needs around it: the KV cache (`kv_cache.py`), the attention over it (`attention.py`),
-positions per row, the sampler, and CUDA graphs of the decode step (`graphs.py`). One code path for 1..N ranks:
-at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`). No broadcast of the drawn tokens is
-needed: an all-reduce leaves the same bits on every rank, the LM head is replicated, and the sampler is a pure
-function of (logits, seed, token index), so every rank draws the same token and feeds it next.
+what a server needs around it: the KV cache (`kv_cache.py`; which one and how large: `kv_plan.py`), the
+attention over it (`attention.py`), positions per row, the sampler, and CUDA graphs of the decode step
+(`graphs.py`). One code path for 1..N ranks: at TP>1 the row-wise layers all-reduce through their hooks
+(`tp.py`). No broadcast of the drawn tokens is needed: an all-reduce leaves the same bits on every rank, the LM
+head is replicated, and the sampler is a pure function of (logits, seed, token index), so every rank draws the
+same token and feeds it next.
 
 Device-side state per slot: `next_tok` (the last sampled token, the next decode input) and `seq_len` (tokens in
 the cache = the next write position). Decode steps take them from there, so the leader sends only slot numbers.
@@ -20,11 +21,11 @@ from collections.abc import Callable
 
 import torch
 
-from neurond.protocol import KV_BLOCKS_FROM_MEMORY, BlockRow, LoadReport, SamplingParams, TokenLogprob
-from neurond.worker import attention, decoder, kv_budget
+from neurond.protocol import BlockRow, LoadReport, SamplingParams, TokenLogprob
+from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
 from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
-from neurond.worker.kv_cache import PagedKVCache, SlotKVCache
+from neurond.worker.kv_plan import KVCachePlan
 from neurond.worker.sampler import adjust, logprobs_of, sample
 
 log = logging.getLogger("neurond.worker")
@@ -60,28 +61,10 @@ class ModelRunner:
         self.norm = base.norm
         self.rotary = base.rotary_emb
         self.lm_head = model.get_output_embeddings()
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = (getattr(cfg, "num_key_value_heads", None) or heads) // world_size
-        max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len) + 1)
-        dtype = next(model.parameters()).dtype
-        if kv_blocks == KV_BLOCKS_FROM_MEMORY and device.type != "cuda":
-            kv_blocks = kv_budget.static_blocks(slots, max_len, kv_block_size)
-        sized = kv_blocks == KV_BLOCKS_FROM_MEMORY  # sized from memory once everything else is built (below)
-        per_position = kv_budget.block_bytes(len(self.layers), 1, kv_heads, head_dim, dtype)
-        if not sized:
-            positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
-            kv_budget.check_fits(device, positions * per_position,
-                                 f"{kv_blocks} blocks" if kv_blocks else f"{slots} slots x {max_len - 1} tokens",
-                                 memory_utilization)
-
-        def make_cache(blocks: int) -> SlotKVCache | PagedKVCache:
-            if not blocks:
-                return SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
-            return PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
-                                blocks, paged_in_place)
-
-        self.cache = make_cache(1 if sized else kv_blocks)
+        plan = KVCachePlan(cfg, layers=len(self.layers), dtype=next(model.parameters()).dtype, world_size=world_size,
+                           slots=slots, max_len=max_len, device=device, block_size=kv_block_size, blocks=kv_blocks,
+                           in_place=paged_in_place, utilization=memory_utilization)  # the fit check: allocates nothing
+        self.cache = plan.first()  # sized from memory once everything else is built (below)
         attention.register(model)
         attention.use_fused_norms(model)
         # Device-side per-slot state, and static inputs of the decode step.
@@ -110,7 +93,7 @@ class ModelRunner:
         why_not = decoder.supported(model) if own_layers else "own_layers=False"
         self.compiled_kernels = compile_kernels and not why_not
         kernels = decoder.kernels(compiled=self.compiled_kernels), decoder.kernels(compiled=False)
-        self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, *kernels) for layer in self.layers]
+        self.own = None if why_not else [decoder.DecoderLayer(layer, plan.head_dim, *kernels) for layer in self.layers]
         if why_not and own_layers:
             log.info("using transformers' decoder layers: %s", why_not)
         # One event per queued step, recorded after it: the host waits for the step QUEUED_STEPS_AT_TP back.
@@ -119,9 +102,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if use_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self)
-        if sized:
-            self.cache = make_cache(kv_budget.blocks_that_fit(self, memory_utilization, prefill_tokens,
-                                                              per_position * kv_block_size))
+        if plan.from_memory:
+            self.cache = plan.measured(self, prefill_tokens)
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):
