@@ -170,19 +170,8 @@ class ModelRunner:
         make the slot ready to decode. Returns one entry per chunk: the token, or -1 for a chunk that is not
         its sequence's last."""
         rows = len(chunks)
-        width = max(len(c.token_ids) for c in chunks)
-        trash = self.cache.trash
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.full((rows, width), trash, dtype=torch.long)  # padding writes to the trash column
-        for r, c in enumerate(chunks):
-            n = len(c.token_ids)
-            if not 0 <= c.slot < self.slots or n == 0 or c.start + n > trash:
-                raise ValueError(f"prefill of {n} tokens at {c.start} does not fit slot {c.slot} of {self.slots} x "
-                                 f"{trash} positions")
-            ids[r, :n] = torch.tensor(c.token_ids)
-            positions[r, :n] = torch.arange(c.start, c.start + n)
-        if len({c.slot for c in chunks}) != rows:
-            raise ValueError("one prefill step may hold one chunk per slot")
+        ids, positions = chunk_inputs(chunks, self.slots, self.cache.trash)
+        width = ids.shape[1]
         kv_len = self.cache.round_up(max(c.start + len(c.token_ids) for c in chunks))
         slots = torch.tensor([c.slot for c in chunks], device=self.device)
         # At TP>1 the whole step waits on peers: its collectives are queued, and the token read-back waits for them.
@@ -353,3 +342,23 @@ class ModelRunner:
             compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
             free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
             allocated_bytes=memory.get("allocated_bytes"))
+
+
+def chunk_inputs(chunks, slots: int, trash: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill step's token ids and positions, [chunks, longest chunk] on the host: one row per chunk, padded
+    with token 0 at the trash position. ValueError for a chunk that does not fit its slot (of `slots`, before
+    the `trash` position), and for two chunks of one slot."""
+    rows = len(chunks)
+    width = max(len(c.token_ids) for c in chunks)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    positions = torch.full((rows, width), trash, dtype=torch.long)  # padding writes to the trash column
+    for r, c in enumerate(chunks):
+        n = len(c.token_ids)
+        if not 0 <= c.slot < slots or n == 0 or c.start + n > trash:
+            raise ValueError(f"prefill of {n} tokens at {c.start} does not fit slot {c.slot} of {slots} x "
+                             f"{trash} positions")
+        ids[r, :n] = torch.tensor(c.token_ids)
+        positions[r, :n] = torch.arange(c.start, c.start + n)
+    if len({c.slot for c in chunks}) != rows:
+        raise ValueError("one prefill step may hold one chunk per slot")
+    return ids, positions
