@@ -334,14 +334,18 @@ class ModelRunner:
 
     def load_report(self, memory: dict, load_s: float, graph_capture_s: float) -> LoadReport:
         """The LoadShard reply's report: this runner's cache and kernels, with the shard's `memory` figures."""
-        info = self.info()
-        return LoadReport(
-            kv_cache_blocks=info["kv_blocks"], kv_block_size=info["kv_block_size"],
-            kv_cache_bytes=info["kv_cache_bytes"], kv_layout=info["kv_layout"], kv_reads=info["kv_reads"],
-            dtype=str(memory.get("dtype", "")), cuda_graphs=info["cuda_graphs"], own_layers=info["own_layers"],
-            compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
-            free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
-            allocated_bytes=memory.get("allocated_bytes"))
+        return report_of(self.info(), memory, load_s, graph_capture_s)
+
+
+def report_of(info: dict, memory: dict, load_s: float, graph_capture_s: float) -> LoadReport:
+    """A runner's `info()` and its shard's `memory` figures as the LoadShard reply's report."""
+    return LoadReport(
+        kv_cache_blocks=info["kv_blocks"], kv_block_size=info["kv_block_size"],
+        kv_cache_bytes=info["kv_cache_bytes"], kv_layout=info["kv_layout"], kv_reads=info["kv_reads"],
+        dtype=str(memory.get("dtype", "")), cuda_graphs=info["cuda_graphs"], own_layers=info["own_layers"],
+        compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
+        free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
+        allocated_bytes=memory.get("allocated_bytes"))
 
 
 def chunk_inputs(chunks, slots: int, trash: int) -> tuple[torch.Tensor, torch.Tensor]:
