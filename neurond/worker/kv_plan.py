@@ -5,10 +5,10 @@ Decided once, before anything is allocated, from the model's config and the runn
 geometry (layers x this rank's KV heads x head dim, the window capped at the model's own context + the trash
 position) and, for a cache whose size is known, the fit check (`kv_budget.check_fits`), which refuses it with
 the numbers instead of a CUDA out-of-memory later. Sizing from memory needs the rest of the runner built (its
-decode graphs, its layers' kernels) and runnable, so the runner is built on a one-block placeholder (`first`)
-and then measures one prefill on it (`measured`: `kv_budget.blocks_that_fit`). On a CPU nothing is measured:
--1 is the static cache's memory as paged blocks (`kv_budget.static_blocks`). The caches themselves:
-`kv_cache.py`.
+own layers' fused weights in place) and able to run a prefill, so the runner is built on a one-block
+placeholder (`first`) and then measures one prefill on it (`measured`: `kv_budget.blocks_that_fit`). On a CPU
+nothing is measured: -1 is the static cache's memory as paged blocks (`kv_budget.static_blocks`). The caches
+themselves: `kv_cache.py`.
 """
 
 from __future__ import annotations
