@@ -35,7 +35,6 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
     """This rank's shard of the checkpoint as a model. `progress(done_bytes, total_bytes, files_done, files_total)`,
     when given, is called on this thread at the start, while bytes arrive (at most every PROGRESS_INTERVAL_S)
     and at the end."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -44,8 +43,29 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plan = plan_of(model, config, world_size)
 
-    modules = dict(model.named_modules())
     wanted = {name for name, _ in model.named_parameters()}
+    loaded = _load_parameters(model, model_dir, wanted, plan, device, dtype, rank, world_size, progress)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded.update(name for name, p in model.named_parameters() if not p.is_meta)
+    missing = sorted(wanted - loaded - {n for n, p in model.named_parameters() if not p.is_meta})
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    _rebuild_buffers(model, config, device)
+
+    if world_size > 1:
+        join_rowwise_outputs(model, plan, guard)
+    model.eval()
+    return model
+
+
+def _load_parameters(model, model_dir: str, wanted: set[str], plan, device, dtype, rank: int, world_size: int,
+                     progress) -> set[str]:
+    """Read this rank's part of every `wanted` parameter from the checkpoint's files into `model` (on the meta
+    device until then), reporting progress as `load_shard` says. Returns the names of the parameters read."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -90,18 +110,7 @@ def load_shard(model_dir: str, device, dtype, rank: int, world_size: int, guard:
             if progress is not None and now != reported:
                 reported = now
                 progress(now[0], total, files_done, len(files))
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        loaded.update(name for name, p in model.named_parameters() if not p.is_meta)
-    missing = sorted(wanted - loaded - {n for n, p in model.named_parameters() if not p.is_meta})
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    _rebuild_buffers(model, config, device)
-
-    if world_size > 1:
-        join_rowwise_outputs(model, plan, guard)
-    model.eval()
-    return model
+    return loaded
 
 
 def _rebuild_buffers(model, config, device) -> None:

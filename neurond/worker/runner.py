@@ -1,11 +1,12 @@
 """The rank's forward steps over its slot KV cache: prefill chunks and batched decode steps.
 
 The model code is transformers' (decoder layers, attention projections, rotary embeddings); the runner owns
-what a server needs around it: the KV cache (`kv_cache.py`), the attention over it (`attention.py`),
-positions per row, the sampler, and CUDA graphs of the decode step (`graphs.py`). One code path for 1..N ranks:
-at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`). No broadcast of the drawn tokens is
-needed: an all-reduce leaves the same bits on every rank, the LM head is replicated, and the sampler is a pure
-function of (logits, seed, token index), so every rank draws the same token and feeds it next.
+what a server needs around it: the KV cache (`kv_cache.py`; which one and how large: `kv_plan.py`), the
+attention over it (`attention.py`), positions per row, each slot's sampling state and the draws that use it
+(`slot_sampling.py`, over `sampler.py`), and CUDA graphs of the decode step (`graphs.py`). One code path for
+1..N ranks: at TP>1 the row-wise layers all-reduce through their hooks (`tp.py`). No broadcast of the drawn
+tokens is needed: an all-reduce leaves the same bits on every rank, the LM head is replicated, and the sampler
+is a pure function of (logits, seed, token index), so every rank draws the same token and feeds it next.
 
 Device-side state per slot: `next_tok` (the last sampled token, the next decode input) and `seq_len` (tokens in
 the cache = the next write position). Decode steps take them from there, so the leader sends only slot numbers.
@@ -20,12 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-from neurond.protocol import KV_BLOCKS_FROM_MEMORY, BlockRow, LoadReport, SamplingParams, TokenLogprob
-from neurond.worker import attention, decoder, kv_budget
+from neurond.protocol import BlockRow, LoadReport, SamplingParams, TokenLogprob
+from neurond.worker import attention, decoder
 from neurond.worker.grammar import Constraints
 from neurond.worker.graphs import DecodeGraphs, batch_bucket, kv_bucket
-from neurond.worker.kv_cache import PagedKVCache, SlotKVCache
-from neurond.worker.sampler import adjust, logprobs_of, sample
+from neurond.worker.kv_plan import KVCachePlan
+from neurond.worker.slot_sampling import SlotSampling
 
 log = logging.getLogger("neurond.worker")
 
@@ -60,28 +61,10 @@ class ModelRunner:
         self.norm = base.norm
         self.rotary = base.rotary_emb
         self.lm_head = model.get_output_embeddings()
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = (getattr(cfg, "num_key_value_heads", None) or heads) // world_size
-        max_len = min(max_len, int(getattr(cfg, "max_position_embeddings", max_len) or max_len) + 1)
-        dtype = next(model.parameters()).dtype
-        if kv_blocks == KV_BLOCKS_FROM_MEMORY and device.type != "cuda":
-            kv_blocks = kv_budget.static_blocks(slots, max_len, kv_block_size)
-        sized = kv_blocks == KV_BLOCKS_FROM_MEMORY  # sized from memory once everything else is built (below)
-        per_position = kv_budget.block_bytes(len(self.layers), 1, kv_heads, head_dim, dtype)
-        if not sized:
-            positions = (kv_blocks + 1) * kv_block_size if kv_blocks else slots * max_len
-            kv_budget.check_fits(device, positions * per_position,
-                                 f"{kv_blocks} blocks" if kv_blocks else f"{slots} slots x {max_len - 1} tokens",
-                                 memory_utilization)
-
-        def make_cache(blocks: int) -> SlotKVCache | PagedKVCache:
-            if not blocks:
-                return SlotKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device)
-            return PagedKVCache(len(self.layers), slots, max_len, kv_heads, head_dim, dtype, device, kv_block_size,
-                                blocks, paged_in_place)
-
-        self.cache = make_cache(1 if sized else kv_blocks)
+        plan = KVCachePlan(cfg, layers=len(self.layers), dtype=next(model.parameters()).dtype, world_size=world_size,
+                           slots=slots, max_len=max_len, device=device, block_size=kv_block_size, blocks=kv_blocks,
+                           in_place=paged_in_place, utilization=memory_utilization)  # the fit check: allocates nothing
+        self.cache = plan.first()  # sized from memory once everything else is built (below)
         attention.register(model)
         attention.use_fused_norms(model)
         # Device-side per-slot state, and static inputs of the decode step.
@@ -91,14 +74,9 @@ class ModelRunner:
         self.row_idx = torch.arange(slots, device=device).view(slots, 1)
         self._active_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
         self.key_idx = torch.arange(self.cache.max_len, device=device)
-        self.sampling: list[SamplingParams] = [SamplingParams()] * slots
-        self.drawn = [0] * slots  # tokens each slot's sequence has drawn (the sampler's noise index)
         self.lengths = [0] * slots  # host copy of seq_len (picks the decode step's kv_len bucket)
-        # [slots, vocab] int32: how often each slot's sequence generated each token (penalties), made on first use
-        self._counts: torch.Tensor | None = None
-        # The grammars of constrained slots (the checkpoint's tokenizer.json gives their token strings).
-        self.constraints = constraints if constraints is not None else \
-            Constraints(getattr(cfg, "_name_or_path", ""), self.lm_head.out_features)
+        self.slot_sampling = SlotSampling(slots, device, self.next_tok, constraints if constraints is not None else
+                                          Constraints(getattr(cfg, "_name_or_path", ""), self.lm_head.out_features))
         #: The last prefill's or decode's log-probabilities, one entry per token it returned (None where the
         #: sequence asked for none).
         self.last_logprobs: list[TokenLogprob | None] = []
@@ -110,7 +88,7 @@ class ModelRunner:
         why_not = decoder.supported(model) if own_layers else "own_layers=False"
         self.compiled_kernels = compile_kernels and not why_not
         kernels = decoder.kernels(compiled=self.compiled_kernels), decoder.kernels(compiled=False)
-        self.own = None if why_not else [decoder.DecoderLayer(layer, head_dim, *kernels) for layer in self.layers]
+        self.own = None if why_not else [decoder.DecoderLayer(layer, plan.head_dim, *kernels) for layer in self.layers]
         if why_not and own_layers:
             log.info("using transformers' decoder layers: %s", why_not)
         # One event per queued step, recorded after it: the host waits for the step QUEUED_STEPS_AT_TP back.
@@ -119,9 +97,21 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if use_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self)
-        if sized:
-            self.cache = make_cache(kv_budget.blocks_that_fit(self, memory_utilization, prefill_tokens,
-                                                              per_position * kv_block_size))
+        if plan.from_memory:
+            self.cache = plan.measured(self, prefill_tokens)
+
+    # The slots' sampling state (slot_sampling.py), under the names it had here.
+    @property
+    def sampling(self) -> list[SamplingParams]:
+        return self.slot_sampling.params
+
+    @property
+    def drawn(self) -> list[int]:
+        return self.slot_sampling.drawn
+
+    @property
+    def constraints(self) -> Constraints:
+        return self.slot_sampling.constraints
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, positions, mask, last_index=None):
@@ -180,19 +170,8 @@ class ModelRunner:
         make the slot ready to decode. Returns one entry per chunk: the token, or -1 for a chunk that is not
         its sequence's last."""
         rows = len(chunks)
-        width = max(len(c.token_ids) for c in chunks)
-        trash = self.cache.trash
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.full((rows, width), trash, dtype=torch.long)  # padding writes to the trash column
-        for r, c in enumerate(chunks):
-            n = len(c.token_ids)
-            if not 0 <= c.slot < self.slots or n == 0 or c.start + n > trash:
-                raise ValueError(f"prefill of {n} tokens at {c.start} does not fit slot {c.slot} of {self.slots} x "
-                                 f"{trash} positions")
-            ids[r, :n] = torch.tensor(c.token_ids)
-            positions[r, :n] = torch.arange(c.start, c.start + n)
-        if len({c.slot for c in chunks}) != rows:
-            raise ValueError("one prefill step may hold one chunk per slot")
+        ids, positions = chunk_inputs(chunks, self.slots, self.cache.trash)
+        width = ids.shape[1]
         kv_len = self.cache.round_up(max(c.start + len(c.token_ids) for c in chunks))
         slots = torch.tensor([c.slot for c in chunks], device=self.device)
         # At TP>1 the whole step waits on peers: its collectives are queued, and the token read-back waits for them.
@@ -213,21 +192,14 @@ class ModelRunner:
             if done:
                 finished = [chunks[r] for r in done]
                 for c in finished:
-                    self.sampling[c.slot] = c.sampling
-                    self.drawn[c.slot] = c.drawn
-                    self._start_counts(c, logits.shape[-1])
-                    self.constraints.start(c.slot, c.sampling.grammar, c.history)
+                    self.slot_sampling.start(c, logits.shape[-1])
                 index = torch.tensor([c.slot for c in finished], device=self.device)
                 picked = logits.index_select(0, torch.tensor(done, device=self.device))
                 slots_done = [c.slot for c in finished]
-                drawn, lp = self._sample(picked, slots_done, index)
+                drawn, lp = self.slot_sampling.sample(picked, slots_done, index)
                 tokens = drawn.tolist()  # the step's one host sync
-                for slot, token in zip(slots_done, tokens, strict=True):
-                    self.constraints.advance(slot, token)
-                for r, entry in zip(done, self._logprob_entries(slots_done, lp), strict=True):
+                for r, entry in zip(done, self.slot_sampling.drew(slots_done, tokens, lp), strict=True):
                     self.last_logprobs[r] = entry
-                for slot in slots_done:
-                    self.drawn[slot] += 1
                 ends = torch.tensor([c.start + len(c.token_ids) for c in finished], device=self.device)
                 self.seq_len.index_copy_(0, index, ends)
                 self.active[index] = True
@@ -275,12 +247,12 @@ class ModelRunner:
                 out[step].copy_(tokens)  # a graph's outputs are overwritten by its next replay
                 if sampled:
                     if last_drawn is not None:
-                        self._advance(constrained, *last_drawn)
-                    drawn, lp = self._sample(logits.index_select(0, index), sampled, index)
+                        self.slot_sampling.advance(constrained, *last_drawn)
+                    drawn, lp = self.slot_sampling.sample(logits.index_select(0, index), sampled, index)
                     out[step].index_copy_(0, index, drawn)
                     step_logprobs.append(lp)
                     if picked is not None:
-                        last_drawn = self._to_host(drawn.index_select(0, picked))
+                        last_drawn = self.slot_sampling.to_host(drawn.index_select(0, picked))
                 if pace is not None:
                     pace[step % len(pace)].record()
                 for s in slots:
@@ -289,7 +261,8 @@ class ModelRunner:
             every = out.tolist()  # the call's one host sync
             for s in constrained:
                 self.constraints.advance(s, every[-1][s])
-            per_step = [dict(zip(sampled, self._logprob_entries(sampled, lp), strict=True)) for lp in step_logprobs] \
+            entries = self.slot_sampling.logprob_entries
+            per_step = [dict(zip(sampled, entries(sampled, lp), strict=True)) for lp in step_logprobs] \
                 if any(lp is not None for lp in step_logprobs) else []
         self.last_logprobs = [per_step[step].get(s) if per_step else None for step in range(steps) for s in slots]
         return [row[s] for row in every for s in slots]
@@ -309,64 +282,6 @@ class ModelRunner:
         if rows:
             with torch.inference_mode():
                 self.cache.apply(rows)
-
-    def _sample(self, logits, slots: list[int], index):
-        """Draw row i's token with slot slots[i]'s sampling (index: the slots on the device) and make it the
-        slot's next input. Returns the tokens on the device, and what `logprobs_of` gives for them where a
-        row asked for log-probabilities (else None)."""
-        params = [self.sampling[s] for s in slots]
-        counts = None
-        if any(sp.penalized for sp in params):
-            assert self._counts is not None  # _start_counts made them for the penalized sequence
-            counts = self._counts.index_select(0, index)
-        allowed = self.constraints.allowed(slots, self.device) if any(s in self.constraints for s in slots) else None
-        tokens = sample(adjust(logits, params, counts, allowed), params, [self.drawn[s] for s in slots])
-        self.next_tok.index_copy_(0, index, tokens)
-        if self._counts is not None:
-            self._counts.index_put_((index, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-        top = max(sp.logprobs for sp in params)
-        return tokens, (logprobs_of(logits, tokens, top) if top >= 0 else None)
-
-    def _to_host(self, tokens):
-        """Start copying `tokens` (on the device) to the host; `_advance` waits for the copy alone (a plain
-        read would wait for everything queued after it)."""
-        if self.device.type != "cuda":
-            return tokens, None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
-
-    def _advance(self, slots: list[int], tokens, done) -> None:
-        """The constrained `slots` drew `tokens` (from `_to_host`): their grammars move on."""
-        if done is not None:
-            done.synchronize()
-        for slot, token in zip(slots, tokens.tolist(), strict=True):
-            self.constraints.advance(slot, token)
-
-    def _start_counts(self, chunk, vocab: int) -> None:
-        """A sequence's last prefill chunk: its slot's token counts start from what it generated before (a
-        replay), or from nothing."""
-        if self._counts is None and not chunk.sampling.penalized:
-            return
-        if self._counts is None:
-            self._counts = torch.zeros(self.slots, vocab, dtype=torch.int32, device=self.device)
-        self._counts[chunk.slot].zero_()
-        if chunk.history:
-            ids = torch.tensor(chunk.history, device=self.device)
-            self._counts[chunk.slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-
-    def _logprob_entries(self, slots: list[int], lp) -> list[TokenLogprob | None]:
-        """`logprobs_of`'s tensors for rows `slots` as one entry per row (host values; after the call's sync)."""
-        if lp is None:
-            return [None] * len(slots)
-        chosen, ids, values = (t.tolist() for t in lp)
-        out: list[TokenLogprob | None] = []
-        for i, s in enumerate(slots):
-            k = self.sampling[s].logprobs
-            out.append(None if k < 0 else TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k], strict=True))))
-        return out
 
     def reset(self) -> None:
         """After the communicator changed (its graphs hold the old one) or a failed step: nothing in flight."""
@@ -419,11 +334,35 @@ class ModelRunner:
 
     def load_report(self, memory: dict, load_s: float, graph_capture_s: float) -> LoadReport:
         """The LoadShard reply's report: this runner's cache and kernels, with the shard's `memory` figures."""
-        info = self.info()
-        return LoadReport(
-            kv_cache_blocks=info["kv_blocks"], kv_block_size=info["kv_block_size"],
-            kv_cache_bytes=info["kv_cache_bytes"], kv_layout=info["kv_layout"], kv_reads=info["kv_reads"],
-            dtype=str(memory.get("dtype", "")), cuda_graphs=info["cuda_graphs"], own_layers=info["own_layers"],
-            compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
-            free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
-            allocated_bytes=memory.get("allocated_bytes"))
+        return report_of(self.info(), memory, load_s, graph_capture_s)
+
+
+def report_of(info: dict, memory: dict, load_s: float, graph_capture_s: float) -> LoadReport:
+    """A runner's `info()` and its shard's `memory` figures as the LoadShard reply's report."""
+    return LoadReport(
+        kv_cache_blocks=info["kv_blocks"], kv_block_size=info["kv_block_size"],
+        kv_cache_bytes=info["kv_cache_bytes"], kv_layout=info["kv_layout"], kv_reads=info["kv_reads"],
+        dtype=str(memory.get("dtype", "")), cuda_graphs=info["cuda_graphs"], own_layers=info["own_layers"],
+        compiled_kernels=info["compiled_kernels"], load_s=load_s, graph_capture_s=graph_capture_s,
+        free_bytes=memory.get("free_bytes"), total_bytes=memory.get("total_bytes"),
+        allocated_bytes=memory.get("allocated_bytes"))
+
+
+def chunk_inputs(chunks, slots: int, trash: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill step's token ids and positions, [chunks, longest chunk] on the host: one row per chunk, padded
+    with token 0 at the trash position. ValueError for a chunk that does not fit its slot (of `slots`, before
+    the `trash` position), and for two chunks of one slot."""
+    rows = len(chunks)
+    width = max(len(c.token_ids) for c in chunks)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    positions = torch.full((rows, width), trash, dtype=torch.long)  # padding writes to the trash column
+    for r, c in enumerate(chunks):
+        n = len(c.token_ids)
+        if not 0 <= c.slot < slots or n == 0 or c.start + n > trash:
+            raise ValueError(f"prefill of {n} tokens at {c.start} does not fit slot {c.slot} of {slots} x "
+                             f"{trash} positions")
+        ids[r, :n] = torch.tensor(c.token_ids)
+        positions[r, :n] = torch.arange(c.start, c.start + n)
+    if len({c.slot for c in chunks}) != rows:
+        raise ValueError("one prefill step may hold one chunk per slot")
+    return ids, positions
