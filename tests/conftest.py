@@ -1,7 +1,8 @@
-"""Shared fixtures: the built-in model, and real daemons (`neurond serve` subprocesses) on free ports.
+"""Shared fixtures: the built-in model, real daemons (`neurond serve` subprocesses) on free ports, and one rank's
+shard of the built-in model.
 
-The daemon lives in tests/harness/daemon.py (shared with scripts/); the names tests have always imported from
-here are re-exported below."""
+The daemon and the rank bootstrap live in tests/harness (shared with scripts/); the names tests have always
+imported from here are re-exported below."""
 
 from __future__ import annotations
 
@@ -82,6 +83,22 @@ def daemon_tp1(start_daemon) -> Daemon:
 @pytest.fixture(scope="session")
 def daemon_tp2(start_daemon) -> Daemon:
     return start_daemon(2)
+
+
+@pytest.fixture(scope="module")
+def shard_placement() -> tuple[str, str]:
+    """(dtype, device) the `shard` fixture loads the built-in model with; a module overrides it (tests/gpu)."""
+    return "float32", "cpu"
+
+
+@pytest.fixture(scope="module")
+def shard(builtin_model, shard_placement):
+    """The built-in model as one rank's loaded shard (TP=1), once per module: runners are built on it
+    (tests.harness.ranks.runner)."""
+    from tests.harness import ranks
+
+    dtype, device = shard_placement
+    return ranks.load_shard(builtin_model, ranks.bind_device(device), dtype)
 
 
 # CI sets CI=true. There every test must run: a tool, a package or a privilege that CI lacks is a broken setup,
