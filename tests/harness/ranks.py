@@ -18,6 +18,7 @@ import os
 import queue
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,10 +86,17 @@ class RanksFailed(RuntimeError):
     pass
 
 
-def run_ranks(target, world_size: int, *args, expect: int | None = None, timeout_s: float = 1200.0) -> list:
-    """Run `target(rank, *args, results)` in a spawned process per rank and return what they put on `results`
-    once `expect` items (default: one per rank) have come, after the ranks exit. Raises RanksFailed, the ranks
-    killed, when one exits with an error first or when `timeout_s` passes."""
+@dataclass
+class RankRun:
+    results: list  # what the ranks put on their queue, in the order it came
+    exitcodes: list[int | None]  # each rank's, after it was joined (None: still running, then killed)
+
+
+def run_ranks(target, world_size: int, *args, expect: int | None = None, timeout_s: float = 1200.0) -> RankRun:
+    """Run `target(rank, *args, results)` in a spawned process per rank (each then binds its device and joins
+    the group itself) and collect what they put on `results` until `expect` items (default: one per rank) have
+    come; then join the ranks (60 s each). Raises RanksFailed, the ranks killed, when one exits with an error
+    first or when `timeout_s` passes."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -108,9 +116,9 @@ def run_ranks(target, world_size: int, *args, expect: int | None = None, timeout
                                       "timed out") from None
         for proc in procs:
             proc.join(60)
+        return RankRun(got, [p.exitcode for p in procs])
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return got

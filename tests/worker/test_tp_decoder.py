@@ -85,7 +85,7 @@ def tp2(model_dirs) -> dict[str, dict]:
     # The rendezvous store lives here, on a port the OS picks; the ranks connect to it.
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=TIMEOUT_S), wait_for_workers=False)
     try:
-        got = dict(ranks.run_ranks(rank_main, 2, 2, store.port, model_dirs, timeout_s=2 * TIMEOUT_S))
+        got = dict(ranks.run_ranks(rank_main, 2, 2, store.port, model_dirs, timeout_s=2 * TIMEOUT_S).results)
     except ranks.RanksFailed as exc:
         pytest.fail(f"{exc} (their output above)")
     for case in model_dirs:
