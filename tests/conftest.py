@@ -98,7 +98,7 @@ def shard(builtin_model, shard_placement):
     from tests.harness import ranks
 
     dtype, device = shard_placement
-    return ranks.load_shard(builtin_model, ranks.bind_device(device), dtype)
+    return ranks.tp1_shard(builtin_model, device, dtype)
 
 
 # CI sets CI=true. There every test must run: a tool, a package or a privilege that CI lacks is a broken setup,

@@ -3,8 +3,8 @@ a rank's own loop by hand, with no leader.
 
     dev = bind_device("cuda", rank)                       # GPU rank % count, made current; or the CPU
     join_group(rank, world_size, dev, port)               # NCCL on a GPU, gloo on a CPU (world_size > 1)
-    shard = load_shard(model_dir, dev, "auto", rank, world_size)
-    runner = ranks.runner(shard, slots=4, max_len=512, use_graphs=True)
+    shard = load_shard(model_dir, dev, "auto", rank, world_size)   # or, alone: tp1_shard(model_dir, "cuda")
+    step = runner(shard, slots=4, max_len=512, use_graphs=True)
 
 The choices are the worker's own (shard.pick_device, pick_backend, one CollectiveGuard a rank shares between its
 shard's all-reduce hooks and its runner); what the worker adds around them (pipes, the control thread, the
@@ -74,6 +74,11 @@ def load_shard(model_dir: str | Path, dev: torch.device, dtype: str = "auto", ra
     shard = Shard(str(model_dir), dtype, dev, rank, world_size, guard=CollectiveGuard(), **options)
     shard.load()
     return shard
+
+
+def tp1_shard(model: str | Path | None, device: str = "cpu", dtype: str = "auto") -> Shard:
+    """The whole model (`model`, or the built-in one) loaded as the one rank of TP=1 on `device`."""
+    return load_shard(builtin_or(str(model) if model else None), bind_device(device), dtype)
 
 
 def runner(shard: Shard, *, slots: int, max_len: int, **options) -> ModelRunner:
