@@ -68,10 +68,17 @@ def join_group(rank: int, world_size: int, dev: torch.device, port: int, *, stor
                             **({"device_id": dev} if dev.type == "cuda" else {}))
 
 
+def new_shard(model_dir: str | Path, dev: torch.device, dtype: str = "auto", rank: int = 0, world_size: int = 1,
+              **options) -> Shard:
+    """This rank's shard of the checkpoint, not loaded yet (its load() returns what the rank reports; options:
+    Shard's, e.g. tp_impl)."""
+    return Shard(str(model_dir), dtype, dev, rank, world_size, guard=CollectiveGuard(), **options)
+
+
 def load_shard(model_dir: str | Path, dev: torch.device, dtype: str = "auto", rank: int = 0, world_size: int = 1,
                **options) -> Shard:
-    """This rank's shard of the checkpoint, loaded (options: Shard's, e.g. tp_impl)."""
-    shard = Shard(str(model_dir), dtype, dev, rank, world_size, guard=CollectiveGuard(), **options)
+    """This rank's shard of the checkpoint, loaded."""
+    shard = new_shard(model_dir, dev, dtype, rank, world_size, **options)
     shard.load()
     return shard
 
