@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-import httpx
-
-from tests.conftest import chat_body
+from tests.harness.daemon import Admin as _Admin, admin_settings, chat_body, write_settings
 
 TOKEN = "test-admin-token"
 
@@ -27,17 +23,8 @@ FAULT_SETTINGS = {
 
 def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, extra: list[str] | None = None,
                  **settings):
-    token = tmp_path / "admin.token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)  # neurond refuses a token file others may read
-    values = {
-        "admin_socket": str(tmp_path / "admin.sock"),
-        "admin_token_file": str(token),
-        **FAULT_SETTINGS,
-        **settings,
-    }
-    conf = tmp_path / "neurond.toml"
-    conf.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+    values = {**admin_settings(tmp_path, TOKEN), **FAULT_SETTINGS, **settings}
+    conf = write_settings(tmp_path / "neurond.toml", values)
     d = start_daemon(tp_size, ["--config", str(conf), *(extra or [])], **({"env": env} if env else {}))
     d.admin = Admin(values["admin_socket"])
     # Warm up so the step deadline has observations (before any, it is the ceiling).
@@ -55,35 +42,13 @@ def journal(d, event: str) -> list[dict[str, str]]:
     return [parse_structured_line(line) for line in d.log().splitlines() if marker in line + " "]
 
 
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return str(v)
+class Admin(_Admin):
+    """The fault daemons' admin API (tests.harness.daemon.Admin), with their token unless told another."""
 
-
-class Admin:
     def __init__(self, socket_path: str, token: str = TOKEN) -> None:
-        self.socket_path = socket_path
-        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://admin",
-                                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
-
-    def inject(self, rank: int, kind: str, phase: str, count: int = 1, after: int = 0) -> httpx.Response:
-        return self.client.post("/admin/faults", json={"rank": rank, "kind": kind, "phase": phase, "count": count,
-                                                       "after": after})
-
-    def status(self) -> dict:
-        return self.client.get("/admin/status").json()
+        super().__init__(socket_path, token)
 
 
-def wait_ready(d, want: int = 200, timeout: float = 90) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if d.get("/ready", timeout=2)[0] == want:
-                return time.monotonic() - t0
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"/ready never returned {want}:\n{d.log()[-4000:]}")
+def wait_ready(d, want: int | set[int] = 200, timeout: float = 90) -> float:
+    """Wait until /ready answers `want` again (after a fault: the repair's end, or a state it passes)."""
+    return d.wait_ready(timeout, want, poll=0.05)

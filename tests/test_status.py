@@ -21,6 +21,7 @@ from neurond.observe.journal import parse_structured_line
 from neurond.status import render
 from tests.conftest import REPO, chat_body, http
 from tests.faults import TOKEN, Admin, wait_ready
+from tests.harness.daemon import admin_settings, write_settings
 from tests.observe.test_notify import NotifyListener
 
 
@@ -33,11 +34,7 @@ def neurond(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def daemon(start_daemon, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("status")
     listener = NotifyListener(str(tmp / "notify.sock"))
-    (tmp / "admin.token").write_text(TOKEN + "\n")
-    (tmp / "admin.token").chmod(0o600)  # neurond refuses a token file others may read
-    conf = tmp / "neurond.toml"
-    conf.write_text(f'admin_socket = "{tmp / "admin.sock"}"\nadmin_token_file = "{tmp / "admin.token"}"\n'
-                    "fault_injection = true\n")
+    conf = write_settings(tmp / "neurond.toml", {**admin_settings(tmp, TOKEN), "fault_injection": True})
     started = time.time()
     d = start_daemon(2, ["--config", str(conf)], env={"NOTIFY_SOCKET": listener.address})
     d.conf, d.listener, d.started, d.tmp = str(conf), listener, started, tmp

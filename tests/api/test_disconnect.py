@@ -18,7 +18,7 @@ from tests.conftest import chat_body, wait_until
 from tests.faults import fault_daemon
 
 # On the built-in model at TP=1 this seeded answer runs over 1,000 tokens (the fixture measures how many): 3-5 s on
-# two cores, idle or busy (one thread per rank, conftest.TEST_ENV); always long after the hang-ups below.
+# two cores, idle or busy (one thread per rank, TEST_ENV); always long after the hang-ups below.
 LONG = chat_body("a long answer please", max_tokens=1500, temperature=1.0, seed=8)
 FD_SLACK = 2  # the leader's fds after the hang-ups, against before: sockets still closing
 RSS_SLACK_BYTES = 8 * 2**20

@@ -23,6 +23,7 @@ from neurond.config import Config, ConfigError, load_config
 from neurond.server import Tokens
 from tests.conftest import MODEL, REPO, chat_body, http, wait_until
 from tests.faults import Admin, wait_ready
+from tests.harness.daemon import admin_settings, write_settings, write_token
 
 API_TOKEN = "api-token-7f3c"
 ADMIN_TOKEN = "admin-token-91d2"
@@ -34,15 +35,10 @@ def locked(start_daemon, tmp_path_factory):
     """A daemon with every lock on: API token, admin socket with its own token, fault injection (for the
     log test), and room for one queued request only."""
     tmp = tmp_path_factory.mktemp("locked")
-    for name, token in (("api.token", API_TOKEN), ("admin.token", ADMIN_TOKEN)):
-        (tmp / name).write_text(token + "\n")
-        (tmp / name).chmod(0o600)  # neurond refuses a token file others may read
-    settings = {"api_token_file": str(tmp / "api.token"), "admin_socket": str(tmp / "admin.sock"),
-                "admin_token_file": str(tmp / "admin.token"), "fault_injection": "true", "max_queued_requests": "1",
-                "step_deadline_floor_s": "1.0", "kill_grace_s": "2.0", "unloaded_exit_s": "0"}
-    conf = tmp / "neurond.toml"
-    conf.write_text("".join(f'{k} = {v if v[0].isdigit() or v == "true" else json.dumps(v)}\n'
-                            for k, v in settings.items()))
+    settings = {"api_token_file": write_token(tmp / "api.token", API_TOKEN), **admin_settings(tmp, ADMIN_TOKEN),
+                "fault_injection": True, "max_queued_requests": 1, "step_deadline_floor_s": 1.0,
+                "kill_grace_s": 2.0, "unloaded_exit_s": 0}
+    conf = write_settings(tmp / "neurond.toml", settings)
     d = start_daemon(1, ["--config", str(conf)])
     d.socket_path = settings["admin_socket"]
     d.admin = Admin(d.socket_path, ADMIN_TOKEN)
@@ -235,8 +231,7 @@ def test_admin_needs_its_own_token(locked):
 
 
 def _serve_exit(tmp_path, settings: dict) -> subprocess.CompletedProcess:
-    conf = tmp_path / "neurond.toml"
-    conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    conf = write_settings(tmp_path / "neurond.toml", settings)
     return subprocess.run([sys.executable, "-m", "neurond", "serve", "--config", str(conf), "--device", "cpu",
                            "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
 

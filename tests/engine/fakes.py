@@ -28,6 +28,9 @@ def next_token(context: list[int]) -> int:
 
 
 class Recorder(EventSink):
+    """An event sink that keeps every observation it is given, in order (`seen`): the engine's, the supervisor's
+    and the load progress tests' one."""
+
     def __init__(self) -> None:
         self.seen: list[Observation] = []
 

@@ -11,18 +11,17 @@ torch = pytest.importorskip("torch")
 
 from neurond.protocol import BlockRow, PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
-from neurond.worker.shard import Shard  # noqa: E402
 from neurond.worker.tp import CollectiveGuard  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def shard(builtin_model):
-    s = Shard(str(builtin_model), "bfloat16", torch.device("cuda", 0), 0, 1, guard=CollectiveGuard())
-    s.load()
-    return s
+def shard_placement():
+    """conftest's `shard`, in bfloat16 on the GPU."""
+    return "bfloat16", "cuda"
 
 
 def _decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> dict[int, list[int]]:
@@ -42,9 +41,8 @@ def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks, in_place):
     prompts = {0: [5, 17, 300, 42, 7], 1: list(range(40, 300)), 3: [1, 2, 3]}  # slot 2 idle; one crosses 256
 
     def runner(use_graphs: bool) -> ModelRunner:
-        r = ModelRunner(shard.model, slots=4, max_len=600, device=torch.device("cuda", 0), guard=CollectiveGuard(),
-                        world_size=1, use_graphs=use_graphs, kv_block_size=16, kv_blocks=kv_blocks,
-                        paged_in_place=in_place)
+        r = ranks.runner(shard, slots=4, max_len=600, use_graphs=use_graphs, kv_block_size=16, kv_blocks=kv_blocks,
+                         paged_in_place=in_place)
         if kv_blocks:
             free = list(range(kv_blocks))[::-1][::2] + list(range(kv_blocks))[::-1][1::2]  # interleaved, descending
             r.apply_tables(tuple(BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + 21) // 16))))
@@ -127,8 +125,7 @@ def test_a_kv_cache_that_does_not_fit_is_refused_with_the_numbers(shard):
     with pytest.raises(MemoryError, match="lower max_batch_size, max_model_len"):
         # 2 layers x 4 KV heads x 32 dims x 2 bytes x K and V = 1 KiB per token, 2049 positions per slot (the
         # model's context + the trash column): this asks for about twice the free memory
-        ModelRunner(shard.model, slots=int(2 * free / 1024 / 2049) + 1, max_len=2049,
-                    device=torch.device("cuda", 0), guard=CollectiveGuard(), world_size=1)
+        ranks.runner(shard, slots=int(2 * free / 1024 / 2049) + 1, max_len=2049)
     assert torch.cuda.mem_get_info()[0] > free * 0.9  # nothing was allocated for it
 
 

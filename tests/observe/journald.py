@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Daemon, is_zygote, need_root
+from tests.conftest import need_root
+from tests.harness.daemon import REPO, Daemon, is_zygote
 
 WRAPPER = Path(__file__).with_name("private-journal.sh")
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -86,17 +87,12 @@ class WrappedDaemon(Daemon):
 
     def __init__(self, cache_dir: Path, tp_size: int, extra: list[str], mode: str, journal_dir: Path | None,
                  cgroup: Path | None = None, env: dict | None = None) -> None:
-        from tests.conftest import TEST_ENV, free_port
+        self.wrapper = (mode, journal_dir, cgroup)
+        super().__init__(cache_dir, tp_size, extra, {"PYTHON": sys.executable, **(env or {})}, device="cpu",
+                         cwd=REPO)
 
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = cache_dir / f"daemon-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "neurond", "serve", "--port", str(self.port), "--tp-size", str(tp_size),
-               "--device", "cpu", "--cache-dir", str(cache_dir), *extra]
-        self.proc = subprocess.Popen(wrap(mode, journal_dir, cgroup, cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHON=sys.executable, **{**TEST_ENV, **(env or {})}),
-                                     cwd=REPO)
+    def spawn(self, cmd: list[str], **kw) -> subprocess.Popen:
+        return super().spawn(wrap(*self.wrapper, cmd), **kw)
 
     def leader_pid(self) -> int | None:
         """The neurond process: the wrapper's child that is not journald."""

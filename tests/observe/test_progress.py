@@ -110,16 +110,8 @@ def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_re
     import asyncio
 
     from neurond.config import Config
-    from neurond.observe.events import EventSink
     from neurond.pool.supervisor import Supervisor
-
-    class Recorder(EventSink):
-        def __init__(self) -> None:
-            self.seen: list[tuple[int, int]] = []
-
-        def observe(self, o) -> None:
-            if o.event is Event.LOAD_PROGRESS:
-                self.seen.append((o.done_bytes, o.files_done))
+    from tests.engine.fakes import Recorder
 
     async def scenario() -> list[tuple[int, int]]:
         sink = Recorder()
@@ -128,6 +120,6 @@ def test_the_journal_gets_a_load_at_its_start_its_files_and_its_end_not_every_re
                        (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2), (2 * GIB, 2 * GIB, 2, 2),
                        (0, 2 * GIB, 0, 2)]:  # ... bytes within files, the warm-up's repeats, then a new load
             sup.progress(LoadProgress(0, *counts))
-        return sink.seen
+        return [(o.done_bytes, o.files_done) for o in sink.seen if o.event is Event.LOAD_PROGRESS]
 
     assert asyncio.run(scenario()) == [(0, 0), (GIB, 1), (2 * GIB, 2), (0, 0)]

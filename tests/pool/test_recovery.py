@@ -15,18 +15,7 @@ import time
 import pytest
 
 from tests.conftest import chat_body
-
-
-def _wait_state(d, want: set[int], timeout: float = 90) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if d.get("/ready", timeout=2)[0] in want:
-                return time.monotonic() - t0
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"/ready never returned {want}:\n{d.log()}")
+from tests.faults import wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +27,16 @@ def d(start_daemon):
 
 @pytest.mark.parametrize("victim", [0, 1])
 def test_idle_rank_killed_pool_repairs_itself(d, victim):
-    _wait_state(d, {200})
+    wait_ready(d, {200})
     before = d.worker_pids()
     killed = sorted(before)[victim]
     # What a rank starts (on a GPU: torch's compile workers) is in its process group; this one stands in for them.
     below = subprocess.Popen(["sleep", "600"], process_group=os.getpgid(killed))
     assert os.getpgid(killed) == killed  # the rank leads its own group
     os.kill(killed, signal.SIGKILL)
-    _wait_state(d, {503}, timeout=10)
+    wait_ready(d, {503}, timeout=10)
     assert below.wait(timeout=10) == -signal.SIGKILL  # killed with the rank, not left to run on
-    _wait_state(d, {200})
+    wait_ready(d, {200})
     after = d.worker_pids()
     # Only the dead rank is replaced; the other keeps its process (and its weights).
     assert len(after) == 2 and killed not in after and set(before) - {killed} <= set(after)
@@ -58,7 +47,7 @@ def test_idle_rank_killed_pool_repairs_itself(d, victim):
 def test_rank_killed_mid_request_is_replayed_and_completes(d):
     """A death says nothing about the request in flight: it is replayed (prompt + tokens so far) after the
     repair and gets exactly the answer it gets without a fault."""
-    _wait_state(d, {200})
+    wait_ready(d, {200})
     request = chat_body("a long answer please", max_tokens=1500, temperature=0)
     result = {}
 
@@ -77,7 +66,7 @@ def test_rank_killed_mid_request_is_replayed_and_completes(d):
     status, _, body = result["response"]
     assert status == 200, body
     assert result["answered_at"] > killed_at
-    _wait_state(d, {200})
+    wait_ready(d, {200})
     again = d.chat(request)[2]
     assert body["choices"] == again["choices"] and body["usage"] == again["usage"]
     assert body["usage"]["completion_tokens"] > 100

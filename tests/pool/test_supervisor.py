@@ -10,11 +10,12 @@ import time
 import pytest
 
 from neurond.config import Config
-from neurond.observe.events import Event, EventSink
+from neurond.observe.events import Event
 from neurond.pool.faults import PoolUnavailable, RankDied, RankFailed, StepTimeout
 from neurond.pool.ladder import backoff_s
 from neurond.pool.supervisor import Supervisor
 from neurond.protocol import FaultKind
+from tests.engine.fakes import Recorder
 
 
 class Pool:
@@ -107,13 +108,8 @@ def test_a_start_that_failed_is_repaired_by_a_full_reload_even_with_every_rank_a
 
 def loaded_supervisor(config: Config) -> tuple[Supervisor, list]:
     """A healthy supervisor over a loaded stand-in pool, and the list of every event it emits."""
-    seen: list = []
-
-    class Recorder(EventSink):
-        def observe(self, o):
-            seen.append(o)
-
-    sup = Supervisor(config, "/nonexistent-model", 4096, events=Recorder())
+    events = Recorder()
+    sup = Supervisor(config, "/nonexistent-model", 4096, events=events)
     sup.lifecycle.send("loaded")
 
     class Loaded(Pool):
@@ -123,7 +119,7 @@ def loaded_supervisor(config: Config) -> tuple[Supervisor, list]:
             pass
 
     sup.pool = Loaded(None)
-    return sup, seen
+    return sup, events.seen
 
 
 def test_failed_attempts_wait_longer_each_time_and_the_breaker_does_not_wait(monkeypatch):

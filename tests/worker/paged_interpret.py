@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 import torch
 
-from neurond.worker.paged_attention import paged_decode, paged_prefill
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: this checkout's neurond and tests
+from neurond.worker.paged_attention import paged_decode, paged_prefill  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 
 def kernel_matches_plain_attention() -> None:
@@ -82,13 +85,9 @@ def inactive_rows_read_one_position() -> None:
 
 def runner_reads_in_place_like_the_slot_cache(model_dir: str) -> None:
     from neurond.protocol import BlockRow, PrefillChunk, SamplingParams
-    from neurond.worker.runner import ModelRunner
-    from neurond.worker.shard import Shard
-    from neurond.worker.tp import CollectiveGuard
 
     greedy = SamplingParams(temperature=0.0)
-    shard = Shard(model_dir, "float32", torch.device("cpu"), 0, 1, guard=CollectiveGuard())
-    shard.load()
+    shard = ranks.load_shard(model_dir, torch.device("cpu"), "float32")
     prompts = {0: list(range(5, 40)), 1: [9, 8, 7, 6, 5, 4, 3], 2: list(range(100, 123))}
     steps, bs = 10, 8
 
@@ -100,8 +99,7 @@ def runner_reads_in_place_like_the_slot_cache(model_dir: str) -> None:
         return out + runner.decode(tuple(prompts), steps)
 
     def make(**kw):
-        return ModelRunner(shard.model, slots=3, max_len=96, device=torch.device("cpu"), guard=CollectiveGuard(),
-                           world_size=1, kv_block_size=bs, **kw)
+        return ranks.runner(shard, slots=3, max_len=96, kv_block_size=bs, **kw)
 
     expected = run(make())
     free = random.Random(3).sample(range(36), 36)

@@ -12,21 +12,12 @@ llguidance = pytest.importorskip("llguidance")
 
 from neurond.protocol import Grammar, PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.grammar import Constraints, GrammarError  # noqa: E402
-from neurond.worker.runner import ModelRunner  # noqa: E402
-from neurond.worker.shard import Shard  # noqa: E402
-from neurond.worker.tp import CollectiveGuard  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "days", "unit"],
           "properties": {"city": {"type": "string", "maxLength": 12},
                          "days": {"type": "integer", "minimum": 1, "maximum": 14},
                          "unit": {"enum": ["celsius", "fahrenheit"]}}}
-
-
-@pytest.fixture(scope="module")
-def shard(builtin_model):
-    s = Shard(str(builtin_model), "float32", torch.device("cpu"), 0, 1, guard=CollectiveGuard())
-    s.load()
-    return s
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +46,7 @@ def run(runner, slot, prompt, params, n, steps, drawn=0, history=()) -> list[int
 @pytest.mark.parametrize("steps", [1, 4])
 def test_random_weights_write_json_that_validates(shard, end_ids, temperature, steps):
     ends, tok = end_ids
-    runner = ModelRunner(shard.model, slots=2, max_len=512, device=torch.device("cpu"), guard=CollectiveGuard(),
-                         world_size=1)
+    runner = ranks.runner(shard, slots=2, max_len=512)
     params = SamplingParams(temperature=temperature, seed=11, grammar=grammar(ends))
     tokens = run(runner, 0, tok.encode("Weather for Paris, please."), params, 300, steps)
     assert tokens[-1] in ends, "the grammar was complete and the sequence ended"
@@ -70,11 +60,9 @@ def test_an_unconstrained_row_beside_a_constrained_one_draws_as_alone(shard, end
     ends, tok = end_ids
     prompt = tok.encode("Hello! How are you today?")
     free = SamplingParams(temperature=0.0)
-    alone = ModelRunner(shard.model, slots=2, max_len=256, device=torch.device("cpu"), guard=CollectiveGuard(),
-                        world_size=1)
+    alone = ranks.runner(shard, slots=2, max_len=256)
     want = [alone.prefill([PrefillChunk(1, tuple(prompt), 0, True, free, 0)])[0]] + alone.decode((1,), steps=8)
-    both = ModelRunner(shard.model, slots=2, max_len=256, device=torch.device("cpu"), guard=CollectiveGuard(),
-                       world_size=1)
+    both = ranks.runner(shard, slots=2, max_len=256)
     chunks = [PrefillChunk(0, tuple(prompt), 0, True, SamplingParams(temperature=0.0, grammar=grammar(ends)), 0),
               PrefillChunk(1, tuple(prompt), 0, True, free, 0)]
     first = both.prefill(chunks)
@@ -89,8 +77,7 @@ def test_a_replay_continues_in_the_same_grammar_state(shard, end_ids):
     ends, tok = end_ids
     prompt = tok.encode("Weather for Paris, please.")
     params = SamplingParams(temperature=1.0, seed=5, grammar=grammar(ends))
-    make = lambda: ModelRunner(shard.model, slots=2, max_len=512, device=torch.device("cpu"),  # noqa: E731
-                               guard=CollectiveGuard(), world_size=1)
+    make = lambda: ranks.runner(shard, slots=2, max_len=512)  # noqa: E731
     first = run(make(), 0, prompt, params, 300, 1)
     assert len(first) > 8
     cut = 6

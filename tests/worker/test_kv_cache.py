@@ -12,8 +12,7 @@ torch = pytest.importorskip("torch")
 from neurond.protocol import BlockRow, PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.kv_cache import PagedKVCache, SlotKVCache  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
-from neurond.worker.shard import Shard  # noqa: E402
-from neurond.worker.tp import CollectiveGuard  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 BS = 4
@@ -77,13 +76,6 @@ def test_the_slot_cache_takes_no_rows_and_block_sizes_are_powers_of_two():
         PagedKVCache(1, 2, 16, 1, 1, torch.float32, torch.device("cpu"), 12, 10)
 
 
-@pytest.fixture(scope="module")
-def shard(builtin_model):
-    s = Shard(str(builtin_model), "float32", torch.device("cpu"), 0, 1, guard=CollectiveGuard())
-    s.load()
-    return s
-
-
 def _run(runner: ModelRunner, prompts: dict[int, list[int]], steps: int, rows=None, grow=None) -> dict[int, list]:
     """Prefill each slot's prompt (in two chunks) and decode them together; `rows(slot, prompt)` gives the
     BlockRow sent with the prefill, `grow()` the rows sent with the decode."""
@@ -105,12 +97,10 @@ def _run(runner: ModelRunner, prompts: dict[int, list[int]], steps: int, rows=No
 def test_runner_on_scattered_blocks_draws_the_slot_caches_tokens(shard):
     prompts = {0: list(range(5, 40)), 1: [9, 8, 7, 6, 5, 4, 3], 2: list(range(100, 123))}
     steps = 12
-    identity = ModelRunner(shard.model, slots=3, max_len=96, device=torch.device("cpu"), guard=CollectiveGuard(),
-                           world_size=1, kv_block_size=8)
+    identity = ranks.runner(shard, slots=3, max_len=96, kv_block_size=8)
     expected = _run(identity, prompts, steps)
 
-    paged = ModelRunner(shard.model, slots=3, max_len=96, device=torch.device("cpu"), guard=CollectiveGuard(),
-                        world_size=1, kv_block_size=8, kv_blocks=30)
+    paged = ranks.runner(shard, slots=3, max_len=96, kv_block_size=8, kv_blocks=30)
     free = random.Random(5).sample(range(30), 30)
     held: dict[int, list[int]] = {}
 
@@ -134,8 +124,7 @@ def test_runner_on_scattered_blocks_draws_the_slot_caches_tokens(shard):
 
 def test_copy_prefix_copies_into_the_destinations_blocks(shard):
     prompt = list(range(3, 30))
-    runner = ModelRunner(shard.model, slots=3, max_len=64, device=torch.device("cpu"), guard=CollectiveGuard(),
-                         world_size=1, kv_block_size=8, kv_blocks=24)
+    runner = ranks.runner(shard, slots=3, max_len=64, kv_block_size=8, kv_blocks=24)
     runner.apply_tables((BlockRow(0, 0, (20, 3, 11, 7)), BlockRow(2, 0, (1, 22, 5, 9))))
     runner.prefill([PrefillChunk(0, tuple(prompt[:-1]), 0, False, GREEDY, 0)])
     runner.copy_prefix(0, (2,), len(prompt) - 1)

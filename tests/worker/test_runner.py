@@ -9,22 +9,13 @@ torch = pytest.importorskip("torch")
 from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
 from neurond.worker.graphs import batch_bucket  # noqa: E402
 from neurond.worker.runner import ModelRunner  # noqa: E402
-from neurond.worker.shard import Shard  # noqa: E402
-from neurond.worker.tp import CollectiveGuard  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def shard(builtin_model):
-    s = Shard(str(builtin_model), "float32", torch.device("cpu"), 0, 1, guard=CollectiveGuard())
-    s.load()
-    return s
-
-
 def make_runner(shard, slots=4, max_len=256) -> ModelRunner:
-    return ModelRunner(shard.model, slots=slots, max_len=max_len, device=torch.device("cpu"),
-                       guard=CollectiveGuard(), world_size=1)
+    return ranks.runner(shard, slots=slots, max_len=max_len)
 
 
 def reference(model, prompt: list[int], n: int) -> list[int]:

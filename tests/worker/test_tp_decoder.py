@@ -8,9 +8,6 @@ The checkpoints are written once; the two rank processes are started once and ru
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
-import traceback
 from datetime import timedelta
 
 import pytest
@@ -18,9 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from neurond.protocol import PrefillChunk, SamplingParams  # noqa: E402
-from neurond.worker.loader import load_shard  # noqa: E402
-from neurond.worker.runner import ModelRunner  # noqa: E402
-from neurond.worker.tp import CollectiveGuard  # noqa: E402
+from tests.harness import ranks  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 CASES = {
@@ -42,9 +37,8 @@ def write_checkpoint(path, model_type: str, extra: dict) -> None:
 def run(model_dir: str, rank: int, world_size: int) -> dict:
     """Load this rank's shard, then a batched prefill, decode steps, a chunked prefill joining the batch and
     more decode steps. Every rank runs the same steps (the collectives pair up); each returns its tokens."""
-    model = load_shard(model_dir, torch.device("cpu"), torch.float32, rank, world_size, CollectiveGuard())
-    runner = ModelRunner(model, slots=4, max_len=300, device=torch.device("cpu"), guard=CollectiveGuard(),
-                         world_size=world_size)
+    shard = ranks.load_shard(model_dir, torch.device("cpu"), "float32", rank, world_size)
+    runner = ranks.runner(shard, slots=4, max_len=300)
     layer = runner.own[0] if runner.own is not None else None
     # Slot 1's 250-token prompt crosses the 256-position decode kv bucket; slot 2 idles in the first decodes
     # (a padding row of the batch of 4).
@@ -62,19 +56,15 @@ def run(model_dir: str, rank: int, world_size: int) -> dict:
 
 
 def rank_main(rank: int, world_size: int, port: int, model_dirs: dict, results) -> None:
-    """One rank of the TP=2 run (a spawned process): join the gloo group on the test's store, run every model."""
-    try:
-        import torch.distributed as dist
+    """One rank of the TP=2 run (a spawned process): join the gloo group on the test's store, run every model.
+    An exception ends the process with its traceback on stderr and a non-zero exit, which run_ranks reports."""
+    import torch.distributed as dist
 
-        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=TIMEOUT_S))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=TIMEOUT_S))
-        torch.set_num_threads(1)  # two ranks on a small machine
-        out = {case: run(d, rank, world_size) for case, d in model_dirs.items()}
-        dist.destroy_process_group()
-        results.put((rank, "ok", out))
-    except BaseException:  # reported to the test, which fails with it
-        results.put((rank, "error", traceback.format_exc()))
+    dev = ranks.bind_device("cpu", threads=1)  # two ranks on a small machine
+    ranks.join_group(rank, world_size, dev, port, store_opened=True, timeout_s=TIMEOUT_S)
+    out = {case: run(d, rank, world_size) for case, d in model_dirs.items()}
+    dist.destroy_process_group()
+    results.put((rank, out))
 
 
 @pytest.fixture(scope="module")
@@ -94,29 +84,10 @@ def tp2(model_dirs) -> dict[str, dict]:
 
     # The rendezvous store lives here, on a port the OS picks; the ranks connect to it.
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=TIMEOUT_S), wait_for_workers=False)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, 2, store.port, model_dirs, results), daemon=True)
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = {}
     try:
-        while len(got) < 2:
-            try:
-                rank, status, out = results.get(timeout=TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"the TP=2 ranks gave no result in {TIMEOUT_S} s (got ranks {sorted(got)})")
-            if status != "ok":
-                pytest.fail(f"rank {rank} failed:\n{out}")
-            got[rank] = out
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        got = dict(ranks.run_ranks(rank_main, 2, 2, store.port, model_dirs, timeout_s=2 * TIMEOUT_S).results)
+    except ranks.RanksFailed as exc:
+        pytest.fail(f"{exc} (their output above)")
     for case in model_dirs:
         assert got[1][case]["tokens"] == got[0][case]["tokens"], case  # every rank draws the same tokens
     return got[0]
