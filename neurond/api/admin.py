@@ -25,7 +25,7 @@ from neurond.api.http import bearer_matches, json_response as _json
 from neurond.engine.outcomes import EngineStats
 from neurond.lifecycle import LifecycleState
 from neurond.pool.faults import PoolFault
-from neurond.pool.supervisor import Snapshot, Transition
+from neurond.pool.snapshot import Snapshot, Transition
 
 
 class AdminPool(Protocol):

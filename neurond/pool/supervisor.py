@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from neurond import protocol as p
 from neurond.config import Config
@@ -29,6 +29,7 @@ from neurond.pool.faults import PoolFault, PoolUnavailable, RankDied
 from neurond.pool.ladder import FULL_RELOAD, REPLACE_RANKS, RepairLadder, backoff_s
 from neurond.pool.launcher import Launcher, zygote_wanted
 from neurond.pool.pool import RankPool
+from neurond.pool.snapshot import Snapshot, Transition
 from neurond.pool.spares import SpareWorkers
 from neurond.pool.specs import RankSpecs, rank_env
 
@@ -37,37 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("neurond.supervisor")
 
-
-class Transition(NamedTuple):
-    """One lifecycle transition as the supervisor remembers it (the admin status lists the last 256)."""
-
-    event: str
-    source: str
-    target: str
-    cause: str
-    rung: str | None
-    at: float  # wall-clock time
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What the supervisor knows, at one moment, for the admin status (and so `neurond status`)."""
-
-    state: str
-    model: str
-    model_dir: str
-    tp_size: int
-    incidents: int
-    current_incident: str | None
-    pids: dict[int, int | None]  # rank -> its process id (None: not started yet)
-    spare_pids: list[int]
-    zygote_pid: int | None  # the worker zygote (pool/launcher.py), when one runs
-    spares_ready: int
-    load_progress: dict[int, p.LoadProgress]
-    last_cause: Cause | None
-    transitions: tuple[Transition, ...]
-    kv_blocks: int  # the paged KV cache's blocks the engine hands out (0: static; -1: not measured yet)
-    rank_kv_blocks: dict[int, int]  # rank -> the blocks its cache made at its last load
 
 class Breaker:
     """The crash-loop breaker: open once `breaker_max_failures` recovery attempts failed within

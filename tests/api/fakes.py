@@ -16,7 +16,7 @@ from neurond.api.app import GenerationQueue, PoolState
 from neurond.engine.outcomes import EngineStats
 from neurond.engine.request import GenerationRequest
 from neurond.lifecycle import Cause, LifecycleState
-from neurond.pool.supervisor import Snapshot, Transition
+from neurond.pool.snapshot import Snapshot, Transition
 
 
 class FakeLifecycle:
