@@ -2,7 +2,7 @@
 and what a step needs on top of them, within `gpu_memory_utilization` of the card.
 
 What a step needs is measured, not estimated (vLLM profiles the same way): with a one-block cache, the runner
-prefills one row of `prefill_tokens` tokens at the end of the context window, which is the largest transient
+prefills one row of `prefill_chunk_tokens` tokens at the end of the context window, which is the largest transient
 a step allocates (activations and, where the pool is read gathered rather than in place, the mask over the
 whole window and the row's keys and values gathered into one copy: the scheduler batches no more rows than one
 window of context, engine/scheduler.py). Its peak above the
@@ -52,7 +52,7 @@ def check_fits(device, nbytes: int, what: str, utilization: float) -> None:
             f"max_batch_size, max_model_len or kv_cache_blocks")
 
 
-def blocks_that_fit(runner, utilization: float, prefill_tokens: int, per_block: int) -> int:
+def blocks_that_fit(runner, utilization: float, prefill_chunk_tokens: int, per_block: int) -> int:
     """Blocks of `per_block` bytes that fit in `utilization` of the runner's GPU, after one profiling prefill
     (the runner's cache must be a one-block paged cache: every read and write lands in its trash block).
     Raises MemoryError with the numbers when not even one fits."""
@@ -64,7 +64,7 @@ def blocks_that_fit(runner, utilization: float, prefill_tokens: int, per_block: 
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     window = runner.cache.trash  # positions a sequence may use
-    tokens = max(1, min(prefill_tokens, window))
+    tokens = max(1, min(prefill_chunk_tokens, window))
     with runner.guard.local():  # alone: every rank measures its own, no collective (peers load at their pace)
         runner.prefill([PrefillChunk(0, (0,) * tokens, window - tokens, False, SamplingParams(temperature=0.0), 0)])
     torch.cuda.synchronize(device)

@@ -1,8 +1,8 @@
 """The rank's KV cache, allocated once at load, in one of two layouts fixed for the cache's life:
 
-- `SlotKVCache` (the default, `kv_blocks = 0`): a static block of `slots` sequences x `max_len` positions per
+- `SlotKVCache` (`kv_cache_blocks = 0`): a static block of `slots` sequences x `max_len` positions per
   layer; a sequence lives in one slot (row) from its prefill to its end, and attention reads its row as a view.
-- `PagedKVCache` (`kv_blocks = N`): per layer a pool of N fixed-size blocks, and a block table that says which
+- `PagedKVCache` (`kv_cache_blocks = N`): per layer a pool of N fixed-size blocks, and a block table that says which
   blocks hold each slot's sequence: position p of slot s lives in block `table[s, p // block_size]` at offset
   `p % block_size`. The leader owns the blocks (engine/blocks.py) and sends table rows with each step
   (protocol.BlockRow), so every rank's table is the same and a sequence holds the blocks it needs instead of a
@@ -81,7 +81,7 @@ class SlotKVCache(_BoundCache):
 
     def apply(self, rows: tuple[BlockRow, ...]) -> None:
         if rows:
-            raise ValueError("block table rows for the static KV cache (kv_blocks = 0)")
+            raise ValueError("block table rows for the static KV cache (kv_cache_blocks = 0)")
 
     def write(self, layer_idx: int, key, value):
         """key/value [batch, tokens, kv_heads, head_dim] into the bound positions; returns the bound rows' first

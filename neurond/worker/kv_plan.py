@@ -52,8 +52,8 @@ class KVCachePlan:
         paged placeholder (every read and write of the measuring prefill lands in its trash block)."""
         return self.make(1 if self.from_memory else self.blocks)
 
-    def measured(self, runner, prefill_tokens: int) -> SlotKVCache | PagedKVCache:
-        """Where sized from memory: the cache of as many blocks as fit beside what a prefill of `prefill_tokens`
+    def measured(self, runner, prefill_chunk_tokens: int) -> SlotKVCache | PagedKVCache:
+        """Where sized from memory: the cache of as many blocks as fit beside what a prefill of `prefill_chunk_tokens`
         needs, measured on `runner` (built, and holding `first`'s placeholder until this one replaces it)."""
-        return self.make(kv_budget.blocks_that_fit(runner, self.utilization, prefill_tokens,
+        return self.make(kv_budget.blocks_that_fit(runner, self.utilization, prefill_chunk_tokens,
                                                    self.per_position * self.block_size))

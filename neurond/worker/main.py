@@ -309,9 +309,9 @@ class Worker:
         self.runner = ModelRunner(
             # max_len: the runner's positions per slot, the context window and the trash position past it.
             shard.model, slots=spec.max_batch_size, max_len=spec.context_len + 1, device=self.device,
-            guard=self.guard, world_size=spec.world_size, use_graphs=spec.cuda_graphs,
-            kv_block_size=spec.kv_block_size, kv_blocks=spec.kv_cache_blocks,
-            memory_utilization=spec.gpu_memory_utilization, prefill_tokens=spec.prefill_chunk_tokens,
+            guard=self.guard, world_size=spec.world_size, cuda_graphs=spec.cuda_graphs,
+            kv_block_size=spec.kv_block_size, kv_cache_blocks=spec.kv_cache_blocks,
+            gpu_memory_utilization=spec.gpu_memory_utilization, prefill_chunk_tokens=spec.prefill_chunk_tokens,
             # Not on CPU: 8.7 s of compile per start (built-in model).
             compile_kernels=spec.torch_compile and self.device.type == "cuda",
             mid_forward=lambda: self.faults.fire("collective"),

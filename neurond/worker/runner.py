@@ -41,12 +41,16 @@ QUEUED_STEPS_AT_TP = 2
 
 
 class ModelRunner:
+    # Settings keep their configuration's names (cuda_graphs, kv_block_size, kv_cache_blocks,
+    # gpu_memory_utilization, prefill_chunk_tokens), but two, deliberately: `slots` is max_batch_size as the cache
+    # sees it (rows), and `max_len` is a slot's positions, the context window (WorkerSpec.context_len) + 1 for the
+    # trash position that idle rows of a batch write to.
     def __init__(self, model, *, slots: int, max_len: int, device, guard, world_size: int,
-                 use_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
+                 cuda_graphs: bool = False, compile_kernels: bool = False, own_layers: bool = True,
                  mid_forward: Callable[[], None] | None = None,
                  eager_only: Callable[[], bool] = lambda: False, constraints: Constraints | None = None,
-                 kv_block_size: int = 16, kv_blocks: int = 0, paged_in_place: bool | None = None,
-                 memory_utilization: float = 0.9, prefill_tokens: int = 512) -> None:
+                 kv_block_size: int = 16, kv_cache_blocks: int = 0, paged_in_place: bool | None = None,
+                 gpu_memory_utilization: float = 0.9, prefill_chunk_tokens: int = 512) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -61,9 +65,10 @@ class ModelRunner:
         self.norm = base.norm
         self.rotary = base.rotary_emb
         self.lm_head = model.get_output_embeddings()
+        # The fit check (allocates nothing):
         plan = KVCachePlan(cfg, layers=len(self.layers), dtype=next(model.parameters()).dtype, world_size=world_size,
-                           slots=slots, max_len=max_len, device=device, block_size=kv_block_size, blocks=kv_blocks,
-                           in_place=paged_in_place, utilization=memory_utilization)  # the fit check: allocates nothing
+                           slots=slots, max_len=max_len, device=device, block_size=kv_block_size,
+                           blocks=kv_cache_blocks, in_place=paged_in_place, utilization=gpu_memory_utilization)
         self.cache = plan.first()  # sized from memory once everything else is built (below)
         attention.register(model)
         attention.use_fused_norms(model)
@@ -95,10 +100,10 @@ class ModelRunner:
         self._pace = [torch.cuda.Event() for _ in range(QUEUED_STEPS_AT_TP)] \
             if device.type == "cuda" and world_size > 1 else None
         self.graphs: DecodeGraphs | None = None
-        if use_graphs and device.type == "cuda":
+        if cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self)
         if plan.from_memory:
-            self.cache = plan.measured(self, prefill_tokens)
+            self.cache = plan.measured(self, prefill_chunk_tokens)
 
     # The slots' sampling state (slot_sampling.py), under the names it had here.
     @property

@@ -41,8 +41,8 @@ def test_graph_replay_gives_the_eager_tokens(shard, kv_blocks, in_place):
     prompts = {0: [5, 17, 300, 42, 7], 1: list(range(40, 300)), 3: [1, 2, 3]}  # slot 2 idle; one crosses 256
 
     def runner(use_graphs: bool) -> ModelRunner:
-        r = ranks.runner(shard, slots=4, max_len=600, use_graphs=use_graphs, kv_block_size=16, kv_blocks=kv_blocks,
-                         paged_in_place=in_place)
+        r = ranks.runner(shard, slots=4, max_len=600, cuda_graphs=use_graphs, kv_block_size=16,
+                         kv_cache_blocks=kv_blocks, paged_in_place=in_place)
         if kv_blocks:
             free = list(range(kv_blocks))[::-1][::2] + list(range(kv_blocks))[::-1][1::2]  # interleaved, descending
             r.apply_tables(tuple(BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + 21) // 16))))
@@ -142,7 +142,7 @@ def test_own_compiled_layers_in_graphs_give_transformers_tokens(model_type):
     theirs = run(eager)
     del eager
     ours = ModelRunner(model, slots=4, max_len=300, device=dev, guard=CollectiveGuard(), world_size=1,
-                       use_graphs=True, compile_kernels=True)
+                       cuda_graphs=True, compile_kernels=True)
     ours.warm_up()
     assert ours.info()["compiled_kernels"] and ours.info()["cuda_graphs"]
     assert run(ours) == theirs

@@ -4,7 +4,7 @@ a rank's own loop by hand, with no leader.
     dev = bind_device("cuda", rank)                       # GPU rank % count, made current; or the CPU
     join_group(rank, world_size, dev, port)               # NCCL on a GPU, gloo on a CPU (world_size > 1)
     shard = load_shard(model_dir, dev, "auto", rank, world_size)   # or, alone: tp1_shard(model_dir, "cuda")
-    step = runner(shard, slots=4, max_len=512, use_graphs=True)
+    step = runner(shard, slots=4, max_len=512, cuda_graphs=True)
 
 The choices are the worker's own (shard.pick_device, pick_backend, one CollectiveGuard a rank shares between its
 shard's all-reduce hooks and its runner); what the worker adds around them (pipes, the control thread, the

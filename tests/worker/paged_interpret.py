@@ -105,7 +105,7 @@ def runner_reads_in_place_like_the_slot_cache(model_dir: str) -> None:
     free = random.Random(3).sample(range(36), 36)
     rows = {s: (BlockRow(s, 0, tuple(free.pop() for _ in range(-(-(len(p) + steps) // bs)))),)
             for s, p in prompts.items()}
-    paged = make(kv_blocks=36, paged_in_place=True)
+    paged = make(kv_cache_blocks=36, paged_in_place=True)
     assert paged.info()["kv_reads"] == "in_place"
     got = run(paged, rows)
     assert got == expected, (got, expected)

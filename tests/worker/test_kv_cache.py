@@ -100,7 +100,7 @@ def test_runner_on_scattered_blocks_draws_the_slot_caches_tokens(shard):
     identity = ranks.runner(shard, slots=3, max_len=96, kv_block_size=8)
     expected = _run(identity, prompts, steps)
 
-    paged = ranks.runner(shard, slots=3, max_len=96, kv_block_size=8, kv_blocks=30)
+    paged = ranks.runner(shard, slots=3, max_len=96, kv_block_size=8, kv_cache_blocks=30)
     free = random.Random(5).sample(range(30), 30)
     held: dict[int, list[int]] = {}
 
@@ -124,7 +124,7 @@ def test_runner_on_scattered_blocks_draws_the_slot_caches_tokens(shard):
 
 def test_copy_prefix_copies_into_the_destinations_blocks(shard):
     prompt = list(range(3, 30))
-    runner = ranks.runner(shard, slots=3, max_len=64, kv_block_size=8, kv_blocks=24)
+    runner = ranks.runner(shard, slots=3, max_len=64, kv_block_size=8, kv_cache_blocks=24)
     runner.apply_tables((BlockRow(0, 0, (20, 3, 11, 7)), BlockRow(2, 0, (1, 22, 5, 9))))
     runner.prefill([PrefillChunk(0, tuple(prompt[:-1]), 0, False, GREEDY, 0)])
     runner.copy_prefix(0, (2,), len(prompt) - 1)
