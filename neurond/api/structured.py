@@ -4,6 +4,13 @@ The grammar is llguidance's (the ranks' `worker/grammar.py` runs it); it is made
 leader, so a schema llguidance cannot follow is the client's 400 and never reaches a rank. JSON is generated
 compact (no whitespace between tokens is allowed): a model that could add whitespace forever might never
 close its object, and OpenAI's JSON answers are compact too.
+
+A client's schema has its objects closed (`closed`): an object that declares its `properties` and says nothing
+of others gets exactly those, as OpenAI's strict mode means and vLLM's default grammar backend does, whether or
+not the request says `strict`. JSON Schema's own default (anything else allowed) is what agent frameworks get
+when they send a pydantic model's schema, and a model that has written every required key then invents keys
+until max_tokens: the answer never parses (issue 33, 2 of 4 tries with the built-in model). A schema that wants
+other keys says so (`additionalProperties: true` or a schema for them, or `patternProperties`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,43 @@ if TYPE_CHECKING:
 
 #: llguidance's JSON options for every schema neurond compiles (see the module's docstring).
 JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+_OPENS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema: dict) -> dict:
+    """A copy of `schema` whose objects that declare `properties`, and say nothing of other keys, allow no other
+    keys, every level down. The members of an `allOf` are left open themselves (each closed alone, their
+    intersection could hold no object), their own subschemas not."""
+    out = _closed(schema)
+    assert isinstance(out, dict)  # a dict in, a dict out
+    return out
+
+
+def _closed(schema: object, member_of_all_of: bool = False) -> object:
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = _closed(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_closed(sub, member_of_all_of=True) for sub in out["allOf"]]
+    if "properties" in out and not member_of_all_of and not any(k in out for k in _OPENS):
+        out["additionalProperties"] = False
+    return out
 
 
 def json_schema_grammar(schema: dict) -> str:
@@ -51,5 +95,5 @@ def response_format_grammar(response_format: ResponseFormat | None, end_ids: fro
         return checked(json_schema_grammar({"type": "object"}), end_ids, "response_format")
     assert response_format.json_schema is not None  # ResponseFormat's validator: it comes with its type
     schema = response_format.json_schema.schema_
-    return checked(json_schema_grammar(schema if schema is not None else {}), end_ids,
+    return checked(json_schema_grammar(closed(schema) if schema is not None else {}), end_ids,
                    "response_format.json_schema.schema")

@@ -22,7 +22,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from neurond.api.structured import checked, json_schema_grammar, lark_json
+from neurond.api.errors import APIError
+from neurond.api.structured import checked, closed, json_schema_grammar, lark_json
 from neurond.protocol import Grammar
 
 
@@ -77,9 +78,23 @@ class ToolCalling:
             return None
         names = list(self.functions) if self.choice == "required" else [self.choice]
         key = "arguments" if self.fmt is ToolFormat.HERMES else "parameters"
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", key],
-                  "properties": {"name": {"const": name}, key: self.functions[name]}} for name in names]
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        # Each function's schema is embedded in the call's: its "#/$defs/..." references must still resolve, so
+        # its definitions move to the root (one name defined differently by two functions: the client's 400).
+        defs: dict[str, dict] = {}
+        calls = []
+        for name in names:
+            arguments = closed(self.functions[name])
+            for section in ("$defs", "definitions"):
+                for def_name, definition in (arguments.pop(section, None) or {}).items():
+                    if defs.setdefault(f"{section}/{def_name}", definition) != definition:
+                        raise APIError(400, f"tools: two functions define {section}/{def_name} differently",
+                                       param="tools", code="invalid_value")
+            calls.append({"type": "object", "additionalProperties": False, "required": ["name", key],
+                          "properties": {"name": {"const": name}, key: arguments}})
+        schema: dict = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        for path, definition in defs.items():
+            section, def_name = path.split("/", 1)
+            schema.setdefault(section, {})[def_name] = definition
         if self.fmt is ToolFormat.HERMES:
             from llguidance import LLMatcher
 
