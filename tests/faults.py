@@ -33,15 +33,6 @@ def fault_daemon(start_daemon, tmp_path, tp_size: int, env: dict | None = None, 
     return d
 
 
-def journal(d, event: str) -> list[dict[str, str]]:
-    """The daemon's journal entries of `event` so far, oldest first, as fields (read from its stderr log, where
-    it writes each entry as one line of the same fields)."""
-    from neurond.observe.journal import parse_structured_line
-
-    marker = f"NEUROND_EVENT={event} "
-    return [parse_structured_line(line) for line in d.log().splitlines() if marker in line + " "]
-
-
 class Admin(_Admin):
     """The fault daemons' admin API (tests.harness.daemon.Admin), with their token unless told another."""
 

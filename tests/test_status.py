@@ -82,8 +82,7 @@ def test_load_progress_reaches_status_line_and_journal(daemon, builtin_model):
     assert "rank 0" in loading[0] and "rank 1" in loading[0]
     assert not any("; loaded " in s for s in statuses if s.startswith("healthy"))
     size = (builtin_model / "model.safetensors").stat().st_size
-    entries = [parse_structured_line(line) for line in daemon.log().splitlines()
-               if "NEUROND_EVENT=load_progress" in line]
+    entries = daemon.journal("load_progress")
     assert {e["MESSAGE_ID"] for e in entries} == {MESSAGES[Event.LOAD_PROGRESS].message_id}
     reports = sorted((int(e["NEUROND_RANK"]), int(e["NEUROND_FILES_DONE"]), int(e["NEUROND_DONE_BYTES"]))
                      for e in entries)

@@ -5,7 +5,7 @@ One communicator per `comm_id`. Each is formed on a fresh TCPStore that rank 0 o
 
 Abort is called from the control thread while the compute thread may be stuck inside a collective. On NCCL
 this unblocks the stuck call, which then returns *without an exception* (measured on 2xH200, torch 2.11, NCCL
-2.28.9): the compute loop checks `aborted_during()` after every call and treats the step as failed.
+2.28.9): the compute loop checks `aborted_since()` after every call and treats the step as failed.
 
 On gloo, torch's abort (ProcessGroupGloo.abort, .shutdown) closes nothing: the group's TCP pairs close only when
 the last reference to its context goes, so whether a peer stuck in a collective was released depended on who

@@ -210,6 +210,14 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
 
+    def journal(self, event: str) -> list[dict[str, str]]:
+        """Its journal entries of `event` so far, oldest first, as fields (read from its log, where it writes each
+        entry as one line of the same fields)."""
+        from neurond.observe.journal import parse_structured_line
+
+        entries = (parse_structured_line(line) for line in self.log().splitlines() if "NEUROND_EVENT=" in line)
+        return [e for e in entries if e.get("NEUROND_EVENT") == event]
+
     def stop(self, timeout: float = 30, check: bool = True) -> int:
         """SIGTERM, and SIGKILL after `timeout` s; the exit status. With `check`, also wait (up to 10 s) for the
         worker processes it had (ranks, spares, the zygote) to go, and assert that none is left."""

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from tests.conftest import alive as _alive, chat_body, wait_until
-from tests.faults import FAULT_SETTINGS, fault_daemon, journal, wait_ready
+from tests.faults import FAULT_SETTINGS, fault_daemon, wait_ready
 
 # kind -> (HTTP status, error code) the faulted request gets (200: replayed and completed), the lifecycle cause,
 # and the rung that repairs it
@@ -58,7 +58,7 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
     wait_ready(daemon)
     before = daemon.admin.status()["pids"]
     seen = len(daemon.admin.status()["transitions"])
-    faults_seen = len(journal(daemon, "fault_detected"))
+    faults_seen = len(daemon.journal("fault_detected"))
     assert daemon.admin.inject(rank, kind, phase).status_code == 200
 
     t0 = time.monotonic()
@@ -105,10 +105,10 @@ def test_fault_fails_request_and_pool_recovers(daemon, kind, rank, phase):
 
     # The journal's story of this incident: judged clean (the cheapest rung, one attempt), and a hang found at
     # its adaptive deadline.
-    detected = journal(daemon, "fault_detected")[faults_seen:]
+    detected = daemon.journal("fault_detected")[faults_seen:]
     assert len(detected) == 1, detected
     incident = detected[0]["NEUROND_INCIDENT"]
-    finished = wait_until(lambda: [e for e in journal(daemon, "recovery_finished")
+    finished = wait_until(lambda: [e for e in daemon.journal("recovery_finished")
                                    if e.get("NEUROND_INCIDENT") == incident], 10, "the incident's recovery_finished")
     assert [(e.get("NEUROND_OUTCOME"), e.get("NEUROND_OUTCOME_WHY")) for e in finished] == [("clean", None)], finished
     if kind == "wedge":
